@@ -1,0 +1,1 @@
+"""The controller: a pure core (observations in, decision out, no I/O)."""

@@ -1,0 +1,1 @@
+"""GPU backends: the only code that touches NVML (or simulates it)."""

@@ -1,0 +1,93 @@
+"""The narrow GPU interface every backend implements (nvml, sim).
+
+All calls are blocking and are made from one serial worker thread per GPU (see worker.py); a device object
+never needs to be thread-safe against itself. Units are in the names: milliwatts, millijoules, MHz.
+Errors are the typed ``pals_daemon.errors.Gpu*Error`` classes, never a backend's own exceptions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+# NVML clock-event (throttle) reason bit for the software power cap (nvml.h:
+# nvmlClocksEventReasonSwPowerCap = 0x0000000000000004).
+CLOCK_EVENT_SW_POWER_CAP = 0x4
+
+
+@dataclass(frozen=True)
+class GpuIdentity:
+    """Which GPU: NVML index, UUID and marketing name."""
+
+    index: int
+    uuid: str
+    name: str
+
+
+@dataclass(frozen=True)
+class PowerConstraints:
+    """The power limits the driver accepts (inclusive) and its default limit, in milliwatts."""
+
+    min_limit_mw: int
+    max_limit_mw: int
+    default_limit_mw: int
+
+    def contains(self, limit_mw: int) -> bool:
+        """True when ``limit_mw`` is a limit the driver accepts."""
+        return self.min_limit_mw <= limit_mw <= self.max_limit_mw
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    """One sample of a GPU's power state."""
+
+    # NVML's averaged power (GetPowerUsage: a 1 s average on Ampere except GA100, and newer).
+    power_avg_mw: int
+    # Instantaneous power (field NVML_FI_DEV_POWER_INSTANT); None where unsupported.
+    power_instant_mw: int | None
+    # Total energy since driver load (GetTotalEnergyConsumption); monotonic.
+    energy_mj: int
+    # The limit the driver enforces now (GetEnforcedPowerLimit), whoever set it.
+    enforced_limit_mw: int
+    # The limit requested through the management API (GetPowerManagementLimit).
+    requested_limit_mw: int
+    sm_clock_mhz: int
+    # Clock-event reasons bitmask (GetCurrentClocksEventReasons).
+    clock_event_reasons: int
+
+    @property
+    def power_capped(self) -> bool:
+        """True when the software power cap is holding the clocks down."""
+        return bool(self.clock_event_reasons & CLOCK_EVENT_SW_POWER_CAP)
+
+
+class GpuDevice(Protocol):
+    """One GPU. Blocking calls; called from that GPU's serial worker only."""
+
+    identity: GpuIdentity
+
+    def constraints(self) -> PowerConstraints:
+        """Limit range and default limit."""
+        ...
+
+    def read(self) -> GpuReading:
+        """Sample power, energy, limits, clock and clock-event reasons."""
+        ...
+
+    def set_power_limit_mw(self, limit_mw: int) -> int:
+        """Request ``limit_mw`` and return the enforced limit read back afterwards."""
+        ...
+
+
+class GpuBackend(Protocol):
+    """Discovers GPUs and owns the library session."""
+
+    name: str
+
+    def open(self) -> list[GpuDevice]:
+        """Initialise the library and return every GPU, ordered by index."""
+        ...
+
+    def close(self) -> None:
+        """Release the library session (idempotent)."""
+        ...
