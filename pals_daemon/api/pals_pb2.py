@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12pals/v1/pals.proto\x12\x07pals.v1\"\x9c\x03\n\tGpuStatus\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0bmin_limit_w\x18\x04 \x01(\x01\x12\x13\n\x0bmax_limit_w\x18\x05 \x01(\x01\x12\x17\n\x0f\x64\x65\x66\x61ult_limit_w\x18\x06 \x01(\x01\x12\x19\n\x11requested_limit_w\x18\x07 \x01(\x01\x12\x18\n\x10\x65nforced_limit_w\x18\x08 \x01(\x01\x12\x18\n\x10original_limit_w\x18\t \x01(\x01\x12\x0f\n\x07power_w\x18\n \x01(\x01\x12\x1c\n\x0fpower_instant_w\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x65nergy_j\x18\x0c \x01(\x01\x12\x14\n\x0csm_clock_mhz\x18\r \x01(\r\x12\x1b\n\x13\x63lock_event_reasons\x18\x0e \x01(\x04\x12\x14\n\x0cpower_capped\x18\x0f \x01(\x08\x12\x12\n\ncontrolled\x18\x10 \x01(\x08\x12\r\n\x05\x66\x61ult\x18\x11 \x01(\t\x12\x11\n\tengine_id\x18\x12 \x01(\tB\x12\n\x10_power_instant_w\"\x7f\n\rEngineTargets\x12\x19\n\x0ctokens_per_s\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07ttft_ms\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07tpot_ms\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x0f\n\r_tokens_per_sB\n\n\x08_ttft_msB\n\n\x08_tpot_ms\"\xe4\x03\n\x0c\x45ngineStatus\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bgpu_indices\x18\x03 \x03(\r\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x1f\n\x17\x63onfigured_max_num_seqs\x18\x05 \x01(\r\x12)\n!configured_max_num_batched_tokens\x18\x06 \x01(\r\x12\'\n\x07targets\x18\x07 \x01(\x0b\x32\x16.pals.v1.EngineTargets\x12\x1a\n\x12max_num_seqs_limit\x18\x08 \x01(\r\x12$\n\x1cmax_num_batched_tokens_limit\x18\t \x01(\r\x12\x1f\n\x17throughput_tokens_per_s\x18\n \x01(\x01\x12\x18\n\x10tokens_per_joule\x18\x0b \x01(\x01\x12\x1e\n\x16qos_violation_fraction\x18\x0c \x01(\x01\x12\x13\n\x0bnum_running\x18\r \x01(\r\x12\x13\n\x0bnum_waiting\x18\x0e \x01(\r\x12\x1e\n\x16predicted_tokens_per_s\x18\x0f \x01(\x01\x12\x19\n\x11predicted_power_w\x18\x10 \x01(\x01\x12\x13\n\x0bhas_profile\x18\x11 \x01(\x08\"\x85\x02\n\x0c\x42udgetStatus\x12\x15\n\x08\x62udget_w\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1f\n\x12\x65\x66\x66\x65\x63tive_budget_w\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x10ramp_remaining_s\x18\x03 \x01(\x01\x12\x14\n\x0cmin_budget_w\x18\x04 \x01(\x01\x12\x14\n\x0cmax_budget_w\x18\x05 \x01(\x01\x12\x1e\n\x16sum_requested_limits_w\x18\x06 \x01(\x01\x12\x1d\n\x15sum_enforced_limits_w\x18\x07 \x01(\x01\x12\x14\n\x0cnode_power_w\x18\x08 \x01(\x01\x42\x0b\n\t_budget_wB\x15\n\x13_effective_budget_w\"\xa0\x01\n\x10\x43ontrollerStatus\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x10\n\x08period_s\x18\x03 \x01(\x01\x12\r\n\x05ticks\x18\x04 \x01(\x04\x12\x19\n\x11\x64\x65\x63isions_changed\x18\x05 \x01(\x04\x12\x1c\n\x14last_tick_duration_s\x18\x06 \x01(\x01\x12\x13\n\x0blast_reason\x18\x07 \x01(\t\"\xc6\x01\n\nNodeStatus\x12\x18\n\x10timestamp_unix_s\x18\x01 \x01(\x01\x12 \n\x04gpus\x18\x02 \x03(\x0b\x32\x12.pals.v1.GpuStatus\x12&\n\x07\x65ngines\x18\x03 \x03(\x0b\x32\x15.pals.v1.EngineStatus\x12%\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x15.pals.v1.BudgetStatus\x12-\n\ncontroller\x18\x05 \x01(\x0b\x32\x19.pals.v1.ControllerStatus\"\x12\n\x10GetStatusRequest\"\x12\n\x10GetBudgetRequest\"C\n\x10SetBudgetRequest\x12\x10\n\x08\x62udget_w\x18\x01 \x01(\x01\x12\r\n\x05\x63lear\x18\x02 \x01(\x08\x12\x0e\n\x06ramp_s\x18\x03 \x01(\x01\"U\n\x17SetEngineTargetsRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\'\n\x07targets\x18\x02 \x01(\x0b\x32\x16.pals.v1.EngineTargets\"(\n\x12WatchStatusRequest\x12\x12\n\ninterval_s\x18\x01 \x01(\x01\"\xa2\x01\n\x08Register\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tgpu_uuids\x18\x03 \x03(\t\x12\x13\n\x0bgpu_indices\x18\x04 \x03(\r\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x06 \x01(\r\x12\x16\n\x0e\x63lient_version\x18\x07 \x01(\t\"a\n\x0f\x46inishedRequest\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x15\n\routput_tokens\x18\x04 \x01(\r\"\xf8\x01\n\nStepReport\x12\x10\n\x08window_s\x18\x01 \x01(\x01\x12\x11\n\tnum_steps\x18\x02 \x01(\r\x12\x0e\n\x06\x62usy_s\x18\x03 \x01(\x01\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\r\x12\x16\n\x0eprefill_tokens\x18\x06 \x01(\x04\x12\x15\n\rdecode_tokens\x18\x07 \x01(\x04\x12\x16\n\x0ekv_cache_usage\x18\x08 \x01(\x01\x12\x18\n\x10\x61rrived_requests\x18\t \x01(\r\x12*\n\x08\x66inished\x18\n \x03(\x0b\x32\x18.pals.v1.FinishedRequest\";\n\x0fLayerExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x19\n\x11tokens_per_expert\x18\x02 \x03(\x04\"s\n\x10\x45xpertLoadReport\x12\x10\n\x08gpu_uuid\x18\x01 \x01(\t\x12\x11\n\tgpu_index\x18\x02 \x01(\r\x12\x10\n\x08window_s\x18\x03 \x01(\x01\x12(\n\x06layers\x18\x04 \x03(\x0b\x32\x18.pals.v1.LayerExpertLoad\"\x95\x01\n\rEngineMessage\x12%\n\x08register\x18\x01 \x01(\x0b\x32\x11.pals.v1.RegisterH\x00\x12#\n\x04step\x18\x02 \x01(\x0b\x32\x13.pals.v1.StepReportH\x00\x12\x30\n\x0b\x65xpert_load\x18\x03 \x01(\x0b\x32\x19.pals.v1.ExpertLoadReportH\x00\x42\x06\n\x04\x62ody\";\n\nRegistered\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11report_interval_s\x18\x02 \x01(\x01\"c\n\tDirective\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x03 \x01(\r\x12\x0e\n\x06ttl_ms\x18\x04 \x01(\r\"k\n\rDaemonMessage\x12)\n\nregistered\x18\x01 \x01(\x0b\x32\x13.pals.v1.RegisteredH\x00\x12\'\n\tdirective\x18\x02 \x01(\x0b\x32\x12.pals.v1.DirectiveH\x00\x42\x06\n\x04\x62ody2\xd7\x02\n\nPowerAdmin\x12;\n\tGetStatus\x12\x19.pals.v1.GetStatusRequest\x1a\x13.pals.v1.NodeStatus\x12=\n\tGetBudget\x12\x19.pals.v1.GetBudgetRequest\x1a\x15.pals.v1.BudgetStatus\x12=\n\tSetBudget\x12\x19.pals.v1.SetBudgetRequest\x1a\x15.pals.v1.BudgetStatus\x12K\n\x10SetEngineTargets\x12 .pals.v1.SetEngineTargetsRequest\x1a\x15.pals.v1.EngineStatus\x12\x41\n\x0bWatchStatus\x12\x1b.pals.v1.WatchStatusRequest\x1a\x13.pals.v1.NodeStatus0\x01\x32K\n\nEngineLink\x12=\n\x07\x43onnect\x12\x16.pals.v1.EngineMessage\x1a\x16.pals.v1.DaemonMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12pals/v1/pals.proto\x12\x07pals.v1\"\xb5\x03\n\tGpuStatus\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0bmin_limit_w\x18\x04 \x01(\x01\x12\x13\n\x0bmax_limit_w\x18\x05 \x01(\x01\x12\x17\n\x0f\x64\x65\x66\x61ult_limit_w\x18\x06 \x01(\x01\x12\x19\n\x11requested_limit_w\x18\x07 \x01(\x01\x12\x18\n\x10\x65nforced_limit_w\x18\x08 \x01(\x01\x12\x18\n\x10original_limit_w\x18\t \x01(\x01\x12\x0f\n\x07power_w\x18\n \x01(\x01\x12\x1c\n\x0fpower_instant_w\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x65nergy_j\x18\x0c \x01(\x01\x12\x14\n\x0csm_clock_mhz\x18\r \x01(\r\x12\x1b\n\x13\x63lock_event_reasons\x18\x0e \x01(\x04\x12\x14\n\x0cpower_capped\x18\x0f \x01(\x08\x12\x12\n\ncontrolled\x18\x10 \x01(\x08\x12\r\n\x05\x66\x61ult\x18\x11 \x01(\t\x12\x11\n\tengine_id\x18\x12 \x01(\t\x12\x17\n\x0f\x64\x65\x63ided_limit_w\x18\x13 \x01(\x01\x42\x12\n\x10_power_instant_w\"\x7f\n\rEngineTargets\x12\x19\n\x0ctokens_per_s\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07ttft_ms\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07tpot_ms\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x0f\n\r_tokens_per_sB\n\n\x08_ttft_msB\n\n\x08_tpot_ms\"\x94\x04\n\x0c\x45ngineStatus\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bgpu_indices\x18\x03 \x03(\r\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x1f\n\x17\x63onfigured_max_num_seqs\x18\x05 \x01(\r\x12)\n!configured_max_num_batched_tokens\x18\x06 \x01(\r\x12\'\n\x07targets\x18\x07 \x01(\x0b\x32\x16.pals.v1.EngineTargets\x12\x1a\n\x12max_num_seqs_limit\x18\x08 \x01(\r\x12$\n\x1cmax_num_batched_tokens_limit\x18\t \x01(\r\x12\x1f\n\x17throughput_tokens_per_s\x18\n \x01(\x01\x12\x18\n\x10tokens_per_joule\x18\x0b \x01(\x01\x12\x1e\n\x16qos_violation_fraction\x18\x0c \x01(\x01\x12\x13\n\x0bnum_running\x18\r \x01(\r\x12\x13\n\x0bnum_waiting\x18\x0e \x01(\r\x12\x1e\n\x16predicted_tokens_per_s\x18\x0f \x01(\x01\x12\x19\n\x11predicted_power_w\x18\x10 \x01(\x01\x12\x13\n\x0bhas_profile\x18\x11 \x01(\x08\x12\x0f\n\x07windows\x18\x12 \x01(\x04\x12\x1d\n\x15qos_violation_windows\x18\x13 \x01(\x04\"\x85\x02\n\x0c\x42udgetStatus\x12\x15\n\x08\x62udget_w\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1f\n\x12\x65\x66\x66\x65\x63tive_budget_w\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x10ramp_remaining_s\x18\x03 \x01(\x01\x12\x14\n\x0cmin_budget_w\x18\x04 \x01(\x01\x12\x14\n\x0cmax_budget_w\x18\x05 \x01(\x01\x12\x1e\n\x16sum_requested_limits_w\x18\x06 \x01(\x01\x12\x1d\n\x15sum_enforced_limits_w\x18\x07 \x01(\x01\x12\x14\n\x0cnode_power_w\x18\x08 \x01(\x01\x42\x0b\n\t_budget_wB\x15\n\x13_effective_budget_w\"\xa0\x01\n\x10\x43ontrollerStatus\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x10\n\x08period_s\x18\x03 \x01(\x01\x12\r\n\x05ticks\x18\x04 \x01(\x04\x12\x19\n\x11\x64\x65\x63isions_changed\x18\x05 \x01(\x04\x12\x1c\n\x14last_tick_duration_s\x18\x06 \x01(\x01\x12\x13\n\x0blast_reason\x18\x07 \x01(\t\"\xc6\x01\n\nNodeStatus\x12\x18\n\x10timestamp_unix_s\x18\x01 \x01(\x01\x12 \n\x04gpus\x18\x02 \x03(\x0b\x32\x12.pals.v1.GpuStatus\x12&\n\x07\x65ngines\x18\x03 \x03(\x0b\x32\x15.pals.v1.EngineStatus\x12%\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x15.pals.v1.BudgetStatus\x12-\n\ncontroller\x18\x05 \x01(\x0b\x32\x19.pals.v1.ControllerStatus\"\x12\n\x10GetStatusRequest\"\x12\n\x10GetBudgetRequest\"C\n\x10SetBudgetRequest\x12\x10\n\x08\x62udget_w\x18\x01 \x01(\x01\x12\r\n\x05\x63lear\x18\x02 \x01(\x08\x12\x0e\n\x06ramp_s\x18\x03 \x01(\x01\"U\n\x17SetEngineTargetsRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\'\n\x07targets\x18\x02 \x01(\x0b\x32\x16.pals.v1.EngineTargets\"(\n\x12WatchStatusRequest\x12\x12\n\ninterval_s\x18\x01 \x01(\x01\"\xa2\x01\n\x08Register\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tgpu_uuids\x18\x03 \x03(\t\x12\x13\n\x0bgpu_indices\x18\x04 \x03(\r\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x06 \x01(\r\x12\x16\n\x0e\x63lient_version\x18\x07 \x01(\t\"a\n\x0f\x46inishedRequest\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x15\n\routput_tokens\x18\x04 \x01(\r\"\xf8\x01\n\nStepReport\x12\x10\n\x08window_s\x18\x01 \x01(\x01\x12\x11\n\tnum_steps\x18\x02 \x01(\r\x12\x0e\n\x06\x62usy_s\x18\x03 \x01(\x01\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\r\x12\x16\n\x0eprefill_tokens\x18\x06 \x01(\x04\x12\x15\n\rdecode_tokens\x18\x07 \x01(\x04\x12\x16\n\x0ekv_cache_usage\x18\x08 \x01(\x01\x12\x18\n\x10\x61rrived_requests\x18\t \x01(\r\x12*\n\x08\x66inished\x18\n \x03(\x0b\x32\x18.pals.v1.FinishedRequest\";\n\x0fLayerExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x19\n\x11tokens_per_expert\x18\x02 \x03(\x04\"s\n\x10\x45xpertLoadReport\x12\x10\n\x08gpu_uuid\x18\x01 \x01(\t\x12\x11\n\tgpu_index\x18\x02 \x01(\r\x12\x10\n\x08window_s\x18\x03 \x01(\x01\x12(\n\x06layers\x18\x04 \x03(\x0b\x32\x18.pals.v1.LayerExpertLoad\"\x95\x01\n\rEngineMessage\x12%\n\x08register\x18\x01 \x01(\x0b\x32\x11.pals.v1.RegisterH\x00\x12#\n\x04step\x18\x02 \x01(\x0b\x32\x13.pals.v1.StepReportH\x00\x12\x30\n\x0b\x65xpert_load\x18\x03 \x01(\x0b\x32\x19.pals.v1.ExpertLoadReportH\x00\x42\x06\n\x04\x62ody\";\n\nRegistered\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11report_interval_s\x18\x02 \x01(\x01\"c\n\tDirective\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x03 \x01(\r\x12\x0e\n\x06ttl_ms\x18\x04 \x01(\r\"k\n\rDaemonMessage\x12)\n\nregistered\x18\x01 \x01(\x0b\x32\x13.pals.v1.RegisteredH\x00\x12\'\n\tdirective\x18\x02 \x01(\x0b\x32\x12.pals.v1.DirectiveH\x00\x42\x06\n\x04\x62ody2\xd7\x02\n\nPowerAdmin\x12;\n\tGetStatus\x12\x19.pals.v1.GetStatusRequest\x1a\x13.pals.v1.NodeStatus\x12=\n\tGetBudget\x12\x19.pals.v1.GetBudgetRequest\x1a\x15.pals.v1.BudgetStatus\x12=\n\tSetBudget\x12\x19.pals.v1.SetBudgetRequest\x1a\x15.pals.v1.BudgetStatus\x12K\n\x10SetEngineTargets\x12 .pals.v1.SetEngineTargetsRequest\x1a\x15.pals.v1.EngineStatus\x12\x41\n\x0bWatchStatus\x12\x1b.pals.v1.WatchStatusRequest\x1a\x13.pals.v1.NodeStatus0\x01\x32K\n\nEngineLink\x12=\n\x07\x43onnect\x12\x16.pals.v1.EngineMessage\x1a\x16.pals.v1.DaemonMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,47 +32,47 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pals.v1.pals_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GPUSTATUS']._serialized_start=32
-  _globals['_GPUSTATUS']._serialized_end=444
-  _globals['_ENGINETARGETS']._serialized_start=446
-  _globals['_ENGINETARGETS']._serialized_end=573
-  _globals['_ENGINESTATUS']._serialized_start=576
-  _globals['_ENGINESTATUS']._serialized_end=1060
-  _globals['_BUDGETSTATUS']._serialized_start=1063
-  _globals['_BUDGETSTATUS']._serialized_end=1324
-  _globals['_CONTROLLERSTATUS']._serialized_start=1327
-  _globals['_CONTROLLERSTATUS']._serialized_end=1487
-  _globals['_NODESTATUS']._serialized_start=1490
-  _globals['_NODESTATUS']._serialized_end=1688
-  _globals['_GETSTATUSREQUEST']._serialized_start=1690
-  _globals['_GETSTATUSREQUEST']._serialized_end=1708
-  _globals['_GETBUDGETREQUEST']._serialized_start=1710
-  _globals['_GETBUDGETREQUEST']._serialized_end=1728
-  _globals['_SETBUDGETREQUEST']._serialized_start=1730
-  _globals['_SETBUDGETREQUEST']._serialized_end=1797
-  _globals['_SETENGINETARGETSREQUEST']._serialized_start=1799
-  _globals['_SETENGINETARGETSREQUEST']._serialized_end=1884
-  _globals['_WATCHSTATUSREQUEST']._serialized_start=1886
-  _globals['_WATCHSTATUSREQUEST']._serialized_end=1926
-  _globals['_REGISTER']._serialized_start=1929
-  _globals['_REGISTER']._serialized_end=2091
-  _globals['_FINISHEDREQUEST']._serialized_start=2093
-  _globals['_FINISHEDREQUEST']._serialized_end=2190
-  _globals['_STEPREPORT']._serialized_start=2193
-  _globals['_STEPREPORT']._serialized_end=2441
-  _globals['_LAYEREXPERTLOAD']._serialized_start=2443
-  _globals['_LAYEREXPERTLOAD']._serialized_end=2502
-  _globals['_EXPERTLOADREPORT']._serialized_start=2504
-  _globals['_EXPERTLOADREPORT']._serialized_end=2619
-  _globals['_ENGINEMESSAGE']._serialized_start=2622
-  _globals['_ENGINEMESSAGE']._serialized_end=2771
-  _globals['_REGISTERED']._serialized_start=2773
-  _globals['_REGISTERED']._serialized_end=2832
-  _globals['_DIRECTIVE']._serialized_start=2834
-  _globals['_DIRECTIVE']._serialized_end=2933
-  _globals['_DAEMONMESSAGE']._serialized_start=2935
-  _globals['_DAEMONMESSAGE']._serialized_end=3042
-  _globals['_POWERADMIN']._serialized_start=3045
-  _globals['_POWERADMIN']._serialized_end=3388
-  _globals['_ENGINELINK']._serialized_start=3390
-  _globals['_ENGINELINK']._serialized_end=3465
+  _globals['_GPUSTATUS']._serialized_end=469
+  _globals['_ENGINETARGETS']._serialized_start=471
+  _globals['_ENGINETARGETS']._serialized_end=598
+  _globals['_ENGINESTATUS']._serialized_start=601
+  _globals['_ENGINESTATUS']._serialized_end=1133
+  _globals['_BUDGETSTATUS']._serialized_start=1136
+  _globals['_BUDGETSTATUS']._serialized_end=1397
+  _globals['_CONTROLLERSTATUS']._serialized_start=1400
+  _globals['_CONTROLLERSTATUS']._serialized_end=1560
+  _globals['_NODESTATUS']._serialized_start=1563
+  _globals['_NODESTATUS']._serialized_end=1761
+  _globals['_GETSTATUSREQUEST']._serialized_start=1763
+  _globals['_GETSTATUSREQUEST']._serialized_end=1781
+  _globals['_GETBUDGETREQUEST']._serialized_start=1783
+  _globals['_GETBUDGETREQUEST']._serialized_end=1801
+  _globals['_SETBUDGETREQUEST']._serialized_start=1803
+  _globals['_SETBUDGETREQUEST']._serialized_end=1870
+  _globals['_SETENGINETARGETSREQUEST']._serialized_start=1872
+  _globals['_SETENGINETARGETSREQUEST']._serialized_end=1957
+  _globals['_WATCHSTATUSREQUEST']._serialized_start=1959
+  _globals['_WATCHSTATUSREQUEST']._serialized_end=1999
+  _globals['_REGISTER']._serialized_start=2002
+  _globals['_REGISTER']._serialized_end=2164
+  _globals['_FINISHEDREQUEST']._serialized_start=2166
+  _globals['_FINISHEDREQUEST']._serialized_end=2263
+  _globals['_STEPREPORT']._serialized_start=2266
+  _globals['_STEPREPORT']._serialized_end=2514
+  _globals['_LAYEREXPERTLOAD']._serialized_start=2516
+  _globals['_LAYEREXPERTLOAD']._serialized_end=2575
+  _globals['_EXPERTLOADREPORT']._serialized_start=2577
+  _globals['_EXPERTLOADREPORT']._serialized_end=2692
+  _globals['_ENGINEMESSAGE']._serialized_start=2695
+  _globals['_ENGINEMESSAGE']._serialized_end=2844
+  _globals['_REGISTERED']._serialized_start=2846
+  _globals['_REGISTERED']._serialized_end=2905
+  _globals['_DIRECTIVE']._serialized_start=2907
+  _globals['_DIRECTIVE']._serialized_end=3006
+  _globals['_DAEMONMESSAGE']._serialized_start=3008
+  _globals['_DAEMONMESSAGE']._serialized_end=3115
+  _globals['_POWERADMIN']._serialized_start=3118
+  _globals['_POWERADMIN']._serialized_end=3461
+  _globals['_ENGINELINK']._serialized_start=3463
+  _globals['_ENGINELINK']._serialized_end=3538
 # @@protoc_insertion_point(module_scope)

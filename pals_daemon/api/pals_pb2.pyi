@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GpuStatus(_message.Message):
-    __slots__ = ("index", "uuid", "name", "min_limit_w", "max_limit_w", "default_limit_w", "requested_limit_w", "enforced_limit_w", "original_limit_w", "power_w", "power_instant_w", "energy_j", "sm_clock_mhz", "clock_event_reasons", "power_capped", "controlled", "fault", "engine_id")
+    __slots__ = ("index", "uuid", "name", "min_limit_w", "max_limit_w", "default_limit_w", "requested_limit_w", "enforced_limit_w", "original_limit_w", "power_w", "power_instant_w", "energy_j", "sm_clock_mhz", "clock_event_reasons", "power_capped", "controlled", "fault", "engine_id", "decided_limit_w")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class GpuStatus(_message.Message):
     CONTROLLED_FIELD_NUMBER: _ClassVar[int]
     FAULT_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_LIMIT_W_FIELD_NUMBER: _ClassVar[int]
     index: int
     uuid: str
     name: str
@@ -44,7 +45,8 @@ class GpuStatus(_message.Message):
     controlled: bool
     fault: str
     engine_id: str
-    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., min_limit_w: _Optional[float] = ..., max_limit_w: _Optional[float] = ..., default_limit_w: _Optional[float] = ..., requested_limit_w: _Optional[float] = ..., enforced_limit_w: _Optional[float] = ..., original_limit_w: _Optional[float] = ..., power_w: _Optional[float] = ..., power_instant_w: _Optional[float] = ..., energy_j: _Optional[float] = ..., sm_clock_mhz: _Optional[int] = ..., clock_event_reasons: _Optional[int] = ..., power_capped: _Optional[bool] = ..., controlled: _Optional[bool] = ..., fault: _Optional[str] = ..., engine_id: _Optional[str] = ...) -> None: ...
+    decided_limit_w: float
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., min_limit_w: _Optional[float] = ..., max_limit_w: _Optional[float] = ..., default_limit_w: _Optional[float] = ..., requested_limit_w: _Optional[float] = ..., enforced_limit_w: _Optional[float] = ..., original_limit_w: _Optional[float] = ..., power_w: _Optional[float] = ..., power_instant_w: _Optional[float] = ..., energy_j: _Optional[float] = ..., sm_clock_mhz: _Optional[int] = ..., clock_event_reasons: _Optional[int] = ..., power_capped: _Optional[bool] = ..., controlled: _Optional[bool] = ..., fault: _Optional[str] = ..., engine_id: _Optional[str] = ..., decided_limit_w: _Optional[float] = ...) -> None: ...
 
 class EngineTargets(_message.Message):
     __slots__ = ("tokens_per_s", "ttft_ms", "tpot_ms")
@@ -57,7 +59,7 @@ class EngineTargets(_message.Message):
     def __init__(self, tokens_per_s: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ...) -> None: ...
 
 class EngineStatus(_message.Message):
-    __slots__ = ("engine_id", "model", "gpu_indices", "connected", "configured_max_num_seqs", "configured_max_num_batched_tokens", "targets", "max_num_seqs_limit", "max_num_batched_tokens_limit", "throughput_tokens_per_s", "tokens_per_joule", "qos_violation_fraction", "num_running", "num_waiting", "predicted_tokens_per_s", "predicted_power_w", "has_profile")
+    __slots__ = ("engine_id", "model", "gpu_indices", "connected", "configured_max_num_seqs", "configured_max_num_batched_tokens", "targets", "max_num_seqs_limit", "max_num_batched_tokens_limit", "throughput_tokens_per_s", "tokens_per_joule", "qos_violation_fraction", "num_running", "num_waiting", "predicted_tokens_per_s", "predicted_power_w", "has_profile", "windows", "qos_violation_windows")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     GPU_INDICES_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +77,8 @@ class EngineStatus(_message.Message):
     PREDICTED_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_POWER_W_FIELD_NUMBER: _ClassVar[int]
     HAS_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    QOS_VIOLATION_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     engine_id: str
     model: str
     gpu_indices: _containers.RepeatedScalarFieldContainer[int]
@@ -92,7 +96,9 @@ class EngineStatus(_message.Message):
     predicted_tokens_per_s: float
     predicted_power_w: float
     has_profile: bool
-    def __init__(self, engine_id: _Optional[str] = ..., model: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., connected: _Optional[bool] = ..., configured_max_num_seqs: _Optional[int] = ..., configured_max_num_batched_tokens: _Optional[int] = ..., targets: _Optional[_Union[EngineTargets, _Mapping]] = ..., max_num_seqs_limit: _Optional[int] = ..., max_num_batched_tokens_limit: _Optional[int] = ..., throughput_tokens_per_s: _Optional[float] = ..., tokens_per_joule: _Optional[float] = ..., qos_violation_fraction: _Optional[float] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., predicted_tokens_per_s: _Optional[float] = ..., predicted_power_w: _Optional[float] = ..., has_profile: _Optional[bool] = ...) -> None: ...
+    windows: int
+    qos_violation_windows: int
+    def __init__(self, engine_id: _Optional[str] = ..., model: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., connected: _Optional[bool] = ..., configured_max_num_seqs: _Optional[int] = ..., configured_max_num_batched_tokens: _Optional[int] = ..., targets: _Optional[_Union[EngineTargets, _Mapping]] = ..., max_num_seqs_limit: _Optional[int] = ..., max_num_batched_tokens_limit: _Optional[int] = ..., throughput_tokens_per_s: _Optional[float] = ..., tokens_per_joule: _Optional[float] = ..., qos_violation_fraction: _Optional[float] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., predicted_tokens_per_s: _Optional[float] = ..., predicted_power_w: _Optional[float] = ..., has_profile: _Optional[bool] = ..., windows: _Optional[int] = ..., qos_violation_windows: _Optional[int] = ...) -> None: ...
 
 class BudgetStatus(_message.Message):
     __slots__ = ("budget_w", "effective_budget_w", "ramp_remaining_s", "min_budget_w", "max_budget_w", "sum_requested_limits_w", "sum_enforced_limits_w", "node_power_w")

@@ -1,0 +1,236 @@
+"""Daemon configuration: defaults, then the TOML file, then PALS_* environment variables, then flags.
+
+Every layer is validated together and every problem is reported at once (ConfigError.problems).
+A key ``name`` is ``name`` in the file's top level (``[sim] gpu_kind`` for ``sim_gpu_kind``),
+``PALS_NAME`` in the environment and ``--name-with-dashes`` on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import pathlib
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pals_daemon.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = pathlib.Path("/etc/pals/pals.toml")
+ENV_PREFIX = "PALS_"
+BACKENDS = ("nvml", "sim")
+MODES = ("enforce", "advise")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Tables in the TOML file whose keys are flattened as "<table>_<key>".
+TABLES = ("sim",)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Validated daemon settings (units in the names)."""
+
+    backend: str = "nvml"
+    mode: str = "enforce"
+    period_s: float = 0.5
+    runtime_dir: str = "/run/pals"
+    # Empty: "<runtime_dir>/admin.sock" and "<runtime_dir>/engine.sock".
+    admin_socket: str = ""
+    engine_socket: str = ""
+    # Group allowed to connect engines (the engine socket is 0660 root:<group>); "" keeps root's group.
+    engine_socket_group: str = "pals"
+    state_dir: str = "/var/lib/pals"
+    # Empty: the profiles shipped with the package.
+    profiles_dir: str = ""
+    metrics_address: str = "127.0.0.1"
+    # 0 disables the metrics endpoint.
+    metrics_port: int = 9400
+    # An engine falls back to its own limits this long after the last directive.
+    directive_ttl_s: float = 5.0
+    # Initial node GPU budget when none is persisted; None: no budget.
+    budget_w: float | None = None
+    # GPU indices to control; empty: all.
+    gpus: tuple[int, ...] = ()
+    log_level: str = "info"
+    sim_gpu_kind: str = "A100-SXM4"
+    sim_gpu_count: int = 4
+    # Simulated seconds per wall-clock second.
+    sim_speed: float = 1.0
+    config_file: str = field(default="", compare=False)
+
+    @property
+    def admin_socket_path(self) -> pathlib.Path:
+        """Where the PowerAdmin socket lives."""
+        return pathlib.Path(self.admin_socket or os.path.join(self.runtime_dir, "admin.sock"))
+
+    @property
+    def engine_socket_path(self) -> pathlib.Path:
+        """Where the EngineLink socket lives."""
+        return pathlib.Path(self.engine_socket or os.path.join(self.runtime_dir, "engine.sock"))
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {
+    f.name: f for f in dataclasses.fields(DaemonConfig) if f.name != "config_file"
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _coerce(name: str, raw: Any, from_text: bool) -> Any:
+    """Convert one raw value (TOML value, or text from env/flags) to the field's type."""
+    kind = FIELDS[name].type
+    if name == "budget_w":
+        if from_text and str(raw).strip().lower() in ("", "none", "unlimited"):
+            return None
+        return _as_float(raw, from_text)
+    if name == "gpus":
+        if from_text:
+            text = str(raw).strip()
+            return tuple(int(p) for p in text.split(",") if p.strip()) if text else ()
+        if not isinstance(raw, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in raw):
+            raise ValueError("must be a list of GPU indices")
+        return tuple(raw)
+    if kind == "float":
+        return _as_float(raw, from_text)
+    if kind == "int":
+        if from_text:
+            return int(str(raw).strip())
+        if not isinstance(raw, int) or isinstance(raw, bool):
+            raise ValueError("must be an integer")
+        return raw
+    if not isinstance(raw, str):
+        raise ValueError("must be a string")
+    return raw
+
+
+def _as_float(raw: Any, from_text: bool) -> float:
+    if from_text:
+        return float(str(raw).strip())
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise ValueError("must be a number")
+    return float(raw)
+
+
+def _flatten_toml(doc: Mapping[str, Any], problems: list[str], where: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key in TABLES and isinstance(value, dict):
+            for sub, sub_value in value.items():
+                flat[f"{key}_{sub}"] = sub_value
+        else:
+            flat[key] = value
+    for key in list(flat):
+        if key not in FIELDS:
+            problems.append(f"{where}: unknown key {key!r}")
+            del flat[key]
+    return flat
+
+
+def _apply(values: dict[str, Any], raw: Mapping[str, Any], from_text: bool, where: str, problems: list[str]) -> None:
+    for name, value in raw.items():
+        try:
+            values[name] = _coerce(name, value, from_text)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{where} {name}: {value!r} {exc}" if str(exc) else f"{where} {name}: bad value {value!r}")
+
+
+def _validate(cfg: DaemonConfig) -> list[str]:
+    problems = []
+    if cfg.backend not in BACKENDS:
+        problems.append(f"backend: {cfg.backend!r} is not one of {', '.join(BACKENDS)}")
+    if cfg.mode not in MODES:
+        problems.append(f"mode: {cfg.mode!r} is not one of {', '.join(MODES)}")
+    if cfg.log_level not in LOG_LEVELS:
+        problems.append(f"log_level: {cfg.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    for name in ("period_s", "directive_ttl_s", "sim_speed"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value <= 0:
+            problems.append(f"{name}: must be a finite number > 0, got {value!r}")
+    if math.isfinite(cfg.period_s) and math.isfinite(cfg.directive_ttl_s) and cfg.directive_ttl_s < 2 * cfg.period_s:
+        problems.append("directive_ttl_s: must be at least two control periods, or directives expire between ticks")
+    if cfg.budget_w is not None and (not math.isfinite(cfg.budget_w) or cfg.budget_w <= 0):
+        problems.append(f"budget_w: must be a finite number of watts > 0, got {cfg.budget_w!r}")
+    if not 0 <= cfg.metrics_port <= 65535:
+        problems.append(f"metrics_port: {cfg.metrics_port} is not a TCP port (0 disables)")
+    if not 1 <= cfg.sim_gpu_count <= 64:
+        problems.append(f"sim_gpu_count: must be 1..64, got {cfg.sim_gpu_count}")
+    if any(i < 0 for i in cfg.gpus) or len(set(cfg.gpus)) != len(cfg.gpus):
+        problems.append(f"gpus: indices must be distinct and >= 0, got {list(cfg.gpus)}")
+    if cfg.engine_socket_group and not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}\$?", cfg.engine_socket_group):
+        problems.append(f"engine_socket_group: {cfg.engine_socket_group!r} is not a group name")
+    for name in ("runtime_dir", "state_dir"):
+        if not os.path.isabs(getattr(cfg, name)):
+            problems.append(f"{name}: must be an absolute path, got {getattr(cfg, name)!r}")
+    for name in ("admin_socket", "engine_socket"):
+        if getattr(cfg, name) and not os.path.isabs(getattr(cfg, name)):
+            problems.append(f"{name}: must be an absolute path, got {getattr(cfg, name)!r}")
+    if cfg.admin_socket_path == cfg.engine_socket_path:
+        problems.append("admin_socket and engine_socket must differ: their modes authorize different clients")
+    return problems
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Add --config and one flag per setting (default None: "not given on the command line")."""
+    parser.add_argument("--config", help=f"TOML config file (default {DEFAULT_CONFIG_PATH}; env PALS_CONFIG)")
+    for name in FIELDS:
+        choices = {"backend": BACKENDS, "mode": MODES, "log_level": LOG_LEVELS}.get(name)
+        parser.add_argument(
+            _flag(name), dest=name, default=None, choices=choices, help=f"(env {ENV_PREFIX}{name.upper()})"
+        )
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_path: str | None = None,
+) -> DaemonConfig:
+    """Build the configuration from defaults, file, environment and flags; raise ConfigError with every problem."""
+    env = os.environ if env is None else env
+    flags = {k: v for k, v in (flags or {}).items() if v is not None and k in FIELDS}
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+
+    explicit = config_path or env.get(ENV_PREFIX + "CONFIG")
+    path = pathlib.Path(explicit) if explicit else DEFAULT_CONFIG_PATH
+    if path.exists():
+        try:
+            doc = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            problems.append(f"{path}: {exc}")
+        else:
+            _apply(values, _flatten_toml(doc, problems, str(path)), False, f"{path}:", problems)
+    elif explicit:
+        problems.append(f"config file {path} does not exist")
+
+    env_values = {n: env[ENV_PREFIX + n.upper()] for n in FIELDS if ENV_PREFIX + n.upper() in env}
+    _apply(values, env_values, True, "environment", problems)
+    _apply(values, flags, True, "flag", problems)
+
+    cfg = DaemonConfig(**values, config_file=str(path) if path.exists() else "")
+    problems.extend(_validate(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def describe(cfg: DaemonConfig) -> dict[str, Any]:
+    """The effective settings as plain data (for logs and ``pals-daemon --print-config``)."""
+    out = {name: getattr(cfg, name) for name in FIELDS}
+    out["gpus"] = list(cfg.gpus)
+    return out
+
+
+def parse_flags(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse argv with the config flags added."""
+    add_config_flags(parser)
+    return parser.parse_args(argv)

@@ -1,0 +1,44 @@
+"""``pals-daemon restore``: put every GPU back to the limit recorded in the state file.
+
+systemd runs it as ExecStopPost after any exit of the daemon (SIGKILL and watchdog included), so it must
+work with no daemon running: it opens the backend itself, restores, and drops each record it restored.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pals_daemon.errors import GpuError, PalsError
+from pals_daemon.gpu.backend import GpuBackend
+from pals_daemon.state import StateStore
+
+log = logging.getLogger(__name__)
+
+
+def restore_originals(backend: GpuBackend, store: StateStore) -> list[str]:
+    """Restore every recorded original limit; returns the problems (empty when everything was restored)."""
+    state = store.load()
+    if not state.original_limits:
+        return []
+    problems = []
+    try:
+        devices = {d.identity.uuid: d for d in backend.open()}
+    except PalsError as exc:
+        return [f"cannot open GPUs: {exc}"]
+    try:
+        for uuid, original in sorted(state.original_limits.items(), key=lambda kv: kv[1].gpu_index):
+            device = devices.get(uuid)
+            if device is None:
+                problems.append(f"GPU {uuid} (index {original.gpu_index}) not found; record kept")
+                continue
+            try:
+                enforced = device.set_power_limit_mw(original.limit_mw)
+            except GpuError as exc:
+                problems.append(f"GPU {original.gpu_index} ({uuid}): {exc}; record kept")
+                continue
+            log.info("GPU %d restored to %d mW (enforced %d mW)", original.gpu_index, original.limit_mw, enforced)
+            state = state.without_original(uuid)
+            store.save(state)
+    finally:
+        backend.close()
+    return problems

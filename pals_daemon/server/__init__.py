@@ -1,0 +1,1 @@
+"""Daemon-side adapters: gRPC servicers, sockets, systemd notification."""

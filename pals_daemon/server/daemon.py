@@ -1,0 +1,575 @@
+"""The daemon: GPUs, engine sessions, the control tick, persisted state, and every exit path restoring limits.
+
+Layering (GEOPM style): the gRPC servicers are thin facades that call the methods here; the decisions come
+from the pure controller core; only the GpuWorkers touch a backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pals_daemon.api import pals_pb2
+from pals_daemon.clock import Clock
+from pals_daemon.config import DaemonConfig
+from pals_daemon.control.budget import BudgetSchedule
+from pals_daemon.control.config import ControllerConfig
+from pals_daemon.control.core import Controller
+from pals_daemon.control.types import (
+    ControllerInput,
+    Decision,
+    EngineObservation,
+    EngineTargets,
+    GpuObservation,
+)
+from pals_daemon.errors import GpuError, GpuFatalError, InvalidRequestError
+from pals_daemon.gpu.backend import GpuBackend, GpuDevice, GpuIdentity, GpuReading, PowerConstraints
+from pals_daemon.gpu.worker import GpuWorker
+from pals_daemon.model.profile import ProfileRegistry
+from pals_daemon.server import validate
+from pals_daemon.server.engines import EngineRegistry
+from pals_daemon.state import DaemonState, OriginalLimit, StateStore
+from pals_daemon.units import mj_to_j, mw_to_w, w_to_mw
+
+log = logging.getLogger(__name__)
+
+# Ticks over which an engine's tokens/J is measured (10 s at the default 0.5 s period).
+EFFICIENCY_WINDOW_TICKS = 20
+
+
+@dataclass
+class GpuSlot:
+    """The daemon's view of one GPU."""
+
+    worker: GpuWorker
+    identity: GpuIdentity
+    constraints: PowerConstraints
+    reading: GpuReading
+    # What the daemon last requested (the driver's requested limit until the first write).
+    requested_limit_mw: int
+    decided_limit_w: float = 0.0
+    controlled: bool = True
+    fault: str = ""
+    # Energy counter at the previous tick, for per-tick energy deltas.
+    last_energy_mj: int = 0
+    tick_energy_j: float = 0.0
+
+
+@dataclass
+class EngineStats:
+    """Per-engine figures kept across ticks (survive reconnects under the same id)."""
+
+    windows: int = 0
+    violations: int = 0
+    throughput_tokens_per_s: float = 0.0
+    recent: collections.deque[tuple[int, float]] | None = None
+
+    def tokens_per_joule(self) -> float:
+        """Decode tokens per joule of the engine's GPUs over the recent ticks."""
+        if not self.recent:
+            return 0.0
+        tokens = sum(t for t, _ in self.recent)
+        joules = sum(e for _, e in self.recent)
+        return tokens / joules if joules > 0 else 0.0
+
+
+class Daemon:
+    """Owns GPUs, sessions, budget, targets and the control loop."""
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        backend: GpuBackend,
+        profiles: ProfileRegistry,
+        clock: Clock,
+        controller_config: ControllerConfig | None = None,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.clock = clock
+        self.controller = Controller(profiles, controller_config or ControllerConfig(period_s=config.period_s))
+        self.store = StateStore(config.state_dir)
+        self.state = DaemonState()
+        self.engines = EngineRegistry()
+        self.gpus: list[GpuSlot] = []
+        self.budget = BudgetSchedule()
+        self.engine_stats: dict[str, EngineStats] = {}
+        self.last_decision: Decision | None = None
+        self.ticks = 0
+        self.decisions_changed = 0
+        self.last_tick_duration_s = 0.0
+        self.last_tick_s = 0.0
+        self.status: pals_pb2.NodeStatus = pals_pb2.NodeStatus()
+        self._status_event = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._tick_lock = asyncio.Lock()
+        # Hooks for the metrics exporter and sd_notify (set by the runner).
+        self.on_tick: list[Callable[[Daemon], None]] = []
+
+    # ------------------------------------------------------------------ start / stop
+
+    @property
+    def enforcing(self) -> bool:
+        """True when decisions are applied (enforce mode); False in advise mode."""
+        return self.config.mode == "enforce"
+
+    async def start(self) -> None:
+        """Open the GPUs, load and reconcile state (originals recorded before any write), first snapshot."""
+        self.state = self.store.load()
+        devices: Sequence[GpuDevice] = self.backend.open()
+        wanted = set(self.config.gpus)
+        for device in devices:
+            if wanted and device.identity.index not in wanted:
+                continue
+            worker = GpuWorker(device)
+            constraints = await worker.constraints()
+            reading = await worker.read()
+            self.gpus.append(
+                GpuSlot(
+                    worker,
+                    device.identity,
+                    constraints,
+                    reading,
+                    reading.requested_limit_mw,
+                    last_energy_mj=reading.energy_mj,
+                )
+            )
+        missing = wanted - {g.identity.index for g in self.gpus}
+        if missing:
+            raise InvalidRequestError(f"configured GPU indices {sorted(missing)} do not exist")
+        if self.enforcing:
+            for g in self.gpus:
+                # First one wins: a record left by a crashed run keeps the limit found before that run.
+                self.state = self.state.with_original(
+                    g.identity.uuid, OriginalLimit(g.identity.index, g.reading.requested_limit_mw)
+                )
+        elif self.state.original_limits:
+            log.warning(
+                "advise mode: %d GPU(s) still have limits recorded by an earlier enforcing run; "
+                "run 'pals-daemon restore' to put them back",
+                len(self.state.original_limits),
+            )
+        budget = self.state.budget_w if self.state.budget_w is not None else self.config.budget_w
+        if budget is not None and budget < self.min_budget_w():
+            log.error(
+                "saved budget %.0f W is below the node minimum %.0f W; using the minimum",
+                budget,
+                self.min_budget_w(),
+            )
+            budget = self.min_budget_w()
+        self.budget = BudgetSchedule(target_w=budget)
+        self.state = self.state.with_budget(budget)
+        self.store.save(self.state)
+        self.last_tick_s = self.clock.now()
+        self.status = self.build_status()
+
+    async def restore_all(self) -> list[str]:
+        """Put every GPU back to its recorded original limit; returns the problems (empty when all restored)."""
+        problems = []
+        for g in self.gpus:
+            original = self.state.original_limits.get(g.identity.uuid)
+            if original is None:
+                continue
+            try:
+                if g.requested_limit_mw != original.limit_mw or g.reading.enforced_limit_mw != original.limit_mw:
+                    await g.worker.set_power_limit_mw(original.limit_mw)
+                g.requested_limit_mw = original.limit_mw
+                self.state = self.state.without_original(g.identity.uuid)
+            except GpuError as exc:
+                problems.append(str(exc))
+                log.error(
+                    "could not restore GPU %d to %d mW (record kept for 'pals-daemon restore'): %s",
+                    g.identity.index,
+                    original.limit_mw,
+                    exc,
+                )
+        self.store.save(self.state)
+        return problems
+
+    async def close(self) -> None:
+        """Restore limits (enforce mode), stop the GPU workers and close the backend."""
+        if self.enforcing:
+            await self.restore_all()
+        for g in self.gpus:
+            g.worker.close()
+        self.backend.close()
+
+    def request_stop(self) -> None:
+        """Ask the control loop to finish its tick and return."""
+        self._stop.set()
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the control loop
+
+    async def run(self, watchdog: Callable[[], None] | None = None) -> None:
+        """Tick every period until request_stop(); a budget change wakes it at once."""
+        while not self._stop.is_set():
+            await self.tick()
+            if watchdog is not None:
+                watchdog()
+            if self._stop.is_set():
+                break
+            self._wake.clear()
+            sleeper = asyncio.ensure_future(self.clock.sleep(self.config.period_s))
+            waker = asyncio.ensure_future(self._wake.wait())
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+            sleeper.cancel()
+            waker.cancel()
+
+    async def tick(self) -> Decision:
+        """One control period: observe, decide, apply (enforce mode), publish."""
+        async with self._tick_lock:
+            started = time.perf_counter()
+            now = self.clock.now()
+            elapsed = max(now - self.last_tick_s, 1e-6)
+            self.last_tick_s = now
+            await self._read_gpus()
+            observations = self._observe_engines(elapsed)
+            inp = ControllerInput(
+                now_s=now,
+                budget_w=self.budget.effective_w(now),
+                gpus=tuple(self._gpu_observation(g) for g in self.gpus),
+                engines=observations,
+                targets=dict(self.state.targets),
+            )
+            decision = self.controller.step(inp)
+            for g in self.gpus:
+                g.decided_limit_w = decision.gpu_limits_w.get(g.identity.index, mw_to_w(g.requested_limit_mw))
+            if self.enforcing:
+                await self._apply_limits(decision)
+                self._send_directives(decision)
+            self._account(observations, decision)
+            self.last_decision = decision
+            self.ticks += 1
+            self.decisions_changed += int(decision.changed)
+            self.last_tick_duration_s = time.perf_counter() - started
+            self.status = self.build_status()
+            for hook in self.on_tick:
+                hook(self)
+            self._status_event.set()
+            self._status_event = asyncio.Event()
+            return decision
+
+    async def _read_gpus(self) -> None:
+        results = await asyncio.gather(*(g.worker.read() for g in self.gpus), return_exceptions=True)
+        for g, result in zip(self.gpus, results, strict=True):
+            if isinstance(result, GpuReading):
+                g.tick_energy_j = mj_to_j(max(0, result.energy_mj - g.last_energy_mj))
+                g.last_energy_mj = result.energy_mj
+                g.reading = result
+            else:
+                g.tick_energy_j = 0.0
+                self._gpu_failed(g, result)
+
+    def _gpu_failed(self, g: GpuSlot, exc: BaseException) -> None:
+        if isinstance(exc, GpuFatalError):
+            if g.controlled:
+                log.error("GPU %d no longer controlled: %s", g.identity.index, exc)
+            g.controlled = False
+            g.fault = str(exc)
+        else:
+            log.warning("GPU %d: %s (retrying next tick)", g.identity.index, exc)
+
+    def _gpu_observation(self, g: GpuSlot) -> GpuObservation:
+        r, c = g.reading, g.constraints
+        return GpuObservation(
+            index=g.identity.index,
+            uuid=g.identity.uuid,
+            min_limit_w=mw_to_w(c.min_limit_mw),
+            max_limit_w=mw_to_w(c.max_limit_mw),
+            default_limit_w=mw_to_w(c.default_limit_mw),
+            requested_limit_w=mw_to_w(g.requested_limit_mw),
+            enforced_limit_w=mw_to_w(r.enforced_limit_mw),
+            power_avg_w=mw_to_w(r.power_avg_mw),
+            power_instant_w=None if r.power_instant_mw is None else mw_to_w(r.power_instant_mw),
+            energy_j=mj_to_j(r.energy_mj),
+            sm_clock_mhz=r.sm_clock_mhz,
+            power_capped=r.power_capped,
+            controlled=g.controlled,
+        )
+
+    def _observe_engines(self, elapsed_s: float) -> tuple[EngineObservation, ...]:
+        known = {g.identity.index for g in self.gpus}
+        out = []
+        for session in self.engines.sessions():
+            obs = session.take_observation(elapsed_s)
+            # Telemetry about GPUs this daemon does not manage cannot steer their limits.
+            if set(obs.gpu_indices) <= known:
+                out.append(obs)
+        return tuple(out)
+
+    async def _apply_limits(self, decision: Decision) -> None:
+        """Set the decided limits: every decrease first, then the increases, so the sum stays in budget."""
+        changes = []
+        for g in self.gpus:
+            if not g.controlled or g.identity.index not in decision.gpu_limits_w:
+                continue
+            target_mw = w_to_mw(decision.gpu_limits_w[g.identity.index])
+            target_mw = min(max(target_mw, g.constraints.min_limit_mw), g.constraints.max_limit_mw)
+            if target_mw != g.requested_limit_mw or target_mw != g.reading.enforced_limit_mw:
+                changes.append((g, target_mw))
+        if not changes:
+            return
+        if any(g.identity.uuid not in self.state.original_limits for g, _ in changes):
+            # Never write a GPU whose original limit is not on disk.
+            for g, _ in changes:
+                self.state = self.state.with_original(
+                    g.identity.uuid, OriginalLimit(g.identity.index, g.requested_limit_mw)
+                )
+            self.store.save(self.state)
+        decreases = [(g, mw) for g, mw in changes if mw < g.requested_limit_mw or mw < g.reading.enforced_limit_mw]
+        increases = [(g, mw) for g, mw in changes if (g, mw) not in decreases]
+        for batch in (decreases, increases):
+            results = await asyncio.gather(
+                *(g.worker.set_power_limit_mw(mw) for g, mw in batch), return_exceptions=True
+            )
+            for (g, mw), result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    self._gpu_failed(g, result)
+                    continue
+                g.requested_limit_mw = mw
+                g.reading = _with_enforced(g.reading, int(result), mw)
+
+    def _send_directives(self, decision: Decision) -> None:
+        # Relative, in the daemon's clock: the simulated engines run on the same (scaled) clock.
+        ttl_ms = int(self.config.directive_ttl_s * 1000)
+        for session in self.engines.sessions():
+            d = decision.engines.get(session.registration.engine_id)
+            if d is None:
+                continue
+            session.current_max_num_seqs = d.max_num_seqs
+            session.current_max_num_batched_tokens = d.max_num_batched_tokens
+            msg = pals_pb2.DaemonMessage(
+                directive=pals_pb2.Directive(
+                    sequence=self.ticks,
+                    max_num_seqs=d.max_num_seqs,
+                    max_num_batched_tokens=d.max_num_batched_tokens,
+                    ttl_ms=max(1, ttl_ms),
+                )
+            )
+            try:
+                session.outbox.put_nowait(msg)
+            except asyncio.QueueFull:
+                log.warning("engine %s is not reading its directives", session.registration.engine_id)
+
+    def _account(self, observations: Sequence[EngineObservation], decision: Decision) -> None:
+        energy_by_gpu = {g.identity.index: g.tick_energy_j for g in self.gpus}
+        for obs in observations:
+            stats = self.engine_stats.setdefault(obs.engine_id, EngineStats())
+            if stats.recent is None:
+                stats.recent = collections.deque(maxlen=EFFICIENCY_WINDOW_TICKS)
+            energy = sum(energy_by_gpu.get(i, 0.0) for i in obs.gpu_indices)
+            stats.recent.append((obs.decode_tokens, energy))
+            stats.throughput_tokens_per_s = obs.throughput_tokens_per_s
+            target = self.state.targets.get(obs.engine_id, EngineTargets()).tokens_per_s
+            if obs.window_s > 0:
+                stats.windows += 1
+                if target is not None and obs.throughput_tokens_per_s < target:
+                    stats.violations += 1
+
+    # ------------------------------------------------------------------ admin operations
+
+    def min_budget_w(self) -> float:
+        """The smallest budget the node can honour: minimum limits, plus what uncontrolled GPUs enforce."""
+        return sum(
+            mw_to_w(g.constraints.min_limit_mw if g.controlled else g.reading.enforced_limit_mw) for g in self.gpus
+        )
+
+    def max_budget_w(self) -> float:
+        """The sum of the GPUs' maximum limits (a budget at or above it never binds)."""
+        return sum(mw_to_w(g.constraints.max_limit_mw) for g in self.gpus)
+
+    async def set_budget(self, budget_w: float | None, ramp_s: float = 0.0) -> None:
+        """Validate and set the node budget (None clears it); the next tick runs at once.
+
+        InvalidRequestError (and nothing changed) for NaN, Inf, non-positive, below the node minimum, or a bad ramp.
+        """
+        ramp_s = validate.finite(ramp_s, "ramp_s", 0.0, validate.MAX_RAMP_S)
+        if budget_w is not None:
+            budget_w = validate.finite(budget_w, "budget_w", 0.0, 1e7)
+            if budget_w < self.min_budget_w():
+                raise InvalidRequestError(
+                    f"budget {budget_w:g} W is below the sum of the GPUs' minimum limits ({self.min_budget_w():g} W)"
+                )
+        async with self._tick_lock:
+            new_state = self.state.with_budget(budget_w)
+            self.store.save(new_state)  # persisted before it takes effect: a crash cannot lose it
+            self.state = new_state
+            self.budget = self.budget.retarget(budget_w, ramp_s, self.clock.now(), self.max_budget_w())
+        log.info("budget set to %s (ramp %g s)", "none" if budget_w is None else f"{budget_w:g} W", ramp_s)
+        # Applied now, not at the next period: a lowered budget is a hard limit.
+        await self.tick()
+
+    def set_targets(self, engine_id: str, targets: EngineTargets) -> None:
+        """Replace an engine's targets (the engine need not be connected yet)."""
+        validate.engine_id(engine_id)
+        new_state = self.state.with_targets(engine_id, targets)
+        self.store.save(new_state)
+        self.state = new_state
+        self._wake.set()
+
+    async def wait_status(self, timeout_s: float) -> pals_pb2.NodeStatus:
+        """The next snapshot after a tick (or the current one after ``timeout_s`` wall seconds)."""
+        event = self._status_event
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        return self.status
+
+    # ------------------------------------------------------------------ status
+
+    def resolve_gpus(self, uuids: Sequence[str], indices: Sequence[int]) -> tuple[int, ...]:
+        """Map an engine's GPU UUIDs or indices to managed GPU indices (InvalidRequestError if unknown)."""
+        by_uuid = {g.identity.uuid: g.identity.index for g in self.gpus}
+        known = set(by_uuid.values())
+        if uuids and indices:
+            raise InvalidRequestError("give the engine's GPUs by UUID or by index, not both")
+        if not uuids and not indices:
+            raise InvalidRequestError("an engine must name at least one GPU")
+        out = []
+        for uuid in uuids:
+            if uuid not in by_uuid:
+                raise InvalidRequestError(f"GPU {uuid!r} is not managed by this daemon")
+            out.append(by_uuid[uuid])
+        for index in indices:
+            if index not in known:
+                raise InvalidRequestError(f"GPU index {index} is not managed by this daemon")
+            out.append(index)
+        if len(set(out)) != len(out):
+            raise InvalidRequestError("an engine listed the same GPU twice")
+        return tuple(out)
+
+    def budget_status(self) -> pals_pb2.BudgetStatus:
+        """The budget part of the status."""
+        now = self.clock.now()
+        status = pals_pb2.BudgetStatus(
+            ramp_remaining_s=self.budget.ramp_remaining_s(now),
+            min_budget_w=self.min_budget_w(),
+            max_budget_w=self.max_budget_w(),
+            sum_requested_limits_w=sum(mw_to_w(g.requested_limit_mw) for g in self.gpus),
+            sum_enforced_limits_w=sum(mw_to_w(g.reading.enforced_limit_mw) for g in self.gpus),
+            node_power_w=sum(mw_to_w(g.reading.power_avg_mw) for g in self.gpus),
+        )
+        if self.budget.target_w is not None:
+            status.budget_w = self.budget.target_w
+        effective = self.budget.effective_w(now)
+        if effective is not None:
+            status.effective_budget_w = effective
+        return status
+
+    def engine_status(self, engine_id: str) -> pals_pb2.EngineStatus:
+        """One engine's status (connected or only configured with targets)."""
+        session = self.engines.get(engine_id)
+        targets = self.state.targets.get(engine_id, EngineTargets())
+        stats = self.engine_stats.get(engine_id, EngineStats())
+        decided = self.last_decision.engines.get(engine_id) if self.last_decision else None
+        status = pals_pb2.EngineStatus(
+            engine_id=engine_id,
+            connected=session is not None,
+            targets=_targets_proto(targets),
+            throughput_tokens_per_s=stats.throughput_tokens_per_s,
+            tokens_per_joule=stats.tokens_per_joule(),
+            qos_violation_fraction=stats.violations / stats.windows if stats.windows else 0.0,
+            windows=stats.windows,
+            qos_violation_windows=stats.violations,
+        )
+        if session is not None:
+            reg = session.registration
+            status.model = reg.model
+            status.gpu_indices.extend(reg.gpu_indices)
+            status.configured_max_num_seqs = reg.max_num_seqs
+            status.configured_max_num_batched_tokens = reg.max_num_batched_tokens
+            status.num_running = session.num_running
+            status.num_waiting = session.num_waiting
+            status.max_num_seqs_limit = reg.max_num_seqs
+            status.max_num_batched_tokens_limit = reg.max_num_batched_tokens
+        if decided is not None:
+            status.max_num_seqs_limit = decided.max_num_seqs
+            status.max_num_batched_tokens_limit = decided.max_num_batched_tokens
+            status.predicted_tokens_per_s = decided.predicted_tokens_per_s
+            status.predicted_power_w = decided.predicted_power_w
+            status.has_profile = decided.has_profile
+        return status
+
+    def build_status(self) -> pals_pb2.NodeStatus:
+        """A full snapshot for PowerAdmin, watchers and the metrics exporter."""
+        status = pals_pb2.NodeStatus(timestamp_unix_s=time.time())
+        for g in self.gpus:
+            r, c = g.reading, g.constraints
+            session = self.engines.engine_of_gpu(g.identity.index)
+            original = self.state.original_limits.get(g.identity.uuid)
+            gs = pals_pb2.GpuStatus(
+                index=g.identity.index,
+                uuid=g.identity.uuid,
+                name=g.identity.name,
+                min_limit_w=mw_to_w(c.min_limit_mw),
+                max_limit_w=mw_to_w(c.max_limit_mw),
+                default_limit_w=mw_to_w(c.default_limit_mw),
+                requested_limit_w=mw_to_w(g.requested_limit_mw),
+                enforced_limit_w=mw_to_w(r.enforced_limit_mw),
+                original_limit_w=mw_to_w(original.limit_mw) if original else mw_to_w(g.requested_limit_mw),
+                power_w=mw_to_w(r.power_avg_mw),
+                energy_j=mj_to_j(r.energy_mj),
+                sm_clock_mhz=r.sm_clock_mhz,
+                clock_event_reasons=r.clock_event_reasons,
+                power_capped=r.power_capped,
+                controlled=g.controlled,
+                fault=g.fault,
+                engine_id=session.registration.engine_id if session else "",
+                decided_limit_w=g.decided_limit_w,
+            )
+            if r.power_instant_mw is not None:
+                gs.power_instant_w = mw_to_w(r.power_instant_mw)
+            status.gpus.append(gs)
+        engine_ids = [s.registration.engine_id for s in self.engines.sessions()]
+        engine_ids += sorted(set(self.state.targets) - set(engine_ids))
+        status.engines.extend(self.engine_status(e) for e in engine_ids)
+        status.budget.CopyFrom(self.budget_status())
+        status.controller.CopyFrom(
+            pals_pb2.ControllerStatus(
+                mode=self.config.mode,
+                backend=self.backend.name,
+                period_s=self.config.period_s,
+                ticks=self.ticks,
+                decisions_changed=self.decisions_changed,
+                last_tick_duration_s=self.last_tick_duration_s,
+                last_reason=self.last_decision.reason if self.last_decision else "",
+            )
+        )
+        return status
+
+
+def _targets_proto(t: EngineTargets) -> pals_pb2.EngineTargets:
+    out = pals_pb2.EngineTargets()
+    if t.tokens_per_s is not None:
+        out.tokens_per_s = t.tokens_per_s
+    if t.ttft_ms is not None:
+        out.ttft_ms = t.ttft_ms
+    if t.tpot_ms is not None:
+        out.tpot_ms = t.tpot_ms
+    return out
+
+
+def _with_enforced(reading: GpuReading, enforced_mw: int, requested_mw: int) -> GpuReading:
+    return GpuReading(
+        power_avg_mw=reading.power_avg_mw,
+        power_instant_mw=reading.power_instant_mw,
+        energy_mj=reading.energy_mj,
+        enforced_limit_mw=enforced_mw,
+        requested_limit_mw=requested_mw,
+        sm_clock_mhz=reading.sm_clock_mhz,
+        clock_event_reasons=reading.clock_event_reasons,
+    )
+
+
+def default_profiles_dir() -> pathlib.Path:
+    """profiles/ of a source checkout (editable install), else the system location."""
+    checkout = pathlib.Path(__file__).resolve().parents[2] / "profiles"
+    return checkout if checkout.is_dir() else pathlib.Path("/usr/share/pals/profiles")

@@ -1,0 +1,130 @@
+"""EngineLink servicer: a thin adapter from the bidirectional stream to the engine registry.
+
+One stream is one engine session. The first message must be a Register; the session ends when the
+stream ends or is cancelled (a killed client is noticed in about 50 ms, DESIGN.md section 4), and the
+engine then falls back to its own limits when its last directive expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import grpc
+
+from pals_daemon.api import pals_pb2, pals_pb2_grpc
+from pals_daemon.errors import InvalidRequestError
+from pals_daemon.server import validate
+from pals_daemon.server.engines import EngineRegistration, EngineRegistry, EngineSession
+
+log = logging.getLogger(__name__)
+
+# Resolves (uuids, indices) from a Register into GPU indices, raising InvalidRequestError.
+GpuResolver = Callable[[Sequence[str], Sequence[int]], tuple[int, ...]]
+
+
+def parse_registration(msg: pals_pb2.Register, resolve_gpus: GpuResolver) -> EngineRegistration:
+    """Validate a Register message."""
+    if len(msg.model) > validate.MAX_MODEL_NAME_CHARS:
+        raise InvalidRequestError("model name is too long")
+    if not 1 <= msg.max_num_seqs <= validate.MAX_NUM_SEQS:
+        raise InvalidRequestError(f"max_num_seqs must be within [1, {validate.MAX_NUM_SEQS}], got {msg.max_num_seqs}")
+    if not 1 <= msg.max_num_batched_tokens <= validate.MAX_NUM_BATCHED_TOKENS:
+        raise InvalidRequestError(f"max_num_batched_tokens must be within [1, {validate.MAX_NUM_BATCHED_TOKENS}]")
+    return EngineRegistration(
+        engine_id=validate.engine_id(msg.engine_id),
+        model=msg.model,
+        gpu_indices=resolve_gpus(list(msg.gpu_uuids), list(msg.gpu_indices)),
+        max_num_seqs=msg.max_num_seqs,
+        max_num_batched_tokens=msg.max_num_batched_tokens,
+    )
+
+
+class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
+    """Accepts engine sessions, folds their telemetry into the registry, streams their directives."""
+
+    def __init__(
+        self,
+        registry: EngineRegistry,
+        resolve_gpus: GpuResolver,
+        report_interval_s: float,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.registry = registry
+        self.resolve_gpus = resolve_gpus
+        self.report_interval_s = report_interval_s
+        self.on_change = on_change
+
+    async def Connect(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[pals_pb2.EngineMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pals_pb2.DaemonMessage]:
+        """Run one engine session."""
+        first = await anext_or_none(request_iterator)
+        if first is None or first.WhichOneof("body") != "register":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message must be a Register")
+        try:
+            registration = parse_registration(first.register, self.resolve_gpus)
+            session = self.registry.register(registration)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        log.info(
+            "engine %s connected (%s on GPUs %s)",
+            registration.engine_id,
+            registration.model,
+            list(registration.gpu_indices),
+        )
+        self.on_change()
+        reader = asyncio.create_task(self._read(request_iterator, session))
+        try:
+            yield pals_pb2.DaemonMessage(
+                registered=pals_pb2.Registered(session_id=session.session_id, report_interval_s=self.report_interval_s)
+            )
+            while True:
+                getter = asyncio.ensure_future(session.outbox.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    break
+                yield getter.result()
+            error = reader.result()
+            if error is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+        finally:
+            reader.cancel()
+            self.registry.unregister(session)
+            log.info("engine %s disconnected", registration.engine_id)
+            self.on_change()
+
+    async def _read(
+        self, request_iterator: AsyncIterator[pals_pb2.EngineMessage], session: EngineSession
+    ) -> str | None:
+        """Fold incoming reports into the session; returns an error text for a bad message, None at end."""
+        async for msg in request_iterator:
+            kind = msg.WhichOneof("body")
+            try:
+                if kind == "step":
+                    session.add_step_report(msg.step)
+                elif kind == "expert_load":
+                    gpu = self._expert_gpu(msg.expert_load, session)
+                    session.add_expert_load(msg.expert_load, gpu)
+                else:
+                    return f"unexpected {kind or 'empty'} message after registration"
+            except InvalidRequestError as exc:
+                return str(exc)
+        return None
+
+    def _expert_gpu(self, report: pals_pb2.ExpertLoadReport, session: EngineSession) -> int:
+        uuids = [report.gpu_uuid] if report.gpu_uuid else []
+        (gpu,) = self.resolve_gpus(uuids, [] if uuids else [report.gpu_index])
+        if gpu not in session.registration.gpu_indices:
+            raise InvalidRequestError(f"GPU {gpu} does not belong to engine {session.registration.engine_id}")
+        return gpu
+
+
+async def anext_or_none(iterator: AsyncIterator[pals_pb2.EngineMessage]) -> pals_pb2.EngineMessage | None:
+    """The next message, or None when the stream ended."""
+    try:
+        return await iterator.__anext__()
+    except StopAsyncIteration:
+        return None

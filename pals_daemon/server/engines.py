@@ -1,0 +1,168 @@
+"""Engine sessions and their telemetry: what the EngineLink servicer hands over, what each tick reads.
+
+Reports accumulate into the current window; each control tick takes the window (and starts a new one).
+All methods run on the event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pals_daemon.api import pals_pb2
+from pals_daemon.control.types import EngineObservation
+from pals_daemon.errors import InvalidRequestError
+from pals_daemon.server import validate
+
+# Reports are small; a slow daemon tick must not let a fast engine grow memory without bound.
+OUTBOX_SIZE = 16
+
+
+@dataclass(frozen=True)
+class EngineRegistration:
+    """Who the engine is and what it runs on (validated)."""
+
+    engine_id: str
+    model: str
+    gpu_indices: tuple[int, ...]
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+@dataclass
+class TelemetryWindow:
+    """Sums of the reports received since the last tick."""
+
+    window_s: float = 0.0
+    num_steps: int = 0
+    busy_s: float = 0.0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    arrived_requests: int = 0
+    ttft_ms: list[float] = field(default_factory=list)
+    tpot_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ExpertLoad:
+    """Tokens routed to experts hosted on each GPU since the last tick."""
+
+    tokens_by_gpu: dict[int, int] = field(default_factory=dict)
+
+
+class EngineSession:
+    """One connected engine: registration, latest gauges, the open telemetry window, its outbox."""
+
+    def __init__(self, registration: EngineRegistration, session_id: str) -> None:
+        self.registration = registration
+        self.session_id = session_id
+        self.window = TelemetryWindow()
+        self.expert_load = ExpertLoad()
+        self.num_running = 0
+        self.num_waiting = 0
+        self.kv_cache_usage = 0.0
+        self.outbox: asyncio.Queue[pals_pb2.DaemonMessage] = asyncio.Queue(maxsize=OUTBOX_SIZE)
+        self.current_max_num_seqs = registration.max_num_seqs
+        self.current_max_num_batched_tokens = registration.max_num_batched_tokens
+
+    def add_step_report(self, report: pals_pb2.StepReport) -> None:
+        """Validate a report and fold it into the window; InvalidRequestError leaves the window unchanged."""
+        window_s = validate.finite(report.window_s, "window_s", 0.0, 3600.0)
+        busy_s = validate.finite(report.busy_s, "busy_s", 0.0, 3600.0)
+        kv = validate.finite(report.kv_cache_usage, "kv_cache_usage", 0.0, 1.0)
+        if len(report.finished) > validate.MAX_FINISHED_PER_REPORT:
+            raise InvalidRequestError(f"too many finished requests in one report ({len(report.finished)})")
+        ttft = [validate.finite(f.ttft_ms, "ttft_ms", 0.0, validate.MAX_SLO_MS) for f in report.finished]
+        tpot = [validate.finite(f.tpot_ms, "tpot_ms", 0.0, validate.MAX_SLO_MS) for f in report.finished]
+        w = self.window
+        w.window_s += window_s
+        w.num_steps += report.num_steps
+        w.busy_s += busy_s
+        w.prefill_tokens += report.prefill_tokens
+        w.decode_tokens += report.decode_tokens
+        w.arrived_requests += report.arrived_requests
+        w.ttft_ms.extend(ttft)
+        w.tpot_ms.extend(tpot)
+        self.num_running = report.num_running
+        self.num_waiting = report.num_waiting
+        self.kv_cache_usage = kv
+
+    def add_expert_load(self, report: pals_pb2.ExpertLoadReport, gpu_index: int) -> None:
+        """Fold an expert-load report of one of this engine's GPUs into the window."""
+        validate.finite(report.window_s, "window_s", 0.0, 3600.0)
+        tokens = sum(sum(layer.tokens_per_expert) for layer in report.layers)
+        self.expert_load.tokens_by_gpu[gpu_index] = self.expert_load.tokens_by_gpu.get(gpu_index, 0) + tokens
+
+    def take_observation(self, elapsed_s: float) -> EngineObservation:
+        """The window as a controller observation; starts a new window."""
+        w, self.window = self.window, TelemetryWindow()
+        load, self.expert_load = self.expert_load, ExpertLoad()
+        # Rates over the daemon's own tick interval: robust to engines that report late or in bursts.
+        span_s = max(elapsed_s, 1e-9)
+        total_load = sum(load.tokens_by_gpu.values())
+        reg = self.registration
+        return EngineObservation(
+            engine_id=reg.engine_id,
+            model=reg.model,
+            gpu_indices=reg.gpu_indices,
+            configured_max_num_seqs=reg.max_num_seqs,
+            configured_max_num_batched_tokens=reg.max_num_batched_tokens,
+            window_s=elapsed_s if w.window_s > 0 else 0.0,
+            throughput_tokens_per_s=w.decode_tokens / span_s,
+            prefill_tokens=w.prefill_tokens,
+            decode_tokens=w.decode_tokens,
+            num_running=self.num_running,
+            num_waiting=self.num_waiting,
+            kv_cache_usage=self.kv_cache_usage,
+            busy_fraction=min(1.0, w.busy_s / span_s),
+            ttft_p90_ms=float(np.percentile(w.ttft_ms, 90)) if w.ttft_ms else None,
+            tpot_p90_ms=float(np.percentile(w.tpot_ms, 90)) if w.tpot_ms else None,
+            current_max_num_seqs=self.current_max_num_seqs,
+            expert_load_share={g: t / total_load for g, t in load.tokens_by_gpu.items()} if total_load else {},
+        )
+
+
+class EngineRegistry:
+    """Connected engines by id; refuses a second live session under the same id."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, EngineSession] = {}
+        self._ids = itertools.count(1)
+
+    def register(self, registration: EngineRegistration) -> EngineSession:
+        """Open a session; InvalidRequestError when the id is taken or a GPU belongs to another engine."""
+        if registration.engine_id in self._sessions:
+            raise InvalidRequestError(f"engine {registration.engine_id!r} is already connected")
+        for other in self._sessions.values():
+            shared = set(other.registration.gpu_indices) & set(registration.gpu_indices)
+            if shared:
+                raise InvalidRequestError(
+                    f"GPU(s) {sorted(shared)} already belong to engine {other.registration.engine_id!r}"
+                )
+        session = EngineSession(registration, f"s{next(self._ids)}")
+        self._sessions[registration.engine_id] = session
+        return session
+
+    def unregister(self, session: EngineSession) -> None:
+        """Close a session (only if it is still the live one under its id)."""
+        if self._sessions.get(session.registration.engine_id) is session:
+            del self._sessions[session.registration.engine_id]
+
+    def sessions(self) -> Iterable[EngineSession]:
+        """Live sessions, in registration order."""
+        return list(self._sessions.values())
+
+    def get(self, engine_id: str) -> EngineSession | None:
+        """The live session of an engine, if connected."""
+        return self._sessions.get(engine_id)
+
+    def engine_of_gpu(self, gpu_index: int) -> EngineSession | None:
+        """The engine running on a GPU, if any."""
+        for s in self._sessions.values():
+            if gpu_index in s.registration.gpu_indices:
+                return s
+        return None

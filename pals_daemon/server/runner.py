@@ -1,0 +1,145 @@
+"""Runs a Daemon as a service: gRPC on two Unix sockets, metrics, sd_notify, signals, orderly shutdown.
+
+Order at start (systemd's READY=1 only at the end): GPUs opened and state reconciled, sockets claimed and
+bound with their modes set, metrics served, first tick. Order at stop: stop accepting, finish the tick,
+restore every GPU's original limit, remove the sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import logging
+import os
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from pals_daemon.api import pals_pb2_grpc
+from pals_daemon.clock import Clock
+from pals_daemon.config import DaemonConfig
+from pals_daemon.control.config import ControllerConfig
+from pals_daemon.errors import ConfigError
+from pals_daemon.gpu.backend import GpuBackend
+from pals_daemon.metrics import Metrics
+from pals_daemon.model.profile import ProfileRegistry
+from pals_daemon.server.admin import PowerAdminServicer
+from pals_daemon.server.daemon import Daemon
+from pals_daemon.server.engine_link import EngineLinkServicer
+from pals_daemon.server.sdnotify import SystemdNotifier
+from pals_daemon.server.sockets import SocketPath
+
+log = logging.getLogger(__name__)
+
+ADMIN_SOCKET_MODE = 0o600  # root only: PowerAdmin changes GPU settings
+ENGINE_SOCKET_MODE = 0o660  # root and the engine group: telemetry in, batch limits out
+STOP_GRACE_S = 1.0
+
+
+class Runner:
+    """Wires a Daemon to its sockets, metrics endpoint and systemd."""
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        backend: GpuBackend,
+        profiles: ProfileRegistry,
+        clock: Clock,
+        controller_config: ControllerConfig | None = None,
+    ) -> None:
+        if config.engine_socket_group:
+            try:
+                grp.getgrnam(config.engine_socket_group)
+            except KeyError as exc:
+                raise ConfigError(
+                    [
+                        f"engine_socket_group: group {config.engine_socket_group!r} does not exist "
+                        '(create it, or set engine_socket_group = "")'
+                    ]
+                ) from exc
+        self.config = config
+        self.daemon = Daemon(config, backend, profiles, clock, controller_config)
+        self.metrics = Metrics(lambda: self.daemon.status)
+        self.daemon.on_tick.append(lambda d: self.metrics.observe_tick(d.last_tick_duration_s))
+        self.notifier = SystemdNotifier.from_environment()
+        self.metrics_port: int | None = None
+        self._admin_path = SocketPath(config.admin_socket_path)
+        self._engine_path = SocketPath(config.engine_socket_path)
+        self._servers: list[grpc.aio.Server] = []
+        self._health: list[HealthServicer] = []
+
+    async def start(self) -> None:
+        """Bring everything up; READY=1 is sent last."""
+        os.umask(0o077)  # sockets and files are private until given their mode explicitly
+        await self.daemon.start()
+        try:
+            await self._start_grpc()
+            if self.config.metrics_port:
+                self.metrics_port = self.metrics.serve(self.config.metrics_address, self.config.metrics_port)
+            await self.daemon.tick()
+        except BaseException:
+            await self.stop()
+            raise
+        if self.notifier:
+            self.notifier.ready()
+            self.notifier.status(f"controlling {len(self.daemon.gpus)} GPU(s), mode {self.config.mode}")
+        log.info(
+            "pals-daemon ready: %d GPU(s), backend %s, mode %s, admin %s, engines %s",
+            len(self.daemon.gpus),
+            self.daemon.backend.name,
+            self.config.mode,
+            self.config.admin_socket_path,
+            self.config.engine_socket_path,
+        )
+
+    async def _start_grpc(self) -> None:
+        admin = grpc.aio.server()
+        pals_pb2_grpc.add_PowerAdminServicer_to_server(PowerAdminServicer(self.daemon), admin)
+        engine = grpc.aio.server()
+        link = EngineLinkServicer(
+            self.daemon.engines, self.daemon.resolve_gpus, report_interval_s=self.config.period_s / 2
+        )
+        pals_pb2_grpc.add_EngineLinkServicer_to_server(link, engine)
+        for server, path, service in (
+            (admin, self._admin_path, "pals.v1.PowerAdmin"),
+            (engine, self._engine_path, "pals.v1.EngineLink"),
+        ):
+            health = HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(health, server)
+            await health.set("", health_pb2.HealthCheckResponse.SERVING)
+            await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            self._health.append(health)
+            path.claim()
+            server.add_insecure_port(path.grpc_address)
+            self._servers.append(server)
+            await server.start()
+        self._admin_path.restrict(ADMIN_SOCKET_MODE)
+        self._engine_path.restrict(ENGINE_SOCKET_MODE, self.config.engine_socket_group)
+
+    async def run(self) -> None:
+        """Run the control loop until SIGTERM/SIGINT or request_stop(), then shut down."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.daemon.request_stop)
+        try:
+            await self.daemon.run(watchdog=self.notifier.watchdog if self.notifier else None)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Stop serving, restore GPU limits, remove sockets (idempotent)."""
+        if self.notifier:
+            self.notifier.stopping()
+        for health in self._health:
+            await health.enter_graceful_shutdown()
+        await asyncio.gather(*(s.stop(STOP_GRACE_S) for s in self._servers))
+        self._servers.clear()
+        self._health.clear()
+        await self.daemon.close()
+        self._admin_path.release()
+        self._engine_path.release()
+        self.metrics.close()

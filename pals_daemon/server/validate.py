@@ -1,0 +1,53 @@
+"""Validation of every field that arrives over gRPC: proto doubles accept NaN and Inf, so check them all."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from pals_daemon.control.types import EngineTargets
+from pals_daemon.errors import InvalidRequestError
+
+ENGINE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+MAX_MODEL_NAME_CHARS = 256
+# Far above any real engine (vLLM's largest documented max_num_seqs is 1024-ish); a guard against garbage.
+MAX_NUM_SEQS = 1 << 16
+MAX_NUM_BATCHED_TOKENS = 1 << 24
+MAX_RAMP_S = 86_400.0
+MAX_TARGET_TOKENS_PER_S = 1e9
+MAX_SLO_MS = 3_600_000.0
+MAX_FINISHED_PER_REPORT = 100_000
+
+
+def finite(value: float, name: str, low: float = -math.inf, high: float = math.inf) -> float:
+    """``value`` if finite and within [low, high], else InvalidRequestError naming the field."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise InvalidRequestError(f"{name} must be a finite number, got {value!r}")
+    if not low <= value <= high:
+        raise InvalidRequestError(f"{name} must be within [{low:g}, {high:g}], got {value:g}")
+    return float(value)
+
+
+def engine_id(value: str) -> str:
+    """A well-formed engine id (letters, digits, '.', '_', ':', '-'; at most 64 characters)."""
+    if not ENGINE_ID_PATTERN.fullmatch(value):
+        raise InvalidRequestError(
+            f"engine_id {value!r} is not 1-64 characters of letters, digits, '.', '_', ':' or '-'"
+        )
+    return value
+
+
+def targets(tokens_per_s: float | None, ttft_ms: float | None, tpot_ms: float | None) -> EngineTargets:
+    """Validated engine targets (each optional, each finite and > 0)."""
+    return EngineTargets(
+        tokens_per_s=None if tokens_per_s is None else _positive(tokens_per_s, "tokens_per_s", MAX_TARGET_TOKENS_PER_S),
+        ttft_ms=None if ttft_ms is None else _positive(ttft_ms, "ttft_ms", MAX_SLO_MS),
+        tpot_ms=None if tpot_ms is None else _positive(tpot_ms, "tpot_ms", MAX_SLO_MS),
+    )
+
+
+def _positive(value: float, name: str, high: float) -> float:
+    value = finite(value, name, 0.0, high)
+    if value <= 0:
+        raise InvalidRequestError(f"{name} must be > 0, got {value:g}")
+    return value
