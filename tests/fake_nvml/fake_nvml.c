@@ -1,0 +1,709 @@
+/*
+ * A fake libnvidia-ml.so.1 for tests: the NVML C API subset pals-daemon uses, with the real signatures
+ * (nvml.h), driven by a plain-text state file so that pynvml's real ctypes path runs without a GPU.
+ *
+ * State: the file named by $FAKE_NVML_STATE (captured at nvmlInit) is re-read under flock(LOCK_EX) on every
+ * call and written back when a call changes it, so separate processes (a daemon subprocess and the test that
+ * started it) see one machine. Format, one entry per line ('#' starts a comment):
+ *     count <n>                              number of GPUs (indices 0..n-1)
+ *     nonroot <0|1>                          1: every SetPowerManagementLimit gets NO_PERMISSION
+ *     fail <function> <code> [times]         every call of <function> returns <code> (times > 0: that many
+ *                                            calls, then the fault clears itself)
+ *     gpu <i> <key> <value>                  keys: name uuid min_mw max_mw default_mw limit_mw
+ *                                            external_limit_mw|none power_mw instant_power_mw|none energy_mj
+ *                                            energy_step_mj sm_clock_mhz clock_event_reasons
+ *     gpu <i> fail <function> <code> [times] as above, for GPU i only
+ * Model: enforced limit = min(limit_mw, external_limit_mw); reported average power = min(power_mw, enforced)
+ * and the SW-power-cap reason bit is added while power_mw > enforced; each energy read returns energy_mj and
+ * then advances it by energy_step_mj.
+ *
+ * Log: every setter, nvmlInitWithFlags and nvmlShutdown call appends one line to $FAKE_NVML_LOG (if set),
+ * e.g. "nvmlDeviceSetPowerManagementLimit 0 250000 rc=0".
+ *
+ * It fails loudly: an unknown key, a malformed number or a missing required GPU key makes every call return
+ * NVML_ERROR_UNKNOWN with a message on stderr; functions it does not model are absent (pynvml then raises
+ * NVML_ERROR_FUNCTION_NOT_FOUND); clock types and field ids it does not model are NOT_SUPPORTED.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* nvmlReturn_t values (nvml.h). */
+typedef int nvmlReturn_t;
+#define NVML_SUCCESS 0
+#define NVML_ERROR_UNINITIALIZED 1
+#define NVML_ERROR_INVALID_ARGUMENT 2
+#define NVML_ERROR_NOT_SUPPORTED 3
+#define NVML_ERROR_NO_PERMISSION 4
+#define NVML_ERROR_INSUFFICIENT_SIZE 7
+#define NVML_ERROR_DRIVER_NOT_LOADED 9
+#define NVML_ERROR_GPU_IS_LOST 15
+#define NVML_ERROR_RESET_REQUIRED 16
+#define NVML_ERROR_UNKNOWN 999
+
+/* nvmlClockType_t NVML_CLOCK_SM (nvml.h). */
+#define NVML_CLOCK_SM 1
+/* nvmlValueType_t NVML_VALUE_TYPE_UNSIGNED_INT (nvml.h). */
+#define NVML_VALUE_TYPE_UNSIGNED_INT 1
+/* #define NVML_FI_DEV_POWER_INSTANT 186 (nvml.h). */
+#define NVML_FI_DEV_POWER_INSTANT 186
+/* nvmlClocksEventReasonSwPowerCap 0x0000000000000004ULL (nvml.h). */
+#define CLOCKS_EVENT_REASON_SW_POWER_CAP 0x4ULL
+
+typedef struct nvmlDevice_st {
+    unsigned int index;
+} *nvmlDevice_t;
+
+/* nvmlValue_t and nvmlFieldValue_t as in nvml.h (and pynvml's c_nvmlFieldValue_t). */
+typedef union {
+    double dVal;
+    unsigned int uiVal;
+    unsigned long ulVal;
+    unsigned long long ullVal;
+    signed long long sllVal;
+    signed int siVal;
+    unsigned short usVal;
+} nvmlValue_t;
+
+typedef struct {
+    unsigned int fieldId;
+    unsigned int scopeId;
+    long long timestamp;
+    long long latencyUsec;
+    int valueType;
+    nvmlReturn_t nvmlReturn;
+    nvmlValue_t value;
+} nvmlFieldValue_t;
+
+#define MAX_GPUS 16
+#define MAX_FAULTS 64
+#define TEXT_LEN 96
+#define FILE_MAX 65536
+#define NONE (-1LL)
+
+typedef struct {
+    char fn[64];
+    int gpu; /* -1: every GPU / global */
+    int code;
+    int times; /* 0: forever */
+} fault_t;
+
+typedef struct {
+    char name[TEXT_LEN];
+    char uuid[TEXT_LEN];
+    long long min_mw, max_mw, default_mw, limit_mw, external_limit_mw;
+    long long power_mw, instant_power_mw;
+    long long energy_mj, energy_step_mj;
+    long long sm_clock_mhz;
+    long long clock_event_reasons;
+    unsigned seen; /* bitmask of required keys present */
+} gpu_t;
+
+typedef struct {
+    int count;
+    int nonroot;
+    gpu_t gpus[MAX_GPUS];
+    int nfaults;
+    fault_t faults[MAX_FAULTS];
+} state_t;
+
+/* Every function the fake implements: a fault may only name one of these (a typo fails loudly). */
+static const char *const IMPLEMENTED[] = {
+    "nvmlInitWithFlags", "nvmlShutdown", "nvmlDeviceGetCount_v2", "nvmlDeviceGetHandleByIndex_v2",
+    "nvmlDeviceGetName", "nvmlDeviceGetUUID", "nvmlDeviceGetIndex",
+    "nvmlDeviceGetPowerManagementLimitConstraints", "nvmlDeviceGetPowerManagementDefaultLimit",
+    "nvmlDeviceGetPowerManagementLimit", "nvmlDeviceGetEnforcedPowerLimit", "nvmlDeviceGetPowerUsage",
+    "nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetFieldValues", "nvmlDeviceGetClockInfo",
+    "nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons",
+    "nvmlDeviceSetPowerManagementLimit", NULL,
+};
+
+enum { K_NAME = 1, K_UUID = 2, K_MIN = 4, K_MAX = 8, K_DEFAULT = 16, K_LIMIT = 32, K_REQUIRED = 63 };
+
+static pthread_mutex_t g_mutex = PTHREAD_MUTEX_INITIALIZER;
+static int g_init_count;
+static char g_state_path[4096];
+static char g_log_path[4096];
+static state_t S;
+static struct nvmlDevice_st g_handles[MAX_GPUS];
+
+static void complain(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("fake_nvml: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+static void log_call(const char *fmt, ...) {
+    char line[512];
+    const char *path = g_log_path[0] ? g_log_path : getenv("FAKE_NVML_LOG");
+    va_list ap;
+    int n, fd;
+    if (!path || !path[0]) return;
+    va_start(ap, fmt);
+    n = vsnprintf(line, sizeof line - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0) return;
+    if (n > (int)sizeof line - 2) n = (int)sizeof line - 2;
+    line[n++] = '\n';
+    /* One O_APPEND write per line keeps lines whole across processes. */
+    fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        complain("cannot open log %s: %s", path, strerror(errno));
+        return;
+    }
+    if (write(fd, line, (size_t)n) != n) complain("short write to log %s", path);
+    close(fd);
+}
+
+static int is_implemented(const char *fn) {
+    for (int i = 0; IMPLEMENTED[i]; i++)
+        if (strcmp(IMPLEMENTED[i], fn) == 0) return 1;
+    return 0;
+}
+
+static int parse_ll(const char *text, long long *out) {
+    char *end;
+    if (!text || !*text) return -1;
+    errno = 0;
+    *out = strtoll(text, &end, 0);
+    return (errno || *end) ? -1 : 0;
+}
+
+/* "none" (absent) or a number. */
+static int parse_opt(const char *text, long long *out) {
+    if (text && strcmp(text, "none") == 0) {
+        *out = NONE;
+        return 0;
+    }
+    return parse_ll(text, out);
+}
+
+static int parse_fault(char **tok, int ntok, int gpu, int lineno) {
+    fault_t *f;
+    long long code, times = 0;
+    if (ntok < 2 || ntok > 3 || parse_ll(tok[1], &code) || (ntok == 3 && parse_ll(tok[2], &times)) ||
+        times < 0) {
+        complain("%s:%d: expected 'fail <function> <code> [times]'", g_state_path, lineno);
+        return -1;
+    }
+    if (!is_implemented(tok[0])) {
+        complain("%s:%d: fault for '%s', which the fake does not implement", g_state_path, lineno, tok[0]);
+        return -1;
+    }
+    if (S.nfaults >= MAX_FAULTS) {
+        complain("%s:%d: more than %d faults", g_state_path, lineno, MAX_FAULTS);
+        return -1;
+    }
+    f = &S.faults[S.nfaults++];
+    snprintf(f->fn, sizeof f->fn, "%s", tok[0]);
+    f->gpu = gpu;
+    f->code = (int)code;
+    f->times = (int)times;
+    return 0;
+}
+
+static int set_text(char *dst, const char *value, int lineno) {
+    if (strlen(value) >= TEXT_LEN) {
+        complain("%s:%d: value longer than %d characters", g_state_path, lineno, TEXT_LEN - 1);
+        return -1;
+    }
+    strcpy(dst, value);
+    return 0;
+}
+
+static int parse_gpu_key(gpu_t *g, const char *key, char *rest, int lineno) {
+    struct {
+        const char *key;
+        long long *field;
+        unsigned bit;
+        int optional;
+    } nums[] = {
+        {"min_mw", &g->min_mw, K_MIN, 0},
+        {"max_mw", &g->max_mw, K_MAX, 0},
+        {"default_mw", &g->default_mw, K_DEFAULT, 0},
+        {"limit_mw", &g->limit_mw, K_LIMIT, 0},
+        {"external_limit_mw", &g->external_limit_mw, 0, 1},
+        {"power_mw", &g->power_mw, 0, 0},
+        {"instant_power_mw", &g->instant_power_mw, 0, 1},
+        {"energy_mj", &g->energy_mj, 0, 0},
+        {"energy_step_mj", &g->energy_step_mj, 0, 0},
+        {"sm_clock_mhz", &g->sm_clock_mhz, 0, 0},
+        {"clock_event_reasons", &g->clock_event_reasons, 0, 0},
+    };
+    if (strcmp(key, "name") == 0) {
+        g->seen |= K_NAME;
+        return set_text(g->name, rest, lineno);
+    }
+    if (strcmp(key, "uuid") == 0) {
+        g->seen |= K_UUID;
+        return set_text(g->uuid, rest, lineno);
+    }
+    for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
+        if (strcmp(key, nums[i].key) != 0) continue;
+        if ((nums[i].optional ? parse_opt(rest, nums[i].field) : parse_ll(rest, nums[i].field)) ||
+            (*nums[i].field < 0 && !(nums[i].optional && *nums[i].field == NONE))) {
+            complain("%s:%d: bad value '%s' for %s", g_state_path, lineno, rest, key);
+            return -1;
+        }
+        g->seen |= nums[i].bit;
+        return 0;
+    }
+    complain("%s:%d: unknown GPU key '%s'", g_state_path, lineno, key);
+    return -1;
+}
+
+/* Splits at most max tokens on spaces; the last token keeps the rest of the line (names have spaces). */
+static int split(char *line, char **tok, int max) {
+    int n = 0;
+    while (*line && n < max) {
+        while (*line == ' ' || *line == '\t') line++;
+        if (!*line) break;
+        tok[n++] = line;
+        if (n == max) break;
+        while (*line && *line != ' ' && *line != '\t') line++;
+        if (*line) *line++ = '\0';
+    }
+    if (n) { /* trim the trailing blanks of the last token */
+        char *end = tok[n - 1] + strlen(tok[n - 1]);
+        while (end > tok[n - 1] && (end[-1] == ' ' || end[-1] == '\t' || end[-1] == '\r')) *--end = '\0';
+    }
+    return n;
+}
+
+static int parse_state(char *text) {
+    int lineno = 0;
+    long long count = -1, value;
+    char *save = NULL, *line;
+    memset(&S, 0, sizeof S);
+    for (int i = 0; i < MAX_GPUS; i++) {
+        S.gpus[i].external_limit_mw = NONE;
+        S.gpus[i].instant_power_mw = NONE;
+    }
+    for (line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        char *tok[4];
+        int n;
+        lineno++;
+        /* At most 4 tokens: "gpu <i> <key> <value with spaces>" or "fail <function> <code> <times>". */
+        n = split(line, tok, 4);
+        if (n == 0 || tok[0][0] == '#') continue;
+        if (strcmp(tok[0], "count") == 0 && n == 2 && parse_ll(tok[1], &count) == 0) {
+            if (count < 0 || count > MAX_GPUS) {
+                complain("%s:%d: count must be 0..%d", g_state_path, lineno, MAX_GPUS);
+                return -1;
+            }
+        } else if (strcmp(tok[0], "nonroot") == 0 && n == 2 && parse_ll(tok[1], &value) == 0) {
+            S.nonroot = value != 0;
+        } else if (strcmp(tok[0], "fail") == 0) {
+            if (parse_fault(tok + 1, n - 1, -1, lineno)) return -1;
+        } else if (strcmp(tok[0], "gpu") == 0) {
+            if (n != 4 || parse_ll(tok[1], &value) || value < 0 || value >= MAX_GPUS) {
+                complain("%s:%d: expected 'gpu <index> <key> <value>'", g_state_path, lineno);
+                return -1;
+            }
+            if (strcmp(tok[2], "fail") == 0) {
+                char *ftok[4];
+                int fn = split(tok[3], ftok, 4);
+                if (parse_fault(ftok, fn, (int)value, lineno)) return -1;
+            } else if (parse_gpu_key(&S.gpus[value], tok[2], tok[3], lineno)) {
+                return -1;
+            }
+        } else {
+            complain("%s:%d: unknown entry '%s'", g_state_path, lineno, tok[0]);
+            return -1;
+        }
+    }
+    if (count < 0) {
+        complain("%s: no 'count' line", g_state_path);
+        return -1;
+    }
+    S.count = (int)count;
+    for (int i = 0; i < S.count; i++) {
+        if ((S.gpus[i].seen & K_REQUIRED) != K_REQUIRED) {
+            complain("%s: GPU %d lacks one of name, uuid, min_mw, max_mw, default_mw, limit_mw", g_state_path, i);
+            return -1;
+        }
+    }
+    for (int i = 0; i < S.nfaults; i++) {
+        if (S.faults[i].gpu >= S.count) {
+            complain("%s: fault for GPU %d, but count is %d", g_state_path, S.faults[i].gpu, S.count);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+#define EMIT(...)                                                                    \
+    do {                                                                             \
+        int n_ = snprintf(buf + len, sizeof buf - len, __VA_ARGS__);                 \
+        if (n_ < 0 || (size_t)n_ >= sizeof buf - len) return -1;                     \
+        len += (size_t)n_;                                                           \
+    } while (0)
+
+static int emit_opt(char *out, size_t size, long long value) {
+    return value == NONE ? snprintf(out, size, "none") : snprintf(out, size, "%lld", value);
+}
+
+static int write_state(int fd) {
+    static char buf[FILE_MAX];
+    size_t len = 0;
+    EMIT("# fake NVML state (rewritten by fake_nvml.c)\ncount %d\nnonroot %d\n", S.count, S.nonroot);
+    for (int i = 0; i < S.nfaults; i++) {
+        const fault_t *f = &S.faults[i];
+        if (f->gpu >= 0) continue;
+        EMIT(f->times ? "fail %s %d %d\n" : "fail %s %d\n", f->fn, f->code, f->times);
+    }
+    for (int i = 0; i < S.count; i++) {
+        const gpu_t *g = &S.gpus[i];
+        char ext[32], inst[32];
+        emit_opt(ext, sizeof ext, g->external_limit_mw);
+        emit_opt(inst, sizeof inst, g->instant_power_mw);
+        EMIT("gpu %d name %s\ngpu %d uuid %s\n", i, g->name, i, g->uuid);
+        EMIT("gpu %d min_mw %lld\ngpu %d max_mw %lld\ngpu %d default_mw %lld\n", i, g->min_mw, i, g->max_mw, i,
+             g->default_mw);
+        EMIT("gpu %d limit_mw %lld\ngpu %d external_limit_mw %s\n", i, g->limit_mw, i, ext);
+        EMIT("gpu %d power_mw %lld\ngpu %d instant_power_mw %s\n", i, g->power_mw, i, inst);
+        EMIT("gpu %d energy_mj %lld\ngpu %d energy_step_mj %lld\n", i, g->energy_mj, i, g->energy_step_mj);
+        EMIT("gpu %d sm_clock_mhz %lld\ngpu %d clock_event_reasons %lld\n", i, g->sm_clock_mhz, i,
+             g->clock_event_reasons);
+        for (int j = 0; j < S.nfaults; j++) {
+            const fault_t *f = &S.faults[j];
+            if (f->gpu != i) continue;
+            EMIT(f->times ? "gpu %d fail %s %d %d\n" : "gpu %d fail %s %d\n", i, f->fn, f->code, f->times);
+        }
+    }
+    if (ftruncate(fd, 0) != 0 || pwrite(fd, buf, len, 0) != (ssize_t)len) return -1;
+    return 0;
+}
+
+/* One call's hold on the state: the process mutex plus flock on the state file. */
+typedef struct {
+    int fd;
+    int dirty;
+    int locked;
+} session_t;
+
+static nvmlReturn_t load(session_t *s) {
+    static char buf[FILE_MAX];
+    ssize_t n;
+    s->fd = open(g_state_path, O_RDWR | O_CLOEXEC);
+    if (s->fd < 0) {
+        complain("cannot open state %s: %s", g_state_path, strerror(errno));
+        return NVML_ERROR_UNKNOWN;
+    }
+    if (flock(s->fd, LOCK_EX) != 0) {
+        complain("cannot lock state %s: %s", g_state_path, strerror(errno));
+        return NVML_ERROR_UNKNOWN;
+    }
+    n = pread(s->fd, buf, sizeof buf - 1, 0);
+    if (n < 0 || n >= (ssize_t)sizeof buf - 1) {
+        complain("cannot read state %s (or larger than %d bytes)", g_state_path, FILE_MAX - 2);
+        return NVML_ERROR_UNKNOWN;
+    }
+    buf[n] = '\0';
+    return parse_state(buf) == 0 ? NVML_SUCCESS : NVML_ERROR_UNKNOWN;
+}
+
+/* The injected fault for (fn, gpu), counting it down; NVML_SUCCESS when none. */
+static nvmlReturn_t take_fault(session_t *s, const char *fn, int gpu) {
+    for (int pass = 0; pass < 2; pass++) {
+        int want = pass == 0 ? gpu : -1;
+        for (int i = 0; i < S.nfaults; i++) {
+            fault_t *f = &S.faults[i];
+            if (f->gpu != want || strcmp(f->fn, fn) != 0) continue;
+            nvmlReturn_t code = f->code;
+            if (f->times > 0) { /* a counted fault: count it down, drop it at zero, persist */
+                s->dirty = 1;
+                if (--f->times == 0) {
+                    memmove(f, f + 1, sizeof *f * (size_t)(S.nfaults - i - 1));
+                    S.nfaults--;
+                }
+            }
+            return code;
+        }
+        if (gpu < 0) break;
+    }
+    return NVML_SUCCESS;
+}
+
+/* Start of every call: lock, check init, load state, resolve the device, apply faults. */
+static nvmlReturn_t enter(session_t *s, const char *fn, nvmlDevice_t device, int *index) {
+    nvmlReturn_t rc;
+    s->fd = -1;
+    s->dirty = 0;
+    s->locked = 1;
+    pthread_mutex_lock(&g_mutex);
+    if (g_init_count == 0) return NVML_ERROR_UNINITIALIZED;
+    if ((rc = load(s)) != NVML_SUCCESS) return rc;
+    *index = -1;
+    if (device) {
+        if (device < g_handles || device >= g_handles + MAX_GPUS || (int)device->index >= S.count)
+            return NVML_ERROR_INVALID_ARGUMENT;
+        *index = (int)device->index;
+    }
+    return take_fault(s, fn, *index);
+}
+
+static nvmlReturn_t leave(session_t *s, nvmlReturn_t rc) {
+    if (s->fd >= 0) {
+        if (s->dirty && write_state(s->fd) != 0) {
+            complain("cannot write state %s", g_state_path);
+            if (rc == NVML_SUCCESS) rc = NVML_ERROR_UNKNOWN;
+        }
+        close(s->fd); /* releases the flock */
+    }
+    if (s->locked) pthread_mutex_unlock(&g_mutex);
+    return rc;
+}
+
+static long long enforced_mw(const gpu_t *g) {
+    if (g->external_limit_mw != NONE && g->external_limit_mw < g->limit_mw) return g->external_limit_mw;
+    return g->limit_mw;
+}
+
+/* Test hook (not NVML): forget init state between tests that share the loaded library. */
+void fakeNvmlReset(void) {
+    pthread_mutex_lock(&g_mutex);
+    g_init_count = 0;
+    g_state_path[0] = '\0';
+    g_log_path[0] = '\0';
+    pthread_mutex_unlock(&g_mutex);
+}
+
+nvmlReturn_t nvmlInitWithFlags(unsigned int flags) {
+    session_t s = {-1, 0, 1};
+    nvmlReturn_t rc;
+    const char *state = getenv("FAKE_NVML_STATE");
+    const char *logp = getenv("FAKE_NVML_LOG");
+    pthread_mutex_lock(&g_mutex);
+    snprintf(g_log_path, sizeof g_log_path, "%s", logp ? logp : "");
+    if (!state || !state[0]) {
+        complain("FAKE_NVML_STATE is not set");
+        rc = NVML_ERROR_DRIVER_NOT_LOADED;
+    } else {
+        snprintf(g_state_path, sizeof g_state_path, "%s", state);
+        rc = load(&s);
+        if (rc == NVML_SUCCESS) rc = take_fault(&s, "nvmlInitWithFlags", -1);
+        if (rc == NVML_SUCCESS) g_init_count++;
+    }
+    rc = leave(&s, rc);
+    log_call("nvmlInitWithFlags %u rc=%d", flags, rc);
+    return rc;
+}
+
+nvmlReturn_t nvmlInit_v2(void) { return nvmlInitWithFlags(0); }
+
+nvmlReturn_t nvmlShutdown(void) {
+    session_t s;
+    int index;
+    nvmlReturn_t rc = enter(&s, "nvmlShutdown", NULL, &index);
+    if (rc == NVML_SUCCESS) g_init_count--;
+    rc = leave(&s, rc);
+    log_call("nvmlShutdown rc=%d", rc);
+    return rc;
+}
+
+const char *nvmlErrorString(nvmlReturn_t result) {
+    /* Strings as nvmlErrorString documents them (nvml.h). */
+    switch (result) {
+    case NVML_SUCCESS: return "Success";
+    case NVML_ERROR_UNINITIALIZED: return "Uninitialized";
+    case NVML_ERROR_INVALID_ARGUMENT: return "Invalid Argument";
+    case NVML_ERROR_NOT_SUPPORTED: return "Not Supported";
+    case NVML_ERROR_NO_PERMISSION: return "Insufficient Permissions";
+    case NVML_ERROR_DRIVER_NOT_LOADED: return "Driver Not Loaded";
+    case NVML_ERROR_INSUFFICIENT_SIZE: return "Insufficient Size";
+    case NVML_ERROR_GPU_IS_LOST: return "GPU is lost";
+    case NVML_ERROR_RESET_REQUIRED: return "GPU requires restart";
+    default: return "Unknown Error (fake_nvml)";
+    }
+}
+
+nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count) {
+    session_t s;
+    int index;
+    nvmlReturn_t rc = enter(&s, __func__, NULL, &index);
+    if (rc == NVML_SUCCESS) {
+        if (!count) rc = NVML_ERROR_INVALID_ARGUMENT;
+        else *count = (unsigned)S.count;
+    }
+    return leave(&s, rc);
+}
+
+nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int idx, nvmlDevice_t *device) {
+    session_t s;
+    int index;
+    nvmlReturn_t rc = enter(&s, __func__, NULL, &index);
+    if (rc == NVML_SUCCESS) rc = take_fault(&s, __func__, idx < MAX_GPUS ? (int)idx : -1);
+    if (rc == NVML_SUCCESS) {
+        if (!device || idx >= (unsigned)S.count) {
+            rc = NVML_ERROR_INVALID_ARGUMENT;
+        } else {
+            g_handles[idx].index = idx;
+            *device = &g_handles[idx];
+        }
+    }
+    return leave(&s, rc);
+}
+
+static nvmlReturn_t copy_text(const char *text, char *out, unsigned int length) {
+    if (!out) return NVML_ERROR_INVALID_ARGUMENT;
+    if (strlen(text) + 1 > length) return NVML_ERROR_INSUFFICIENT_SIZE;
+    strcpy(out, text);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int length) {
+    session_t s;
+    int i;
+    nvmlReturn_t rc = enter(&s, __func__, device, &i);
+    if (rc == NVML_SUCCESS) rc = copy_text(S.gpus[i].name, name, length);
+    return leave(&s, rc);
+}
+
+nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length) {
+    session_t s;
+    int i;
+    nvmlReturn_t rc = enter(&s, __func__, device, &i);
+    if (rc == NVML_SUCCESS) rc = copy_text(S.gpus[i].uuid, uuid, length);
+    return leave(&s, rc);
+}
+
+/* A getter of one unsigned int: the common shape of most calls below. */
+#define UINT_GETTER(fn, expr)                                         \
+    nvmlReturn_t fn(nvmlDevice_t device, unsigned int *out) {         \
+        session_t s;                                                  \
+        int i;                                                        \
+        nvmlReturn_t rc = enter(&s, #fn, device, &i);                 \
+        if (rc == NVML_SUCCESS) {                                     \
+            const gpu_t *g = &S.gpus[i];                              \
+            (void)g;                                                  \
+            if (!out) rc = NVML_ERROR_INVALID_ARGUMENT;               \
+            else *out = (unsigned int)(expr);                         \
+        }                                                             \
+        return leave(&s, rc);                                         \
+    }
+
+UINT_GETTER(nvmlDeviceGetIndex, i)
+UINT_GETTER(nvmlDeviceGetPowerManagementDefaultLimit, g->default_mw)
+UINT_GETTER(nvmlDeviceGetPowerManagementLimit, g->limit_mw)
+UINT_GETTER(nvmlDeviceGetEnforcedPowerLimit, enforced_mw(g))
+UINT_GETTER(nvmlDeviceGetPowerUsage, g->power_mw < enforced_mw(g) ? g->power_mw : enforced_mw(g))
+
+nvmlReturn_t nvmlDeviceGetPowerManagementLimitConstraints(nvmlDevice_t device, unsigned int *min_mw,
+                                                          unsigned int *max_mw) {
+    session_t s;
+    int i;
+    nvmlReturn_t rc = enter(&s, __func__, device, &i);
+    if (rc == NVML_SUCCESS) {
+        if (!min_mw || !max_mw) {
+            rc = NVML_ERROR_INVALID_ARGUMENT;
+        } else {
+            *min_mw = (unsigned)S.gpus[i].min_mw;
+            *max_mw = (unsigned)S.gpus[i].max_mw;
+        }
+    }
+    return leave(&s, rc);
+}
+
+nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t device, unsigned long long *energy_mj) {
+    session_t s;
+    int i;
+    nvmlReturn_t rc = enter(&s, __func__, device, &i);
+    if (rc == NVML_SUCCESS) {
+        if (!energy_mj) {
+            rc = NVML_ERROR_INVALID_ARGUMENT;
+        } else {
+            *energy_mj = (unsigned long long)S.gpus[i].energy_mj;
+            if (S.gpus[i].energy_step_mj) {
+                S.gpus[i].energy_mj += S.gpus[i].energy_step_mj;
+                s.dirty = 1;
+            }
+        }
+    }
+    return leave(&s, rc);
+}
+
+nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t device, int valuesCount, nvmlFieldValue_t *values) {
+    session_t s;
+    int i;
+    nvmlReturn_t rc = enter(&s, __func__, device, &i);
+    if (rc == NVML_SUCCESS && (!values || valuesCount < 0)) rc = NVML_ERROR_INVALID_ARGUMENT;
+    for (int k = 0; rc == NVML_SUCCESS && k < valuesCount; k++) {
+        nvmlFieldValue_t *v = &values[k];
+        v->timestamp = 0;
+        v->latencyUsec = 0;
+        if (v->fieldId == NVML_FI_DEV_POWER_INSTANT && S.gpus[i].instant_power_mw != NONE) {
+            v->valueType = NVML_VALUE_TYPE_UNSIGNED_INT;
+            v->nvmlReturn = NVML_SUCCESS;
+            v->value.uiVal = (unsigned)S.gpus[i].instant_power_mw;
+        } else {
+            v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED; /* per-field failure, as NVML reports it */
+        }
+    }
+    return leave(&s, rc);
+}
+
+nvmlReturn_t nvmlDeviceGetClockInfo(nvmlDevice_t device, int type, unsigned int *clock_mhz) {
+    session_t s;
+    int i;
+    nvmlReturn_t rc = enter(&s, __func__, device, &i);
+    if (rc == NVML_SUCCESS) {
+        if (!clock_mhz) rc = NVML_ERROR_INVALID_ARGUMENT;
+        else if (type != NVML_CLOCK_SM) rc = NVML_ERROR_NOT_SUPPORTED; /* only the SM clock is modelled */
+        else *clock_mhz = (unsigned)S.gpus[i].sm_clock_mhz;
+    }
+    return leave(&s, rc);
+}
+
+static nvmlReturn_t reasons(const char *fn, nvmlDevice_t device, unsigned long long *out) {
+    session_t s;
+    int i;
+    nvmlReturn_t rc = enter(&s, fn, device, &i);
+    if (rc == NVML_SUCCESS) {
+        const gpu_t *g = &S.gpus[i];
+        if (!out) rc = NVML_ERROR_INVALID_ARGUMENT;
+        else
+            *out = (unsigned long long)g->clock_event_reasons |
+                   (g->power_mw > enforced_mw(g) ? CLOCKS_EVENT_REASON_SW_POWER_CAP : 0);
+    }
+    return leave(&s, rc);
+}
+
+nvmlReturn_t nvmlDeviceGetCurrentClocksEventReasons(nvmlDevice_t device, unsigned long long *out) {
+    return reasons(__func__, device, out);
+}
+
+nvmlReturn_t nvmlDeviceGetCurrentClocksThrottleReasons(nvmlDevice_t device, unsigned long long *out) {
+    return reasons(__func__, device, out);
+}
+
+nvmlReturn_t nvmlDeviceSetPowerManagementLimit(nvmlDevice_t device, unsigned int limit_mw) {
+    session_t s;
+    int i = -1;
+    nvmlReturn_t rc = enter(&s, __func__, device, &i);
+    if (rc == NVML_SUCCESS) {
+        gpu_t *g = &S.gpus[i];
+        if (S.nonroot) {
+            rc = NVML_ERROR_NO_PERMISSION;
+        } else if ((long long)limit_mw < g->min_mw || (long long)limit_mw > g->max_mw) {
+            rc = NVML_ERROR_INVALID_ARGUMENT;
+        } else {
+            g->limit_mw = limit_mw;
+            s.dirty = 1;
+        }
+    }
+    rc = leave(&s, rc);
+    if (i >= 0) log_call("nvmlDeviceSetPowerManagementLimit %d %u rc=%d", i, limit_mw, rc);
+    else log_call("nvmlDeviceSetPowerManagementLimit ? %u rc=%d", limit_mw, rc);
+    return rc;
+}
