@@ -1,0 +1,102 @@
+"""Tuning of the controller core: period, cap grid, hysteresis, feedback gains. Frozen and validated."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pals_daemon.errors import ConfigError
+
+# Batch limits the controller considers (the engine's configured maximum is always added). Dense at the
+# small end where throughput moves most per step; the A100 sweep measures 1, 4, 8, 32, 64.
+DEFAULT_CANDIDATE_BATCHES: tuple[int, ...] = (
+    1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Controller tuning; every field validated in ``__post_init__`` (all problems reported at once)."""
+
+    # Control period (PALS paper, arXiv 2605.21427: 500 ms). The core reads no clock; the daemon ticks.
+    period_s: float = 0.5
+    # Cap grid step. The paper sweeps 50 W steps; 25 W halves the quantisation at little cost.
+    cap_step_w: float = 25.0
+    # Relative hysteresis (PALS paper: a change is applied only when the error stays above 5%).
+    hysteresis: float = 0.05
+    # With no throughput target: required = observed throughput x headroom (modelled choice).
+    demand_headroom: float = 1.2
+    # With no target and a growing queue: required >= current predicted capacity x (1 + boost).
+    queue_boost: float = 0.25
+    # EWMA weight of a new measured/predicted ratio sample (modelled; closed-loop test in
+    # tests/control/test_core.py converges within 10 ticks against a 15% model error).
+    ratio_ewma_alpha: float = 0.3
+    # Clamp of the measured/predicted ratios: a profile off by more than this is a wrong profile.
+    ratio_min: float = 0.5
+    ratio_max: float = 1.5
+    # Integral term on the relative throughput error vs target (per saturated window), and its clamp.
+    integral_gain: float = 0.5
+    integral_max: float = 0.3
+    # A window below target counts as at least this relative error, so that a small persistent miss
+    # inside the hysteresis band still integrates out (in about hysteresis / (gain x this) windows).
+    integral_min_error: float = 0.01
+    # TTFT SLO feedback: required throughput grows by this fraction per violating window, up to max.
+    ttft_boost_step: float = 0.1
+    ttft_boost_max: float = 2.0
+    # A window is comparable with the model (feeds the ratios) when the engine was busy at least this
+    # fraction of it and either had a queue or ran at least this fraction of its batch limit.
+    saturation_busy_fraction: float = 0.9
+    saturation_running_fraction: float = 0.9
+    candidate_batches: tuple[int, ...] = DEFAULT_CANDIDATE_BATCHES
+    # GPU kind passed to ProfileRegistry.find (e.g. "A100-SXM4"); None accepts any profile for the model.
+    gpu_kind: str | None = None
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                problems.append(f"{name} must be a finite number, got {value!r}")
+            elif value <= 0:
+                problems.append(f"{name} must be > 0, got {value!r}")
+
+        def fraction(name: str, lo_open: bool = False, hi: float = 1.0) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                problems.append(f"{name} must be a finite number, got {value!r}")
+            elif value < 0 or (lo_open and value == 0) or value > hi:
+                problems.append(f"{name} must be in {'(' if lo_open else '['}0, {hi}], got {value!r}")
+
+        for name in ("period_s", "cap_step_w", "ratio_min", "ratio_max", "ttft_boost_max"):
+            positive(name)
+        fraction("hysteresis", hi=0.5)
+        fraction("queue_boost", hi=10.0)
+        fraction("ratio_ewma_alpha", lo_open=True)
+        fraction("integral_gain", hi=10.0)
+        fraction("integral_max", hi=10.0)
+        fraction("integral_min_error")
+        fraction("ttft_boost_step", hi=10.0)
+        fraction("saturation_busy_fraction")
+        fraction("saturation_running_fraction")
+        positive("demand_headroom")
+        if not problems:
+            if self.demand_headroom < 1.0:
+                problems.append(f"demand_headroom must be >= 1, got {self.demand_headroom!r}")
+            if self.ratio_min > 1.0 or self.ratio_max < 1.0:
+                problems.append(f"ratio_min must be <= 1 <= ratio_max, got {self.ratio_min!r}, {self.ratio_max!r}")
+            if self.ttft_boost_max < 1.0:
+                problems.append(f"ttft_boost_max must be >= 1, got {self.ttft_boost_max!r}")
+        batches = self.candidate_batches
+        if (
+            not isinstance(batches, tuple)
+            or not batches
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in batches)
+        ):
+            problems.append(f"candidate_batches must be a non-empty tuple of integers >= 1, got {batches!r}")
+        elif list(batches) != sorted(set(batches)):
+            problems.append("candidate_batches must be strictly ascending")
+        if self.gpu_kind is not None and (not isinstance(self.gpu_kind, str) or not self.gpu_kind.strip()):
+            problems.append(f"gpu_kind must be None or a non-empty string, got {self.gpu_kind!r}")
+        if problems:
+            raise ConfigError(problems)

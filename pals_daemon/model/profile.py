@@ -1,0 +1,296 @@
+"""Performance profiles: measured (or modelled) throughput and GPU power over a (power cap, batch) grid.
+
+A profile file is JSON with schema ``pals.profile/v1`` (documented in profiles/README.md). Loading is
+strict: any missing, unknown or out-of-range field raises :class:`ProfileError` naming the file and field,
+because a silently wrong profile would make the controller mis-provision every engine that serves the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pals_daemon.errors import PalsError
+
+SCHEMA = "pals.profile/v1"
+METHODS = ("measured", "modelled")
+
+_REQUIRED_KEYS = ("schema", "model", "aliases", "gpu", "num_gpus", "parallelism", "source", "method", "points")
+_OPTIONAL_KEYS = ("notes",)
+_POINT_KEYS = ("cap_w", "batch", "tokens_per_s", "gpu_power_w")
+# Averaged GPU power may overshoot a cap briefly (the cap acts on a moving average); more than this
+# factor above the cap means a unit or column mix-up, not measurement noise.
+_MAX_POWER_OVER_CAP = 1.25
+
+
+class ProfileError(PalsError):
+    """A profile file or directory is invalid (the message names the file and the field)."""
+
+
+@dataclass(frozen=True)
+class ProfilePoint:
+    """One measured operating point: per-GPU power cap and batch -> engine throughput and per-GPU power."""
+
+    cap_w: float
+    batch: int
+    tokens_per_s: float
+    gpu_power_w: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A served model's throughput/power response on one GPU kind and parallelism."""
+
+    model: str
+    aliases: tuple[str, ...]
+    gpu: str
+    num_gpus: int
+    parallelism: str
+    source: str
+    method: str
+    points: tuple[ProfilePoint, ...]
+    notes: str = ""
+
+    @property
+    def caps_w(self) -> tuple[float, ...]:
+        """The distinct measured caps, ascending."""
+        return tuple(sorted({p.cap_w for p in self.points}))
+
+    @property
+    def batches(self) -> tuple[int, ...]:
+        """The distinct measured batch sizes, ascending."""
+        return tuple(sorted({p.batch for p in self.points}))
+
+    def names(self) -> tuple[str, ...]:
+        """Every name this profile answers to: the model name and its aliases."""
+        return (self.model, *self.aliases)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this profile (points sorted by cap, then batch)."""
+        out: dict[str, Any] = {
+            "schema": SCHEMA,
+            "model": self.model,
+            "aliases": list(self.aliases),
+            "gpu": self.gpu,
+            "num_gpus": self.num_gpus,
+            "parallelism": self.parallelism,
+            "source": self.source,
+            "method": self.method,
+        }
+        if self.notes:
+            out["notes"] = self.notes
+        out["points"] = [
+            {
+                # Whole-watt caps print as integers ("cap_w": 150), which is how people write them.
+                "cap_w": int(p.cap_w) if p.cap_w.is_integer() else p.cap_w,
+                "batch": p.batch,
+                "tokens_per_s": p.tokens_per_s,
+                "gpu_power_w": p.gpu_power_w,
+            }
+            for p in sorted(self.points, key=lambda p: (p.cap_w, p.batch))
+        ]
+        return out
+
+
+def dumps_profile(profile: Profile) -> str:
+    """Serialize a profile deterministically: header keys one per line, one point per line."""
+    data = profile.to_dict()
+    points = data.pop("points")
+    lines = ["{"]
+    for key, value in data.items():
+        lines.append(f"  {json.dumps(key)}: {json.dumps(value)},")
+    lines.append('  "points": [')
+    rows = [
+        "    " + json.dumps(p, separators=(", ", ": "), allow_nan=False)
+        for p in points  # fixed key order from to_dict
+    ]
+    lines.append(",\n".join(rows))
+    lines.append("  ]")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _parse_point(raw: object, where: str) -> ProfilePoint:
+    if not isinstance(raw, Mapping):
+        raise ProfileError(f"{where}: a point must be an object, got {type(raw).__name__}")
+    missing = [k for k in _POINT_KEYS if k not in raw]
+    unknown = sorted(set(raw) - set(_POINT_KEYS))
+    if missing or unknown:
+        raise ProfileError(f"{where}: missing keys {missing}, unknown keys {unknown}")
+    cap_w, batch, tps, power_w = (raw[k] for k in _POINT_KEYS)
+    if not _is_number(cap_w) or cap_w <= 0:
+        raise ProfileError(f"{where}: cap_w must be a positive finite number, got {cap_w!r}")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ProfileError(f"{where}: batch must be an integer >= 1, got {batch!r}")
+    if not _is_number(tps) or tps <= 0:
+        raise ProfileError(f"{where}: tokens_per_s must be a positive finite number, got {tps!r}")
+    if not _is_number(power_w) or power_w <= 0:
+        raise ProfileError(f"{where}: gpu_power_w must be a positive finite number, got {power_w!r}")
+    if power_w > cap_w * _MAX_POWER_OVER_CAP:
+        raise ProfileError(f"{where}: gpu_power_w {power_w} is far above cap_w {cap_w} (per-GPU watts?)")
+    return ProfilePoint(cap_w=float(cap_w), batch=batch, tokens_per_s=float(tps), gpu_power_w=float(power_w))
+
+
+def _require_str(data: Mapping[str, Any], key: str, origin: str, allow_empty: bool = False) -> str:
+    value = data[key]
+    if not isinstance(value, str) or (not allow_empty and not value.strip()):
+        raise ProfileError(f"{origin}: {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def profile_from_dict(data: object, origin: str = "<profile>") -> Profile:
+    """Validate a decoded JSON object and build a :class:`Profile`; raise ProfileError on any problem."""
+    if not isinstance(data, Mapping):
+        raise ProfileError(f"{origin}: top level must be an object, got {type(data).__name__}")
+    missing = [k for k in _REQUIRED_KEYS if k not in data]
+    if missing:
+        raise ProfileError(f"{origin}: missing keys {missing}")
+    unknown = sorted(set(data) - set(_REQUIRED_KEYS) - set(_OPTIONAL_KEYS))
+    if unknown:
+        raise ProfileError(f"{origin}: unknown keys {unknown}")
+    if data["schema"] != SCHEMA:
+        raise ProfileError(f"{origin}: schema must be {SCHEMA!r}, got {data['schema']!r}")
+    model = _require_str(data, "model", origin)
+    gpu = _require_str(data, "gpu", origin)
+    parallelism = _require_str(data, "parallelism", origin)
+    source = _require_str(data, "source", origin)
+    method = data["method"]
+    if method not in METHODS:
+        raise ProfileError(f"{origin}: method must be one of {list(METHODS)}, got {method!r}")
+    notes = data.get("notes", "")
+    if not isinstance(notes, str):
+        raise ProfileError(f"{origin}: 'notes' must be a string")
+    aliases = data["aliases"]
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
+        raise ProfileError(f"{origin}: 'aliases' must be a list of non-empty strings")
+    num_gpus = data["num_gpus"]
+    if not isinstance(num_gpus, int) or isinstance(num_gpus, bool) or num_gpus < 1:
+        raise ProfileError(f"{origin}: 'num_gpus' must be an integer >= 1, got {num_gpus!r}")
+    raw_points = data["points"]
+    if not isinstance(raw_points, list) or not raw_points:
+        raise ProfileError(f"{origin}: 'points' must be a non-empty list")
+    points = tuple(_parse_point(p, f"{origin}: points[{i}]") for i, p in enumerate(raw_points))
+    seen: set[tuple[float, int]] = set()
+    for p in points:
+        if (p.cap_w, p.batch) in seen:
+            raise ProfileError(f"{origin}: duplicate point cap_w={p.cap_w} batch={p.batch}")
+        seen.add((p.cap_w, p.batch))
+    caps = sorted({p.cap_w for p in points})
+    batches = sorted({p.batch for p in points})
+    # The performance model interpolates bilinearly, which needs every cell of the grid.
+    if len(caps) < 2 or len(batches) < 2:
+        raise ProfileError(f"{origin}: points must span at least 2 caps and 2 batch sizes")
+    absent = [(c, b) for c in caps for b in batches if (c, b) not in seen]
+    if absent:
+        raise ProfileError(f"{origin}: points must form a full cap x batch grid; missing {absent[:5]}")
+    return Profile(
+        model=model,
+        aliases=tuple(aliases),
+        gpu=gpu,
+        num_gpus=num_gpus,
+        parallelism=parallelism,
+        source=source,
+        method=method,
+        points=points,
+        notes=notes,
+    )
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and strictly validate one profile JSON file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ProfileError(f"{path}: cannot read: {exc}") from exc
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise ProfileError(f"{path}: not valid JSON: {exc}") from exc
+    return profile_from_dict(data, origin=str(path))
+
+
+def _reject_constant(name: str) -> float:
+    # json accepts NaN/Infinity by default; a profile must not contain them.
+    raise ValueError(f"non-finite constant {name}")
+
+
+def _name_key(name: str) -> str:
+    return name.strip().lower()
+
+
+def _basename(name: str) -> str:
+    return name.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _gpu_key(gpu: str) -> str:
+    # "NVIDIA A100-SXM4-80GB" and "A100-SXM4" compare as "a100sxm480gb" / "a100sxm4".
+    key = re.sub(r"[^a-z0-9]", "", gpu.lower())
+    return key.removeprefix("nvidia")
+
+
+def gpu_matches(profile_gpu: str, gpu_kind: str) -> bool:
+    """True when a GPU kind (e.g. an NVML name) names the profile's GPU or a variant of it."""
+    a, b = _gpu_key(profile_gpu), _gpu_key(gpu_kind)
+    return bool(a) and bool(b) and (a in b or b in a)
+
+
+class ProfileRegistry:
+    """The loaded profiles, looked up by model name or alias (case-insensitive, also by HF basename)."""
+
+    def __init__(self, profiles: Iterable[Profile] = ()) -> None:
+        self._profiles: list[Profile] = []
+        self._by_name: dict[str, list[Profile]] = {}
+        for profile in profiles:
+            self.add(profile)
+
+    def add(self, profile: Profile) -> None:
+        """Register a profile; raise ProfileError if a name already maps to another profile on the same GPU."""
+        keys = {_name_key(n) for n in profile.names()} | {_name_key(_basename(n)) for n in profile.names()}
+        for key in keys:
+            for other in self._by_name.get(key, []):
+                if gpu_matches(other.gpu, profile.gpu) and other.parallelism == profile.parallelism:
+                    raise ProfileError(
+                        f"name {key!r} is claimed by two profiles on {profile.gpu} {profile.parallelism}: "
+                        f"{other.model!r} and {profile.model!r}"
+                    )
+        self._profiles.append(profile)
+        for key in sorted(keys):
+            self._by_name.setdefault(key, []).append(profile)
+
+    @property
+    def profiles(self) -> tuple[Profile, ...]:
+        """All registered profiles in registration order."""
+        return tuple(self._profiles)
+
+    def __len__(self) -> int:
+        return len(self._profiles)
+
+    def find(self, model_name: str, gpu_kind: str | None = None) -> Profile | None:
+        """The profile for ``model_name`` (exact name, alias, or the part after the last '/'), or None.
+
+        With ``gpu_kind`` only profiles measured on that GPU kind qualify: another GPU's power numbers
+        would be wrong, so no profile is better than a mismatched one.
+        """
+        for key in (_name_key(model_name), _name_key(_basename(model_name))):
+            for profile in self._by_name.get(key, []):
+                if gpu_kind is None or gpu_matches(profile.gpu, gpu_kind):
+                    return profile
+        return None
+
+
+def load_profiles(directory: str | Path) -> ProfileRegistry:
+    """Load every ``*.json`` profile in ``directory`` (sorted by file name); any invalid file is an error."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ProfileError(f"{directory}: not a directory")
+    return ProfileRegistry(load_profile(path) for path in sorted(directory.glob("*.json")))
