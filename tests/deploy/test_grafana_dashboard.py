@@ -76,19 +76,12 @@ def _family(token: str) -> str:
 
 
 def test_every_expr_uses_only_exported_metrics(dashboard) -> None:
-    unknown = {
-        tok for expr in _queries(dashboard) for tok in TOKEN.findall(expr) if _family(tok) not in METRICS
-    }
+    unknown = {tok for expr in _queries(dashboard) for tok in TOKEN.findall(expr) if _family(tok) not in METRICS}
     assert not unknown, f"dashboard queries metrics the exporter does not expose: {sorted(unknown)}"
 
 
 def test_every_metric_family_is_shown(dashboard) -> None:
-    used = {
-        _family(tok)
-        for p in _panels(dashboard)
-        for t in p.get("targets", [])
-        for tok in TOKEN.findall(t["expr"])
-    }
+    used = {_family(tok) for p in _panels(dashboard) for t in p.get("targets", []) for tok in TOKEN.findall(t["expr"])}
     missing = METRICS - OPTIONAL - used
     assert not missing, f"metric families without a panel: {sorted(missing)}"
 
@@ -105,17 +98,13 @@ def test_counters_and_histograms_are_not_graphed_raw(dashboard) -> None:
 
 def test_histogram_quantile_for_tick_p99(dashboard) -> None:
     exprs = _queries(dashboard)
-    assert any(
-        "histogram_quantile(0.99" in e and "pals_controller_tick_duration_seconds_bucket" in e for e in exprs
-    )
+    assert any("histogram_quantile(0.99" in e and "pals_controller_tick_duration_seconds_bucket" in e for e in exprs)
 
 
 def test_qos_violation_ratio(dashboard) -> None:
     exprs = _queries(dashboard)
     assert any(
-        re.search(
-            r"increase\(pals_engine_qos_violation_windows_total.*/.*increase\(pals_engine_windows_total", e
-        )
+        re.search(r"increase\(pals_engine_qos_violation_windows_total.*/.*increase\(pals_engine_windows_total", e)
         for e in exprs
     )
 

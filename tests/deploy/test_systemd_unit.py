@@ -84,9 +84,7 @@ def _analyze(*args: str) -> subprocess.CompletedProcess[str]:
     assert SYSTEMD_ANALYZE is not None
     # SYSTEMD_LOG_LEVEL=notice keeps debug chatter out while still showing every warning.
     env = {**os.environ, "SYSTEMD_LOG_LEVEL": "notice", "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": ""}
-    return subprocess.run(
-        [SYSTEMD_ANALYZE, *args], capture_output=True, text=True, timeout=60, env=env, check=False
-    )
+    return subprocess.run([SYSTEMD_ANALYZE, *args], capture_output=True, text=True, timeout=60, env=env, check=False)
 
 
 @needs_systemd_analyze
@@ -177,9 +175,7 @@ def test_example_config_documents_every_default() -> None:
         match = re.match(r"^#? ?([a-z_]+) = ", line)
         if match and match.group(1) in TOP_LEVEL_KEYS | SIM_KEYS:
             comments = [prev for prev in lines[max(0, i - 4) : i] if prev.startswith("#")]
-            assert any(c.startswith("# Default:") for c in comments), (
-                f"{match.group(1)} lacks a '# Default:' line"
-            )
+            assert any(c.startswith("# Default:") for c in comments), f"{match.group(1)} lacks a '# Default:' line"
     assert "PALS_" in "".join(lines[:12]) and "--sim-gpu-kind" in "".join(lines[:12])
 
 
