@@ -28,9 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = SimNodeSpec()
     p.add_argument("--model", default=d.model, help="served model (a profile and a truth must exist)")
     p.add_argument("--trace", default=str(DEFAULT_TRACE), help="CSV with arrival time, input and output tokens")
+    p.add_argument(
+        "--nodes", type=int, default=2, help="the trace is split round-robin over N nodes; this one serves 1/N"
+    )
     p.add_argument("--time-scale", type=float, default=d.time_scale, help="<1 compresses the trace")
     p.add_argument("--duration-s", type=float, default=None, help="replay only the first S simulated seconds")
-    p.add_argument("--speed", type=float, default=d.speed, help="simulated seconds per wall second")
+    p.add_argument("--speed", type=float, default=60.0, help="simulated seconds per wall second")
     p.add_argument("--budget-w", type=float, default=None, help="node GPU budget from the start (W)")
     p.add_argument("--budget-change-w", type=float, default=900.0, help="budget set halfway (W); <=0: none")
     p.add_argument("--ttft-slo-ms", type=float, default=2000.0, help="TTFT SLO (reported, and sent as target)")
@@ -49,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model=args.model,
         trace_path=args.trace,
         time_scale=args.time_scale,
+        nodes=args.nodes,
         duration_s=args.duration_s,
         speed=args.speed,
         initial_budget_w=args.budget_w,

@@ -28,6 +28,12 @@ class ControllerConfig:
     demand_headroom: float = 1.2
     # With no target and a growing queue: required >= current predicted capacity x (1 + boost).
     queue_boost: float = 0.25
+    # With no target: keep the engine busy at most this fraction of the time at the configuration chosen, so
+    # work that decode tokens/s does not show (prefill) still gets capacity (modelled choice).
+    target_busy_fraction: float = 0.8
+    # With no target: a rise in demand is served at once, a fall is followed at most this factor per tick
+    # (peak hold with decay: bursty arrivals must not make the limits flap; modelled choice, ~7 s half-life).
+    demand_decay_per_tick: float = 0.95
     # EWMA weight of a new measured/predicted ratio sample (modelled; closed-loop test in
     # tests/control/test_core.py converges within 10 ticks against a 15% model error).
     ratio_ewma_alpha: float = 0.3
@@ -72,6 +78,8 @@ class ControllerConfig:
             positive(name)
         fraction("hysteresis", hi=0.5)
         fraction("queue_boost", hi=10.0)
+        fraction("target_busy_fraction", lo_open=True)
+        fraction("demand_decay_per_tick")
         fraction("ratio_ewma_alpha", lo_open=True)
         fraction("integral_gain", hi=10.0)
         fraction("integral_max", hi=10.0)

@@ -439,10 +439,13 @@ class Controller:
         if target_tps is None:
             # Serve the offered demand: what came through, with headroom; more when a queue builds.
             required = measured * cfg.demand_headroom
+            # Busy time counts prefill too, which decode tokens/s misses: scale what the configuration in
+            # force can do by how busy it kept the engine, so a prefill-heavy load is not starved.
+            required = max(required, capacity * eng.busy_fraction / cfg.target_busy_fraction)
             if eng.num_waiting > 0:
                 boost = (1 + cfg.queue_boost) if growing else 1.0
                 required = max(required, capacity * boost)
-            state.required_tokens_per_s = required
+            state.required_tokens_per_s = max(required, state.required_tokens_per_s * cfg.demand_decay_per_tick)
 
     def _plan(
         self,

@@ -41,6 +41,8 @@ class SimNodeSpec:
     trace_path: str = str(DEFAULT_TRACE)
     # <1 compresses the trace (higher request rate).
     time_scale: float = 1.0
+    # The trace is split round-robin over this many identical nodes; this node serves one share.
+    nodes: int = 1
     # Replay only the first part of the trace (simulated seconds); None: all of it.
     duration_s: float | None = None
     speed: float = 30.0
@@ -106,7 +108,7 @@ class SimNodeResult:
 async def run_sim_node(spec: SimNodeSpec) -> SimNodeResult:
     """Run the trace to completion (or ``duration_s``) and collect the figures."""
     clock = ScaledClock(spec.speed)
-    requests = load_trace_csv(spec.trace_path, time_scale=spec.time_scale, limit_s=spec.duration_s)
+    requests = load_trace_csv(spec.trace_path, time_scale=spec.time_scale, limit_s=spec.duration_s)[:: spec.nodes]
     if not requests:
         raise ValueError(f"no requests in {spec.trace_path} within {spec.duration_s} s")
     trace_end_s = requests[-1].arrival_s

@@ -30,6 +30,9 @@ def summarize(result: SimNodeResult, ttft_slo_ms: float | None, tpot_slo_ms: flo
         "prompt_tokens": result.prompt_tokens,
         "gpu_energy_j": round(result.gpu_energy_j, 1),
         "output_tokens_per_j": round(result.tokens_per_joule, 4),
+        "all_tokens_per_j": round((result.output_tokens + result.prompt_tokens) / result.gpu_energy_j, 3)
+        if result.gpu_energy_j > 0
+        else 0.0,
         "qos_violation_windows": result.qos_violations,
         "qos_windows": result.qos_windows,
         "time_over_budget_s": round(result.time_over_budget_s(), 1),

@@ -488,13 +488,13 @@ def test_demand_following_without_a_target() -> None:
     gpus = [gpu(i) for i in range(4)]
     c = Controller(REG)
     # Light, unsaturated load: capacity with 1.2x headroom, at the most efficient point that gives it.
-    light = engine("e", model, range(4), tput=100.0, running=4, busy=0.6, current=256)
+    light = engine("e", model, range(4), tput=100.0, running=4, busy=0.05, current=256)
     d = c.step(inp(gpus, [light]))
     assert d.engines["e"].predicted_tokens_per_s >= 120.0
     assert c.feedback()["e"].required_tokens_per_s == pytest.approx(120.0)
     # Jitter of the offered load does not move the configuration.
     for k in range(20):
-        d = c.step(inp(gpus, [engine("e", model, range(4), tput=100.0 * (1 + 0.02 * (-1) ** k), busy=0.6)]))
+        d = c.step(inp(gpus, [engine("e", model, range(4), tput=100.0 * (1 + 0.02 * (-1) ** k), busy=0.05)]))
         assert not d.changed
     # A growing queue at the current capacity raises the requirement above that capacity.
     cap = min(d.gpu_limits_w.values())
@@ -505,6 +505,22 @@ def test_demand_following_without_a_target() -> None:
         d = c.step(inp([gpu(i, limit=cap) for i in range(4)], [sat]))
     assert c.feedback()["e"].required_tokens_per_s > 1.2 * capacity
     assert d.engines["e"].predicted_tokens_per_s > capacity
+
+
+def test_busy_engine_with_little_decode_keeps_capacity() -> None:
+    """A prefill-heavy load (few output tokens, engine busy) must not be starved by the decode-rate demand."""
+    model = "mixtral-8x7b-instruct"
+    m = _perf(model)
+    gpus = [gpu(i) for i in range(4)]
+    c = Controller(REG)
+    busy = engine("e", model, range(4), tput=20.0, running=4, busy=0.95, current=64)
+    c.step(inp(gpus, [busy]))
+    capacity_at_max = float(m.tokens_per_s(400.0, 64))
+    assert c.feedback()["e"].required_tokens_per_s >= capacity_at_max * 0.95 / 0.8 * 0.99
+    # The same decode rate with an idle engine needs far less.
+    c2 = Controller(REG)
+    c2.step(inp(gpus, [engine("e", model, range(4), tput=20.0, running=4, busy=0.05, current=64)]))
+    assert c2.feedback()["e"].required_tokens_per_s < 0.2 * c.feedback()["e"].required_tokens_per_s
 
 
 def test_ttft_violation_raises_the_requirement() -> None:
