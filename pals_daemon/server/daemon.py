@@ -68,6 +68,20 @@ class EngineStats:
     violations: int = 0
     throughput_tokens_per_s: float = 0.0
     recent: collections.deque[tuple[int, float]] | None = None
+    # The QoS window being filled: output tokens and the report time they cover.
+    open_tokens: int = 0
+    open_s: float = 0.0
+
+    def add_to_qos_window(self, tokens: int, seconds: float, window_s: float, target: float | None) -> None:
+        """Accumulate telemetry; close the QoS window once it covers ``window_s`` and judge it against the target."""
+        self.open_tokens += tokens
+        self.open_s += seconds
+        if self.open_s < window_s:
+            return
+        self.windows += 1
+        if target is not None and self.open_tokens / self.open_s < target:
+            self.violations += 1
+        self.open_tokens, self.open_s = 0, 0.0
 
     def tokens_per_joule(self) -> float:
         """Decode tokens per joule of the engine's GPUs over the recent ticks."""
@@ -368,10 +382,7 @@ class Daemon:
             stats.recent.append((obs.decode_tokens, energy))
             stats.throughput_tokens_per_s = obs.throughput_tokens_per_s
             target = self.state.targets.get(obs.engine_id, EngineTargets()).tokens_per_s
-            if obs.window_s > 0:
-                stats.windows += 1
-                if target is not None and obs.throughput_tokens_per_s < target:
-                    stats.violations += 1
+            stats.add_to_qos_window(obs.decode_tokens, obs.window_s, self.config.qos_window_s, target)
 
     # ------------------------------------------------------------------ admin operations
 

@@ -101,8 +101,9 @@ class EngineSession:
         """The window as a controller observation; starts a new window."""
         w, self.window = self.window, TelemetryWindow()
         load, self.expert_load = self.expert_load, ExpertLoad()
-        # Rates over the daemon's own tick interval: robust to engines that report late or in bursts.
-        span_s = max(elapsed_s, 1e-9)
+        # Rates over the time the reports cover, not the tick interval: a tick that caught one report more or
+        # less than the last (report and tick clocks drift) would otherwise see half or double the rate.
+        span_s = w.window_s if w.window_s > 0 else max(elapsed_s, 1e-9)
         total_load = sum(load.tokens_by_gpu.values())
         reg = self.registration
         return EngineObservation(
@@ -111,7 +112,7 @@ class EngineSession:
             gpu_indices=reg.gpu_indices,
             configured_max_num_seqs=reg.max_num_seqs,
             configured_max_num_batched_tokens=reg.max_num_batched_tokens,
-            window_s=elapsed_s if w.window_s > 0 else 0.0,
+            window_s=w.window_s,
             throughput_tokens_per_s=w.decode_tokens / span_s,
             prefill_tokens=w.prefill_tokens,
             decode_tokens=w.decode_tokens,

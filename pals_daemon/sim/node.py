@@ -145,7 +145,7 @@ async def run_sim_node(spec: SimNodeSpec) -> SimNodeResult:
             [g.identity.uuid for g in gpus],
             str(config.engine_socket_path),
             clock,
-            report_interval_s=spec.period_s,
+            report_interval_s=spec.period_s / 2,
         )
         stop = asyncio.Event()
         control = asyncio.create_task(runner.run())

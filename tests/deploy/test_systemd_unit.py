@@ -34,6 +34,7 @@ TOP_LEVEL_KEYS = {
     "metrics_address",
     "metrics_port",
     "directive_ttl_s",
+    "qos_window_s",
     "budget_w",
     "gpus",
     "log_level",
