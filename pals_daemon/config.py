@@ -14,7 +14,7 @@ import os
 import pathlib
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,9 +187,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """Add --config and one flag per setting (default None: "not given on the command line")."""
     parser.add_argument("--config", help=f"TOML config file (default {DEFAULT_CONFIG_PATH}; env PALS_CONFIG)")
     for name in FIELDS:
+        # No argparse choices: it would stop at the first bad value, load_config reports every problem at once.
         choices = {"backend": BACKENDS, "mode": MODES, "log_level": LOG_LEVELS}.get(name)
+        metavar = "{" + ",".join(choices) + "}" if choices else None
         parser.add_argument(
-            _flag(name), dest=name, default=None, choices=choices, help=f"(env {ENV_PREFIX}{name.upper()})"
+            _flag(name), dest=name, default=None, metavar=metavar, help=f"(env {ENV_PREFIX}{name.upper()})"
         )
 
 
@@ -232,9 +234,3 @@ def describe(cfg: DaemonConfig) -> dict[str, Any]:
     out = {name: getattr(cfg, name) for name in FIELDS}
     out["gpus"] = list(cfg.gpus)
     return out
-
-
-def parse_flags(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Parse argv with the config flags added."""
-    add_config_flags(parser)
-    return parser.parse_args(argv)

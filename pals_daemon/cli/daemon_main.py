@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import uvloop
 
 from pals_daemon.clock import Clock, MonotonicClock, ScaledClock
-from pals_daemon.config import FIELDS, DaemonConfig, add_config_flags, describe, load_config
+from pals_daemon.config import DaemonConfig, add_config_flags, describe, load_config
 from pals_daemon.errors import ConfigError, PalsError
 from pals_daemon.gpu.backend import GpuBackend
 from pals_daemon.model.profile import load_profiles
@@ -67,11 +67,6 @@ def _config_from(argv: Sequence[str], prog: str, description: str) -> tuple[argp
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--print-config", action="store_true", help="print the effective settings and exit")
     add_config_flags(parser)
-    # argparse would stop at the first bad choice; load_config reports every problem at once.
-    for action in parser._actions:
-        if action.dest in FIELDS and action.choices:
-            action.metavar = "{" + ",".join(action.choices) + "}"
-            action.choices = None
     args = parser.parse_args(argv)
     return args, load_config(vars(args), config_path=args.config)
 

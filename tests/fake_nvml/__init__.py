@@ -1,6 +1,6 @@
 """A fake libnvidia-ml.so.1 (C) that runs pynvml's real ctypes path without a GPU, and its test helpers.
 
-In-process (pytest): use the fixtures in tests/gpu/conftest.py. ``fake_nvml_env`` gives a FakeNvmlEnv (a
+In-process (pytest): use the fixtures in tests/conftest.py. ``fake_nvml_env`` gives a FakeNvmlEnv (a
 built library, a state file holding two H100-SXM5 GPUs, a log path, an env dict); ``fake_pynvml`` also points
 this process's pynvml at the fake (``pynvml.nvmlLib = CDLL(lib)``, since pynvml only loads the library while
 nvmlLib is None) and sets FAKE_NVML_STATE/FAKE_NVML_LOG, undoing both afterwards::
@@ -15,8 +15,7 @@ Subprocess (e.g. a daemon that is SIGTERMed): run it with ``env=fake_nvml_env.en
 the fake ahead of any real libnvidia-ml.so.1, and the state file is shared (flock) with this process, so
 ``fake_nvml_env.read_state()`` shows the limits the subprocess left behind.
 
-Outside tests/gpu/, import with tests/ on sys.path (tests/gpu/conftest.py shows how) and reuse
-``make_env`` / ``point_pynvml_at``, or move the two fixtures up to tests/conftest.py.
+tests/conftest.py puts tests/ on sys.path, so ``from fake_nvml import ...`` works from any test directory.
 """
 
 from __future__ import annotations

@@ -1,15 +1,17 @@
-"""Fixtures for NVML tests: the fake libnvidia-ml.so.1 (tests/fake_nvml), built once per session."""
+"""Shared fixtures: the fake libnvidia-ml.so.1 (tests/fake_nvml), built once per session, and short temp dirs."""
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 # tests/ is not a package: put it on sys.path so `fake_nvml` imports from any test directory.
-_TESTS_DIR = str(Path(__file__).resolve().parents[1])
+_TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
@@ -33,3 +35,13 @@ def fake_pynvml(fake_nvml_env: FakeNvmlEnv) -> Iterator[FakeNvmlEnv]:
     """``fake_nvml_env`` with this process's pynvml pointed at the fake for the test's duration."""
     with point_pynvml_at(fake_nvml_env):
         yield fake_nvml_env
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A fresh directory directly under /tmp: AF_UNIX socket paths must stay under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="pals-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
