@@ -21,14 +21,25 @@ from pals_daemon.control.types import EngineTargets
 from pals_daemon.model.profile import load_profiles
 from pals_daemon.server.daemon import Daemon, default_profiles_dir
 from pals_daemon.server.runner import Runner
-from pals_daemon.sim.engine import SimEngine
+from pals_daemon.sim.engine import Request, SimEngine
 from pals_daemon.sim.gpu import SimBackend, make_sim_gpus
 from pals_daemon.sim.link import SimEngineLink
-from pals_daemon.sim.trace import DEFAULT_TRACE, load_trace_csv
+from pals_daemon.sim.trace import DEFAULT_TRACE, load_trace_csv, poisson_requests
 from pals_daemon.sim.truth import Perturbation, load_a100_truth
 
 log = logging.getLogger(__name__)
 ENGINE_ID = "engine0"
+
+
+@dataclass(frozen=True)
+class PoissonLoad:
+    """Open-loop Poisson arrivals with fixed lengths (instead of a trace)."""
+
+    rate_per_s: float
+    duration_s: float
+    prompt_tokens: int
+    output_tokens: int
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,10 @@ class SimNodeSpec:
     gpu_kind: str = "A100-SXM4"
     num_gpus: int = 4
     trace_path: str = str(DEFAULT_TRACE)
+    # Columns of the trace CSV: arrival time, input (prompt) tokens, output tokens.
+    trace_columns: tuple[str, str, str] = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+    # Replaces the trace when set.
+    poisson: PoissonLoad | None = None
     # <1 compresses the trace (higher request rate).
     time_scale: float = 1.0
     # The trace is split round-robin over this many identical nodes; this node serves one share.
@@ -84,7 +99,10 @@ class SimNodeResult:
     prompt_tokens: int
     requests_finished: int
     requests_arrived: int
+    # Energy of every GPU of the node, and of the engine's own GPUs (the same set on this one-engine node).
     gpu_energy_j: float
+    engine_energy_j: float
+    engine_gpus: tuple[int, ...]
     ttft_ms: list[float]
     tpot_ms: list[float]
     qos_windows: int
@@ -108,9 +126,7 @@ class SimNodeResult:
 async def run_sim_node(spec: SimNodeSpec) -> SimNodeResult:
     """Run the trace to completion (or ``duration_s``) and collect the figures."""
     clock = ScaledClock(spec.speed)
-    requests = load_trace_csv(spec.trace_path, time_scale=spec.time_scale, limit_s=spec.duration_s)[:: spec.nodes]
-    if not requests:
-        raise ValueError(f"no requests in {spec.trace_path} within {spec.duration_s} s")
+    requests = load_requests(spec)
     trace_end_s = requests[-1].arrival_s
     truth = load_a100_truth(spec.model).with_perturbation(
         Perturbation(throughput_factor=spec.truth_throughput_factor, power_factor=spec.truth_power_factor)
@@ -172,12 +188,35 @@ async def run_sim_node(spec: SimNodeSpec) -> SimNodeResult:
             requests_finished=totals.requests_finished,
             requests_arrived=totals.requests_arrived,
             gpu_energy_j=sum(g.energy_j(engine.time_s) for g in gpus),
+            engine_energy_j=sum(g.energy_j(engine.time_s) for g in engine.gpus),
+            engine_gpus=tuple(g.identity.index for g in engine.gpus),
             ttft_ms=list(totals.ttft_ms),
             tpot_ms=list(totals.tpot_ms),
             qos_windows=stats.windows if stats else 0,
             qos_violations=stats.violations if stats else 0,
             limit_calls=sum(len(g.calls) for g in gpus),
         )
+
+
+def load_requests(spec: SimNodeSpec) -> list[Request]:
+    """The requests this node serves: its round-robin share of the trace, or the Poisson load."""
+    if spec.poisson is not None:
+        p = spec.poisson
+        requests = poisson_requests(p.rate_per_s, p.duration_s, p.prompt_tokens, p.output_tokens, seed=p.seed)
+    else:
+        time_column, input_column, output_column = spec.trace_columns
+        requests = load_trace_csv(
+            spec.trace_path,
+            time_column=time_column,
+            input_column=input_column,
+            output_column=output_column,
+            time_scale=spec.time_scale,
+            limit_s=spec.duration_s,
+        )
+    requests = requests[:: spec.nodes]
+    if not requests:
+        raise ValueError(f"no requests to serve in {spec.trace_path} within {spec.duration_s} s")
+    return requests
 
 
 def _sample(d: Daemon) -> Sample:

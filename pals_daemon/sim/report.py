@@ -8,60 +8,88 @@ from typing import Any
 
 import numpy as np
 
-from pals_daemon.sim.node import SimNodeResult
+from pals_daemon.sim.node import ENGINE_ID, SimNodeResult
+
+
+def policy_name(result: SimNodeResult) -> str:
+    """'pals' for the daemon enforcing, 'default' for advise mode (GPUs and batch left as configured)."""
+    return "pals" if result.spec.mode == "enforce" else "default"
 
 
 def summarize(result: SimNodeResult, ttft_slo_ms: float | None, tpot_slo_ms: float | None) -> dict[str, Any]:
-    """The per-run figures as plain data."""
-    tpot = np.asarray(result.tpot_ms)
-    ttft = np.asarray(result.ttft_ms)
-    slo_ok = None
-    if len(ttft):
-        ok = np.ones(len(ttft), dtype=bool)
-        if ttft_slo_ms is not None:
-            ok &= ttft <= ttft_slo_ms
-        slo_ok = float(ok.mean())
-    return {
-        "policy": "pals" if result.spec.mode == "enforce" else "default (advise mode: nothing changed)",
-        "simulated_s": round(result.duration_s, 1),
+    """Per-engine and node figures of one run, as plain data."""
+    ttft, tpot = np.asarray(result.ttft_ms), np.asarray(result.tpot_ms)
+    all_tokens = result.output_tokens + result.prompt_tokens
+    engine = {
+        "gpus": list(result.engine_gpus),
         "requests_finished": result.requests_finished,
         "requests_arrived": result.requests_arrived,
         "output_tokens": result.output_tokens,
         "prompt_tokens": result.prompt_tokens,
-        "gpu_energy_j": round(result.gpu_energy_j, 1),
-        "output_tokens_per_j": round(result.tokens_per_joule, 4),
-        "all_tokens_per_j": round((result.output_tokens + result.prompt_tokens) / result.gpu_energy_j, 3)
-        if result.gpu_energy_j > 0
-        else 0.0,
+        "energy_j": round(result.engine_energy_j, 1),
+        "output_tokens_per_j": _ratio(result.output_tokens, result.engine_energy_j),
+        "all_tokens_per_j": _ratio(all_tokens, result.engine_energy_j),
         "qos_violation_windows": result.qos_violations,
         "qos_windows": result.qos_windows,
-        "time_over_budget_s": round(result.time_over_budget_s(), 1),
         "ttft_p50_ms": _pct(ttft, 50),
         "ttft_p90_ms": _pct(ttft, 90),
         "tpot_p50_ms": _pct(tpot, 50),
         "tpot_p90_ms": _pct(tpot, 90),
+        "ttft_slo_attainment": float((ttft <= ttft_slo_ms).mean()) if ttft_slo_ms and len(ttft) else None,
         "tpot_slo_attainment": float((tpot <= tpot_slo_ms).mean()) if tpot_slo_ms and len(tpot) else None,
-        "ttft_slo_attainment": slo_ok,
+    }
+    node = {
+        "simulated_s": round(result.duration_s, 1),
+        "output_tokens": result.output_tokens,
+        "energy_j": round(result.gpu_energy_j, 1),
+        "output_tokens_per_j": _ratio(result.output_tokens, result.gpu_energy_j),
+        "all_tokens_per_j": _ratio(all_tokens, result.gpu_energy_j),
+        "time_over_budget_s": round(result.time_over_budget_s(), 1),
         "power_limit_writes": result.limit_calls,
     }
+    return {"policy": policy_name(result), "engines": {ENGINE_ID: engine}, "node": node}
+
+
+def _ratio(tokens: float, joules: float) -> float:
+    return round(tokens / joules, 4) if joules > 0 else 0.0
 
 
 def _pct(values: np.ndarray, q: float) -> float | None:
     return round(float(np.percentile(values, q)), 1) if len(values) else None
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """Side-by-side table of summaries (one column per run)."""
-    keys = [k for k in rows[0] if k != "policy"]
-    width = max(len(k) for k in keys)
-    lines = [f"{'':<{width}}  " + "  ".join(f"{r['policy'][:22]:>22}" for r in rows)]
-    for k in keys:
-        cells = []
-        for r in rows:
-            v = r[k]
-            cells.append(f"{'-' if v is None else (f'{v:.4g}' if isinstance(v, float) else v):>22}")
-        lines.append(f"{k:<{width}}  " + "  ".join(cells))
+COLUMNS = (
+    ("requests", "requests_finished"),
+    ("out tokens", "output_tokens"),
+    ("energy J", "energy_j"),
+    ("out tok/J", "output_tokens_per_j"),
+    ("all tok/J", "all_tokens_per_j"),
+    ("QoS viol", "qos_violation_windows"),
+    ("windows", "qos_windows"),
+    ("over budget s", "time_over_budget_s"),
+    ("TTFT p90 ms", "ttft_p90_ms"),
+    ("TPOT p90 ms", "tpot_p90_ms"),
+)
+
+
+def format_table(summaries: list[dict[str, Any]]) -> str:
+    """One row per engine and one per node, for every run."""
+    header = f"{'policy':<8} {'scope':<8}" + "".join(f"{name:>14}" for name, _ in COLUMNS)
+    lines = [header, "-" * len(header)]
+    for summary in summaries:
+        scopes = [(eid, fig) for eid, fig in summary["engines"].items()] + [("node", summary["node"])]
+        for scope, fig in scopes:
+            cells = "".join(f"{_cell(fig.get(key)):>14}" for _, key in COLUMNS)
+            lines.append(f"{summary['policy']:<8} {scope:<8}{cells}")
     return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.4e}"
+    return str(value)
 
 
 def write_json(path: pathlib.Path, payload: dict[str, Any]) -> None:
@@ -86,7 +114,7 @@ def plot(results: list[SimNodeResult], path: pathlib.Path) -> None:
         budget = [np.nan if x.budget_w is None else x.budget_w for x in s]
         ax.plot(t_min, budget, "r--", lw=1.5, label="budget")
         ax.set_ylabel("W")
-        ax.set_title(f"{title}: {result.spec.model}, {result.tokens_per_joule:.3f} tokens/J")
+        ax.set_title(f"{title}: {result.spec.model}, {result.tokens_per_joule:.3f} output tokens/J")
         ax.legend(loc="upper right", fontsize=8)
         ax = axes[1][col]
         limits = np.array([x.enforced_limits_w for x in s])

@@ -18,43 +18,31 @@ from pals_daemon.sim.truth import load_a100_truth
 MODEL = "mixtral-8x7b-instruct"
 
 
-def write_trace(path, requests) -> str:
-    with open(path, "w", newline="") as handle:
+def saturating_spec(tmp_path, **overrides) -> SimNodeSpec:
+    # Output demand 2 req/s x 256 tokens = 512 tokens/s exceeds the default's 435 tokens/s
+    # (data/a100_moe_tp4_power_cap_sweep.csv, Mixtral, 400 W, batch 64): the engine stays saturated.
+    # Written as a CSV with its own column names, to go through the trace replay's configurable columns.
+    requests = poisson_requests(rate_per_s=2.0, duration_s=120.0, prompt_tokens=128, output_tokens=256, seed=3)
+    trace = tmp_path / "trace.csv"
+    with open(trace, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["arrival_s", "input", "output"])
         for r in requests:
             writer.writerow([f"{r.arrival_s:.6f}", r.prompt_tokens, r.output_tokens])
-    return str(path)
-
-
-def saturating_spec(tmp_path, **overrides) -> SimNodeSpec:
-    # Output demand 2 req/s x 256 tokens = 512 tokens/s exceeds the default's 435 tokens/s
-    # (data/a100_moe_tp4_power_cap_sweep.csv, Mixtral, 400 W, batch 64): the engine stays saturated.
-    requests = poisson_requests(rate_per_s=2.0, duration_s=120.0, prompt_tokens=128, output_tokens=256, seed=3)
-    trace = write_trace(tmp_path / "trace.csv", requests)
-    fields = dict(model=MODEL, trace_path=trace, speed=20.0, budget_change_w=None, period_s=0.5)
+    fields = dict(
+        model=MODEL,
+        trace_path=str(trace),
+        trace_columns=("arrival_s", "input", "output"),
+        speed=20.0,
+        budget_change_w=None,
+        period_s=0.5,
+    )
     fields.update(overrides)
-    spec = SimNodeSpec(**fields)
-    return spec
+    return SimNodeSpec(**fields)
 
 
 def run(spec: SimNodeSpec):
-    # The trace loader takes column names from the CSV header through SimNodeSpec's defaults: patch them.
     return uvloop.run(run_sim_node(spec))
-
-
-@pytest.fixture(autouse=True)
-def _trace_columns(monkeypatch):
-    import pals_daemon.sim.node as node
-
-    original = node.load_trace_csv
-
-    def load(path, **kwargs):
-        if str(path).endswith("trace.csv"):
-            return original(path, time_column="arrival_s", input_column="input", output_column="output", **kwargs)
-        return original(path, **kwargs)
-
-    monkeypatch.setattr(node, "load_trace_csv", load)
 
 
 def test_pals_beats_default_tokens_per_joule_at_a_throughput_target(tmp_path):
@@ -92,18 +80,16 @@ def test_main_job_writes_summary_and_plot(tmp_path, capsys):
     """The README's first command, on the real Azure trace (second CI stage: about 2 minutes)."""
     assert simnode.main(["--out", str(tmp_path), "--speed", "60"]) == 0
     printed = capsys.readouterr().out
-    for field in (
-        "output_tokens",
-        "gpu_energy_j",
-        "output_tokens_per_j",
-        "qos_violation_windows",
-        "time_over_budget_s",
-    ):
-        assert field in printed
+    for column in ("out tokens", "energy J", "out tok/J", "QoS viol", "over budget s"):
+        assert column in printed
+    rows = [line.split()[:2] for line in printed.splitlines()]
+    for scope in (["pals", "engine0"], ["pals", "node"], ["default", "engine0"], ["default", "node"]):
+        assert scope in rows
     summary = json.loads((tmp_path / "summary.json").read_text())
     pals, default = summary["runs"]
-    assert pals["requests_finished"] == default["requests_finished"] > 4000
-    assert pals["time_over_budget_s"] < 5.0 < default["time_over_budget_s"]
+    finished = [run["engines"]["engine0"]["requests_finished"] for run in (pals, default)]
+    assert finished[0] == finished[1] > 4000
+    assert pals["node"]["time_over_budget_s"] < 5.0 < default["node"]["time_over_budget_s"]
     assert summary["tokens_per_j_vs_default"] > 1.0
     png = (tmp_path / "simnode.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
