@@ -23,6 +23,7 @@ METHODS = ("measured", "modelled")
 _REQUIRED_KEYS = ("schema", "model", "aliases", "gpu", "num_gpus", "parallelism", "source", "method", "points")
 _OPTIONAL_KEYS = ("notes",)
 _POINT_KEYS = ("cap_w", "batch", "tokens_per_s", "gpu_power_w")
+_OPTIONAL_POINT_KEYS = ("tpot_ms", "ttft_ms", "modelled")
 # Averaged GPU power may overshoot a cap briefly (the cap acts on a moving average); more than this
 # factor above the cap means a unit or column mix-up, not measurement noise.
 _MAX_POWER_OVER_CAP = 1.25
@@ -40,6 +41,26 @@ class ProfilePoint:
     batch: int
     tokens_per_s: float
     gpu_power_w: float
+    tpot_ms: float | None = None  # median time per output token (inter-token latency), where known
+    ttft_ms: float | None = None  # median time to first token, where known
+    modelled: bool = False  # True: the numbers come from a model (say which in the profile's notes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this point; optional fields only when set."""
+        out: dict[str, Any] = {
+            # Whole-watt caps print as integers ("cap_w": 150), which is how people write them.
+            "cap_w": int(self.cap_w) if self.cap_w.is_integer() else self.cap_w,
+            "batch": self.batch,
+            "tokens_per_s": self.tokens_per_s,
+            "gpu_power_w": self.gpu_power_w,
+        }
+        if self.tpot_ms is not None:
+            out["tpot_ms"] = self.tpot_ms
+        if self.ttft_ms is not None:
+            out["ttft_ms"] = self.ttft_ms
+        if self.modelled:
+            out["modelled"] = True
+        return out
 
 
 @dataclass(frozen=True)
@@ -84,16 +105,7 @@ class Profile:
         }
         if self.notes:
             out["notes"] = self.notes
-        out["points"] = [
-            {
-                # Whole-watt caps print as integers ("cap_w": 150), which is how people write them.
-                "cap_w": int(p.cap_w) if p.cap_w.is_integer() else p.cap_w,
-                "batch": p.batch,
-                "tokens_per_s": p.tokens_per_s,
-                "gpu_power_w": p.gpu_power_w,
-            }
-            for p in sorted(self.points, key=lambda p: (p.cap_w, p.batch))
-        ]
+        out["points"] = [p.to_dict() for p in sorted(self.points, key=lambda p: (p.cap_w, p.batch))]
         return out
 
 
@@ -123,7 +135,7 @@ def _parse_point(raw: object, where: str) -> ProfilePoint:
     if not isinstance(raw, Mapping):
         raise ProfileError(f"{where}: a point must be an object, got {type(raw).__name__}")
     missing = [k for k in _POINT_KEYS if k not in raw]
-    unknown = sorted(set(raw) - set(_POINT_KEYS))
+    unknown = sorted(set(raw) - set(_POINT_KEYS) - set(_OPTIONAL_POINT_KEYS))
     if missing or unknown:
         raise ProfileError(f"{where}: missing keys {missing}, unknown keys {unknown}")
     cap_w, batch, tps, power_w = (raw[k] for k in _POINT_KEYS)
@@ -137,7 +149,24 @@ def _parse_point(raw: object, where: str) -> ProfilePoint:
         raise ProfileError(f"{where}: gpu_power_w must be a positive finite number, got {power_w!r}")
     if power_w > cap_w * _MAX_POWER_OVER_CAP:
         raise ProfileError(f"{where}: gpu_power_w {power_w} is far above cap_w {cap_w} (per-GPU watts?)")
-    return ProfilePoint(cap_w=float(cap_w), batch=batch, tokens_per_s=float(tps), gpu_power_w=float(power_w))
+    latency: dict[str, float | None] = {}
+    for key in ("tpot_ms", "ttft_ms"):
+        value = raw.get(key)
+        if value is not None and (not _is_number(value) or value <= 0):
+            raise ProfileError(f"{where}: {key} must be a positive finite number, got {value!r}")
+        latency[key] = None if value is None else float(value)
+    modelled = raw.get("modelled", False)
+    if not isinstance(modelled, bool):
+        raise ProfileError(f"{where}: modelled must be true or false, got {modelled!r}")
+    return ProfilePoint(
+        cap_w=float(cap_w),
+        batch=batch,
+        tokens_per_s=float(tps),
+        gpu_power_w=float(power_w),
+        tpot_ms=latency["tpot_ms"],
+        ttft_ms=latency["ttft_ms"],
+        modelled=modelled,
+    )
 
 
 def _require_str(data: Mapping[str, Any], key: str, origin: str, allow_empty: bool = False) -> str:
@@ -179,6 +208,8 @@ def profile_from_dict(data: object, origin: str = "<profile>") -> Profile:
     if not isinstance(raw_points, list) or not raw_points:
         raise ProfileError(f"{origin}: 'points' must be a non-empty list")
     points = tuple(_parse_point(p, f"{origin}: points[{i}]") for i, p in enumerate(raw_points))
+    if method == "measured" and any(p.modelled for p in points):
+        raise ProfileError(f"{origin}: method 'measured' but some points are modelled (use method 'modelled')")
     seen: set[tuple[float, int]] = set()
     for p in points:
         if (p.cap_w, p.batch) in seen:

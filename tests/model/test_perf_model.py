@@ -22,14 +22,17 @@ def model(request: pytest.FixtureRequest) -> PerfModel:
     return PerfModel(profile)
 
 
-def test_reproduces_grid_points(model: PerfModel) -> None:
+def test_fits_the_measured_points(model: PerfModel) -> None:
+    assert model.method == "dvfs-fit"
+    errs = []
     for p in model.profile.points:
         tput, power = model.predict(p.cap_w, p.batch)
-        # Exact where the measurement is already monotone; the envelope lifts noisy dips by a few %
-        # (largest: qwen1.5-moe-a2.7b 400 W batch 64, 1464.5 -> 1529.0 tokens/s, 4.4%).
-        assert tput == pytest.approx(p.tokens_per_s, rel=0.05)
-        assert tput >= p.tokens_per_s - 1e-9
-        assert power == pytest.approx(min(p.gpu_power_w, p.cap_w), rel=0.03)
+        errs.append((float(tput) / p.tokens_per_s - 1, float(power) / min(p.gpu_power_w, p.cap_w) - 1))
+    err = np.abs(np.array(errs))
+    # The fit smooths run-to-run noise (a few % in the A100 sweep): ~1% on average, 6% at worst
+    # (mixtral-8x7b-instruct), power ~1% on average, 4% at worst.
+    assert err[:, 0].mean() < 0.02 and err[:, 0].max() < 0.07
+    assert err[:, 1].mean() < 0.012 and err[:, 1].max() < 0.045
     caps, batches = np.meshgrid(model.caps_w, model.batches, indexing="ij")
     tput, power = model.predict(caps, batches)
     np.testing.assert_allclose(tput, model.grid_tokens_per_s)
@@ -55,6 +58,43 @@ def test_interpolates_in_log2_batch_and_linearly_in_cap(model: PerfModel) -> Non
     i200, i300 = list(model.caps_w).index(200), list(model.caps_w).index(300)
     assert model.tokens_per_s(200, 16) == pytest.approx((g[i200, j8] + g[i200, j32]) / 2)
     assert model.tokens_per_s(250, 8) == pytest.approx((g[i200, j8] + g[i300, j8]) / 2)
+
+
+def test_a_dropped_point_is_predicted_from_the_rest(model: PerfModel) -> None:
+    # The 100 W batch-64 point (extrapolation in cap) from the other 29: within 10%.
+    pts = model.profile.points
+    keep = [p for p in pts if (p.cap_w, p.batch) != (100, 64)]
+    (dropped,) = [p for p in pts if (p.cap_w, p.batch) == (100, 64)]
+    rebuilt = PerfModel.from_points(model.profile, keep)
+    assert rebuilt.method == "dvfs-fit"
+    tput, power = rebuilt.predict(100, 64)
+    assert float(tput) == pytest.approx(dropped.tokens_per_s, rel=0.10)
+    assert float(power) == pytest.approx(dropped.gpu_power_w, rel=0.03)
+
+
+def test_too_few_points_fall_back_to_the_bilinear_grid() -> None:
+    from pals_daemon.model.profile import profile_from_dict
+
+    profile = profile_from_dict(
+        {
+            "schema": "pals.profile/v1",
+            "model": "tiny",
+            "aliases": [],
+            "gpu": "A100-SXM4",
+            "num_gpus": 1,
+            "parallelism": "tp1",
+            "source": "unit test (modelled)",
+            "method": "modelled",
+            "points": [
+                {"cap_w": c, "batch": b, "tokens_per_s": c * b / 10.0, "gpu_power_w": min(c, 80.0 + b)}
+                for c in (100, 200)
+                for b in (1, 8)
+            ],
+        }
+    )
+    m = PerfModel(profile)
+    assert m.method == "bilinear"
+    assert float(m.tokens_per_s(150, 8)) == pytest.approx((80.0 + 160.0) / 2)
 
 
 def test_clamps_outside_the_measured_range(model: PerfModel) -> None:
@@ -90,3 +130,22 @@ def test_efficiency_optimum_is_below_max_cap() -> None:
         c, b = np.meshgrid(np.arange(100, 401, 25.0), [1, 4, 8, 16, 32, 64], indexing="ij")
         eff = m.tokens_per_j(c, b)
         assert eff.max() > 1.2 * float(m.tokens_per_j(400, 64)), profile.model
+
+
+H100 = load_profiles(PROFILES / "h100")
+
+
+@pytest.mark.parametrize("name", sorted({p.model + "|" + p.parallelism for p in H100.profiles}))
+def test_h100_models_are_monotone_and_follow_the_modelled_grid(name: str) -> None:
+    model_name, par = name.split("|")
+    (profile,) = [p for p in H100.profiles if p.model == model_name and p.parallelism == par]
+    m = PerfModel(profile)
+    c, b = np.meshgrid(np.linspace(150.0, 800.0, 66), np.unique(np.round(np.geomspace(1, 4096, 60))), indexing="ij")
+    tput, power = m.predict(c, b)
+    assert np.all(np.diff(tput, axis=0) >= -1e-9) and np.all(np.diff(tput, axis=1) >= -1e-9)
+    assert np.all(power <= c + 1e-9) and np.all(tput > 0)
+    for p in profile.points:
+        t, w = m.predict(p.cap_w, p.batch)
+        assert float(t) >= 0.97 * p.tokens_per_s  # the monotone envelope may lift measured dips
+        # Power too, where a smaller batch drew more (non-monotone ML.ENERGY rows), never above the cap.
+        assert 0.97 * p.gpu_power_w - 3.0 <= float(w) <= p.cap_w + 1e-9

@@ -211,3 +211,43 @@ def test_registry_rejects_conflicting_names() -> None:
     registry = ProfileRegistry([a, profile_from_dict(other)])
     found = registry.find("Tiny-MoE-v1", "H100-SXM5-80GB")
     assert found is not None and found.model == "another"
+
+
+def test_optional_point_fields_roundtrip(tmp_path: Path) -> None:
+    data = _valid()
+    data["points"][0].update({"tpot_ms": 12.5, "ttft_ms": 80.0, "modelled": True})
+    profile = profile_from_dict(data)
+    assert profile.points[0].tpot_ms == 12.5 and profile.points[0].modelled
+    assert profile.points[1].tpot_ms is None and not profile.points[1].modelled
+    path = tmp_path / "x.json"
+    path.write_text(dumps_profile(profile))
+    assert load_profile(path) == profile
+    assert path.read_text().count('"modelled": true') == 1
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [("tpot_ms", 0, "tpot_ms"), ("ttft_ms", "5", "ttft_ms"), ("modelled", 1, "modelled"), ("tpot_ms", -1.0, "tpot")],
+)
+def test_optional_point_fields_are_validated(tmp_path: Path, key: str, value: Any, needle: str) -> None:
+    data = _valid()
+    data["points"][0][key] = value
+    with pytest.raises(ProfileError, match=needle):
+        load_profile(_write(tmp_path, data))
+
+
+def test_measured_profile_cannot_hold_modelled_points(tmp_path: Path) -> None:
+    data = _valid()
+    data["method"] = "measured"
+    data["points"][0]["modelled"] = True
+    with pytest.raises(ProfileError, match="some points are modelled"):
+        load_profile(_write(tmp_path, data))
+
+
+def test_h100_profiles_load_and_match_nvml_names() -> None:
+    registry = load_profiles(PROFILES / "h100")
+    assert len(registry) >= 10
+    found = registry.find("Qwen/Qwen3-30B-A3B-Instruct-2507", "NVIDIA H100 80GB HBM3")
+    assert found is not None and found.gpu == "H100 80GB HBM3"
+    assert registry.find("Qwen/Qwen3-30B-A3B-Instruct-2507", "NVIDIA H100 NVL") is None  # 400 W part
+    assert registry.find("Qwen/Qwen3-30B-A3B-Instruct-2507", "NVIDIA A100-SXM4-80GB") is None
