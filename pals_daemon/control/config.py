@@ -50,12 +50,20 @@ class ControllerConfig:
     ttft_boost_step: float = 0.1
     ttft_boost_max: float = 2.0
     # A window is comparable with the model (feeds the ratios) when the engine was busy at least this
-    # fraction of it and either had a queue or ran at least this fraction of its batch limit.
-    saturation_busy_fraction: float = 0.9
+    # fraction of it and either had a queue or ran at least this fraction of its batch limit. Not 0.9: a 0.5 s
+    # window holds 2 or 3 steps of ~170 ms, and busy time is charged to the window a step starts in, so only the
+    # 3-step windows passed 0.9 and the measured rate read ~6% high: S1 QoS violations 12.5% at 0.9, 0.5% at 0.5
+    # (bench/run_scenarios.py --controller-set saturation_busy_fraction=0.5, 2026-11-22).
+    saturation_busy_fraction: float = 0.5
     saturation_running_fraction: float = 0.9
     candidate_batches: tuple[int, ...] = DEFAULT_CANDIDATE_BATCHES
     # GPU kind passed to ProfileRegistry.find (e.g. "A100-SXM4"); None accepts any profile for the model.
     gpu_kind: str | None = None
+    # Restrictions for the evaluation baselines (pals-replay): a cap every controlled GPU is held at
+    # (clamped to its range; "batch-only") and a batch limit every engine is held at (clamped to its
+    # configured maximum; "cap-only"). None: the controller chooses freely (the daemon's default).
+    fixed_cap_w: float | None = None
+    fixed_batch: int | None = None
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -106,5 +114,13 @@ class ControllerConfig:
             problems.append("candidate_batches must be strictly ascending")
         if self.gpu_kind is not None and (not isinstance(self.gpu_kind, str) or not self.gpu_kind.strip()):
             problems.append(f"gpu_kind must be None or a non-empty string, got {self.gpu_kind!r}")
+        cap = self.fixed_cap_w
+        if cap is not None and (
+            not isinstance(cap, (int, float)) or isinstance(cap, bool) or not math.isfinite(cap) or cap <= 0
+        ):
+            problems.append(f"fixed_cap_w must be None or a finite number > 0, got {cap!r}")
+        fb = self.fixed_batch
+        if fb is not None and (not isinstance(fb, int) or isinstance(fb, bool) or fb < 1):
+            problems.append(f"fixed_batch must be None or an integer >= 1, got {fb!r}")
         if problems:
             raise ConfigError(problems)

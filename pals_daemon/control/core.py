@@ -466,8 +466,11 @@ class Controller:
         maxs = np.array([g.max_limit_w for g in ctrl], dtype=np.float64)
         if ctrl:
             lo, hi = float(mins.min()), float(maxs.max())
-            caps = np.arange(lo, hi, cfg.cap_step_w, dtype=np.float64)
-            caps = np.unique(np.append(caps, hi))
+            if cfg.fixed_cap_w is not None:
+                caps = np.array([min(max(float(cfg.fixed_cap_w), lo), hi)], dtype=np.float64)
+            else:
+                caps = np.arange(lo, hi, cfg.cap_step_w, dtype=np.float64)
+                caps = np.unique(np.append(caps, hi))
             limits = _floor_w(np.clip(caps[:, None], mins, maxs), mins)
             eff_cap = limits.min(axis=1)
         else:
@@ -478,7 +481,10 @@ class Controller:
             # A tensor-parallel step runs at the pace of its most tightly capped GPU.
             eff_cap = np.minimum(eff_cap, min(fixed))
         eff_cap = np.maximum(eff_cap, 1.0)
-        batches = _batch_candidates(eng.configured_max_num_seqs, cfg.candidate_batches)
+        if cfg.fixed_batch is not None:
+            batches = np.array([min(cfg.fixed_batch, max(1, eng.configured_max_num_seqs))], dtype=np.int64)
+        else:
+            batches = _batch_candidates(eng.configured_max_num_seqs, cfg.candidate_batches)
         t0, p0 = self._raw_predict(model, eff_cap, batches)
         tput = t0 * (state.tput_ratio * self._tput_scale(eng, model))
         p_gpu = p0 * state.power_ratio

@@ -1,0 +1,438 @@
+"""Replay a scenario in simulated time: the daemon's tick (observe, decide, apply) without sockets or sleeps.
+
+Per control period the clock (a float) moves to the tick time; every SimEngine advances to it; the windows
+and the GPU readings become a ControllerInput exactly as ``server/daemon.py`` builds it (``Daemon.tick``,
+``_gpu_observation``, ``EngineSession.take_observation``); the policy decides; caps go to
+``SimGpu.set_power_limit_mw`` (decreases first, like ``Daemon._apply_limits``) and batch limits to
+``SimEngine.apply_limits`` (the directive the engine would receive). QoS windows are counted like
+``EngineStats.add_to_qos_window``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pals_daemon.control.config import ControllerConfig
+from pals_daemon.control.types import ControllerInput, EngineObservation, EngineTargets, GpuObservation
+from pals_daemon.model.profile import ProfileRegistry
+from pals_daemon.replay.policies import POLICIES, make_policy
+from pals_daemon.replay.scenario import GPUS_PER_SERVER, SERVER_BASE_W_PER_SERVER, SERVER_POWER_SLOPE, Scenario
+from pals_daemon.sim.engine import FinishedRequest, Request, SimEngine, StepWindow
+from pals_daemon.sim.gpu import SimGpu, make_sim_gpus
+from pals_daemon.sim.truth import ModelTruth, load_a100_truth
+from pals_daemon.units import mj_to_j, mw_to_w, w_to_mw
+
+# Plots need no more points than this; it bounds memory on week-long replays (modelled choice).
+MAX_TIMELINE_SAMPLES = 20_000
+
+
+@dataclass
+class EngineResult:
+    """One engine's figures over a run."""
+
+    engine_id: str
+    model: str
+    gpu_indices: tuple[int, ...]
+    output_tokens: int
+    prompt_tokens: int
+    gpu_energy_j: float
+    server_energy_j: float
+    requests_arrived: int
+    requests_finished: int
+    qos_windows: int
+    qos_violations: int
+    slo_attainment: float | None
+    ttft_p90_ms: float | None
+    tpot_p90_ms: float | None
+    target_tokens_per_s: float | None
+
+    @property
+    def tokens_per_j(self) -> float:
+        """Output tokens per joule of the engine's GPU energy."""
+        return self.output_tokens / self.gpu_energy_j if self.gpu_energy_j > 0 else 0.0
+
+    @property
+    def qos_violation_fraction(self) -> float:
+        """Fraction of QoS windows below the throughput target (0 without one)."""
+        return self.qos_violations / self.qos_windows if self.qos_windows else 0.0
+
+
+@dataclass
+class Timeline:
+    """Per-tick samples for the plots."""
+
+    t_s: list[float] = field(default_factory=list)
+    gpu_power_w: list[float] = field(default_factory=list)
+    budget_w: list[float] = field(default_factory=list)
+    # Per engine: enforced limit of its first GPU, batch limit in force, throughput of the last window.
+    cap_w: dict[str, list[float]] = field(default_factory=dict)
+    batch: dict[str, list[int]] = field(default_factory=dict)
+    tokens_per_s: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class PolicyRun:
+    """Everything one policy produced on one scenario."""
+
+    policy: str
+    scenario: str
+    # Simulated seconds the figures cover (after the warm-up) and the whole run.
+    duration_s: float
+    run_s: float
+    num_gpus: int
+    engines: list[EngineResult]
+    gpu_energy_j: float
+    server_energy_j: float
+    time_over_budget_s: float
+    longest_excursion_s: float
+    # Ticks where the sum of requested limits exceeded the budget, and by how much at most (W).
+    limit_over_budget_ticks: int
+    max_limit_excess_w: float
+    wall_s: float
+    timeline: Timeline
+
+    @property
+    def output_tokens(self) -> int:
+        """Output tokens of every engine together."""
+        return sum(e.output_tokens for e in self.engines)
+
+    @property
+    def tokens_per_j(self) -> float:
+        """Node output tokens per joule of GPU energy."""
+        return self.output_tokens / self.gpu_energy_j if self.gpu_energy_j > 0 else 0.0
+
+    @property
+    def speed_x(self) -> float:
+        """Simulated seconds per wall-clock second."""
+        return self.run_s / self.wall_s if self.wall_s > 0 else math.inf
+
+
+class _QosWindow:
+    """Mirror of ``server.daemon.EngineStats.add_to_qos_window`` (5 s windows below target)."""
+
+    def __init__(self) -> None:
+        self.windows = 0
+        self.violations = 0
+        self.open_tokens = 0
+        self.open_s = 0.0
+
+    def add(self, tokens: int, seconds: float, window_s: float, target: float | None) -> None:
+        """Accumulate one tick's telemetry; judge the window once it covers ``window_s``."""
+        self.open_tokens += tokens
+        self.open_s += seconds
+        if self.open_s < window_s:
+            return
+        self.windows += 1
+        if target is not None and self.open_tokens / self.open_s < target:
+            self.violations += 1
+        self.open_tokens, self.open_s = 0, 0.0
+
+
+def _slo(finished: Sequence[FinishedRequest], tg: EngineTargets) -> float | None:
+    """Fraction of ``finished`` meeting both SLOs (TPOT judged only with more than one output token)."""
+    if not finished:
+        return None
+    ok = sum(
+        1
+        for f in finished
+        if (tg.ttft_ms is None or f.ttft_ms <= tg.ttft_ms)
+        and (tg.tpot_ms is None or f.output_tokens <= 1 or f.tpot_ms <= tg.tpot_ms)
+    )
+    return ok / len(finished)
+
+
+def _p90(values: Sequence[float]) -> float | None:
+    return float(np.percentile(values, 90)) if values else None
+
+
+def observation(
+    engine: SimEngine, model: str, gpu_indices: tuple[int, ...], w: StepWindow, elapsed_s: float, current_seqs: int
+) -> EngineObservation:
+    """A window as the daemon's EngineSession.take_observation would hand it to the controller."""
+    span_s = w.window_s if w.window_s > 0 else max(elapsed_s, 1e-9)
+    return EngineObservation(
+        engine_id=engine.engine_id,
+        model=model,
+        gpu_indices=gpu_indices,
+        configured_max_num_seqs=engine.configured_max_num_seqs,
+        configured_max_num_batched_tokens=engine.configured_max_num_batched_tokens,
+        window_s=w.window_s,
+        throughput_tokens_per_s=w.decode_tokens / span_s,
+        prefill_tokens=w.prefill_tokens,
+        decode_tokens=w.decode_tokens,
+        num_running=w.num_running,
+        num_waiting=w.num_waiting,
+        kv_cache_usage=w.kv_cache_usage,
+        busy_fraction=min(1.0, w.busy_s / span_s),
+        ttft_p90_ms=_p90([f.ttft_ms for f in w.finished]),
+        tpot_p90_ms=_p90([f.tpot_ms for f in w.finished]),
+        current_max_num_seqs=current_seqs,
+    )
+
+
+def gpu_observation(g: SimGpu, requested_mw: int) -> GpuObservation:
+    """A SimGpu reading as the daemon's ``_gpu_observation`` builds it."""
+    r, c = g.read(), g.constraints()
+    return GpuObservation(
+        index=g.identity.index,
+        uuid=g.identity.uuid,
+        min_limit_w=mw_to_w(c.min_limit_mw),
+        max_limit_w=mw_to_w(c.max_limit_mw),
+        default_limit_w=mw_to_w(c.default_limit_mw),
+        requested_limit_w=mw_to_w(requested_mw),
+        enforced_limit_w=mw_to_w(r.enforced_limit_mw),
+        power_avg_w=mw_to_w(r.power_avg_mw),
+        power_instant_w=None if r.power_instant_mw is None else mw_to_w(r.power_instant_mw),
+        energy_j=mj_to_j(r.energy_mj),
+        sm_clock_mhz=r.sm_clock_mhz,
+        power_capped=r.power_capped,
+        controlled=True,
+    )
+
+
+@dataclass
+class Prepared:
+    """Per-scenario inputs shared by every policy: truths and request lists (built once)."""
+
+    truths: dict[str, ModelTruth]
+    requests: dict[str, list[Request]]
+
+
+def prepare(scenario: Scenario) -> Prepared:
+    """Load each engine's truth (with its perturbation) and its requests."""
+    truths = {e.engine_id: load_a100_truth(e.model, perturbation=e.perturbation) for e in scenario.engines}
+    requests = {e.engine_id: e.requests(scenario.duration_s) for e in scenario.engines}
+    return Prepared(truths, requests)
+
+
+def progress_bar(label: str) -> Callable[[float], None]:
+    """A ``\\r`` progress line on stderr (no dependency); call with the done fraction in [0, 1]."""
+    state = {"last": -1}
+
+    def update(done: float) -> None:
+        pct = int(done * 100)
+        if pct == state["last"]:
+            return
+        state["last"] = pct
+        bar = "#" * (pct // 4) + "." * (25 - pct // 4)
+        sys.stderr.write(f"\r{label} [{bar}] {pct:3d}%")
+        if pct >= 100:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return update
+
+
+def run_policy(
+    scenario: Scenario,
+    policy_name: str,
+    registry: ProfileRegistry,
+    prepared: Prepared | None = None,
+    progress: Callable[[float], None] | None = None,
+    config: ControllerConfig | None = None,
+) -> PolicyRun:
+    """Replay ``scenario`` under one policy and return its figures."""
+    started = time.perf_counter()
+    prep = prepared if prepared is not None else prepare(scenario)
+    now = [0.0]
+
+    def clock() -> float:
+        return now[0]
+
+    engines: list[SimEngine] = []
+    engine_gpus: list[list[SimGpu]] = []
+    first = 0
+    for spec in scenario.engines:
+        gpus = make_sim_gpus(spec.gpu_kind, spec.num_gpus, clock, first_index=first)
+        first += spec.num_gpus
+        engines.append(
+            SimEngine(
+                spec.engine_id,
+                prep.truths[spec.engine_id],
+                gpus,
+                prep.requests[spec.engine_id],
+                spec.max_num_seqs,
+                spec.max_num_batched_tokens,
+            )
+        )
+        engine_gpus.append(gpus)
+    all_gpus = [g for gs in engine_gpus for g in gs]
+    requested_mw = {g.identity.index: g.read().requested_limit_mw for g in all_gpus}
+    max_mw = {g.identity.index: g.constraints().max_limit_mw for g in all_gpus}
+    min_mw = {g.identity.index: g.constraints().min_limit_mw for g in all_gpus}
+    current_seqs = {e.engine_id: e.configured_max_num_seqs for e in engines}
+    targets: dict[str, EngineTargets] = {s.engine_id: s.targets for s in scenario.engines}
+    gpu_idx = {e.engine_id: tuple(g.identity.index for g in gs) for e, gs in zip(engines, engine_gpus, strict=True)}
+    policy = make_policy(
+        policy_name,
+        registry,
+        truths=prep.truths,
+        requests=prep.requests,
+        configured_max_num_seqs=max(s.max_num_seqs for s in scenario.engines),
+        qos_window_s=scenario.qos_window_s,
+        config=config,
+    )
+    qos = {e.engine_id: _QosWindow() for e in engines}
+    tl = Timeline()
+    for e in engines:
+        tl.cap_w[e.engine_id] = []
+        tl.batch[e.engine_id] = []
+        tl.tokens_per_s[e.engine_id] = []
+    period = scenario.period_s
+    n_ticks = int(math.ceil(scenario.duration_s / period - 1e-9))
+    n_gpus = len(all_gpus)
+    # Timeline samples kept: every tick up to MAX_TIMELINE_SAMPLES, decimated beyond (week-long traces).
+    stride = max(1, n_ticks // MAX_TIMELINE_SAMPLES)
+    over_s = longest_s = run_s = 0.0
+    limit_over_ticks = 0
+    max_excess = 0.0
+    last_t = 0.0
+    base: list[tuple[int, int, float, int]] | None = None
+    t_base = 0.0
+    for k in range(n_ticks):
+        t = k * period
+        now[0] = t
+        elapsed = max(t - last_t, 1e-6)
+        last_t = t
+        for e in engines:
+            e.advance(t)
+        gpu_obs = tuple(gpu_observation(g, requested_mw[g.identity.index]) for g in all_gpus)
+        obs = []
+        for e, spec in zip(engines, scenario.engines, strict=True):
+            w = e.take_window()
+            obs.append(observation(e, spec.model, gpu_idx[e.engine_id], w, elapsed, current_seqs[e.engine_id]))
+        budget_w = scenario.budget.gpu_w(t, n_gpus)
+        inp = ControllerInput(now_s=t, budget_w=budget_w, gpus=gpu_obs, engines=tuple(obs), targets=targets)
+        decision = policy.decide(inp)
+        if progress is not None and (k % 200 == 0 or k == n_ticks - 1):
+            progress((k + 1) / n_ticks)
+        # Apply: decreases first, then increases (Daemon._apply_limits); the simulated writes are instant.
+        changes = []
+        for g in all_gpus:
+            idx = g.identity.index
+            if idx not in decision.gpu_limits_w:
+                continue
+            mw = min(max(w_to_mw(decision.gpu_limits_w[idx]), min_mw[idx]), max_mw[idx])
+            if mw != requested_mw[idx]:
+                changes.append((mw - requested_mw[idx], g, mw))
+        for _, g, mw in sorted(changes, key=lambda c: c[0]):
+            g.set_power_limit_mw(mw)
+            requested_mw[g.identity.index] = mw
+        for e in engines:
+            d = decision.engines.get(e.engine_id)
+            if d is not None:
+                e.apply_limits(d.max_num_seqs, d.max_num_batched_tokens)
+                current_seqs[e.engine_id] = d.max_num_seqs
+        if base is None and t >= scenario.warmup_s:
+            base = [
+                (
+                    e.totals.output_tokens,
+                    e.totals.prefill_tokens,
+                    sum(g.energy_j(t) for g in gs),
+                    len(e.totals.finished),
+                )
+                for e, gs in zip(engines, engine_gpus, strict=True)
+            ]
+            t_base = t
+        # Accounting (Daemon._account; after the warm-up) and the budget checks (always).
+        if base is not None and t > t_base:
+            for o in obs:
+                tgt = targets.get(o.engine_id, EngineTargets()).tokens_per_s
+                qos[o.engine_id].add(o.decode_tokens, o.window_s, scenario.qos_window_s, tgt)
+        power_w = sum(g.power_avg_w for g in gpu_obs)
+        if budget_w is not None:
+            excess = sum(mw_to_w(v) for v in requested_mw.values()) - budget_w
+            if excess > 1e-6:
+                limit_over_ticks += 1
+                max_excess = max(max_excess, excess)
+            if k > 0 and power_w > budget_w + 1e-6:
+                over_s += period
+                run_s += period
+                longest_s = max(longest_s, run_s)
+            else:
+                run_s = 0.0
+        if k % stride:
+            continue
+        tl.t_s.append(t)
+        tl.gpu_power_w.append(power_w)
+        tl.budget_w.append(math.nan if budget_w is None else budget_w)
+        for e, o in zip(engines, obs, strict=True):
+            tl.cap_w[e.engine_id].append(mw_to_w(requested_mw[gpu_idx[e.engine_id][0]]))
+            tl.batch[e.engine_id].append(current_seqs[e.engine_id])
+            tl.tokens_per_s[e.engine_id].append(o.throughput_tokens_per_s)
+
+    t_end = scenario.duration_s
+    now[0] = t_end
+    for e in engines:
+        e.advance(t_end)
+    results = []
+    total_gpu_j = 0.0
+    span_s = t_end - t_base
+    for (tok0, pre0, j0, fin0), e, spec, gpus in zip(base or [], engines, scenario.engines, engine_gpus, strict=True):
+        gpu_j = sum(g.energy_j(t_end) for g in gpus) - j0
+        total_gpu_j += gpu_j
+        tot = e.totals
+        tg = spec.targets
+        finished = tot.finished[fin0:]
+        results.append(
+            EngineResult(
+                engine_id=e.engine_id,
+                model=spec.model,
+                gpu_indices=gpu_idx[e.engine_id],
+                output_tokens=tot.output_tokens - tok0,
+                prompt_tokens=tot.prefill_tokens - pre0,
+                gpu_energy_j=gpu_j,
+                server_energy_j=server_energy_j(gpu_j, spec.num_gpus, span_s),
+                requests_arrived=tot.requests_arrived,
+                requests_finished=len(finished),
+                qos_windows=qos[e.engine_id].windows,
+                qos_violations=qos[e.engine_id].violations,
+                slo_attainment=_slo(finished, tg) if (tg.ttft_ms or tg.tpot_ms) else None,
+                ttft_p90_ms=_p90([f.ttft_ms for f in finished]),
+                tpot_p90_ms=_p90([f.tpot_ms for f in finished if f.output_tokens > 1]),
+                target_tokens_per_s=tg.tokens_per_s,
+            )
+        )
+    return PolicyRun(
+        policy=policy_name,
+        scenario=scenario.name,
+        duration_s=span_s,
+        run_s=t_end,
+        num_gpus=n_gpus,
+        engines=results,
+        gpu_energy_j=total_gpu_j,
+        server_energy_j=server_energy_j(total_gpu_j, n_gpus, span_s),
+        time_over_budget_s=over_s,
+        longest_excursion_s=longest_s,
+        limit_over_budget_ticks=limit_over_ticks,
+        max_limit_excess_w=max_excess,
+        wall_s=time.perf_counter() - started,
+        timeline=tl,
+    )
+
+
+def server_energy_j(gpu_energy_j: float, num_gpus: int, duration_s: float) -> float:
+    """Server energy with the paper's fit: 1.05 x GPU energy + 345 W per 4-GPU server (pro rata)."""
+    return SERVER_POWER_SLOPE * gpu_energy_j + SERVER_BASE_W_PER_SERVER * (num_gpus / GPUS_PER_SERVER) * duration_s
+
+
+def run_scenario(
+    scenario: Scenario,
+    registry: ProfileRegistry,
+    policies: Sequence[str] = POLICIES,
+    show_progress: bool = False,
+    config: ControllerConfig | None = None,
+) -> Mapping[str, PolicyRun]:
+    """Every policy on the same scenario (same truths, same requests), in order."""
+    prep = prepare(scenario)
+    out: dict[str, PolicyRun] = {}
+    for name in policies:
+        bar = progress_bar(f"{scenario.name}: {name:<10}") if show_progress else None
+        out[name] = run_policy(scenario, name, registry, prep, bar, config)
+    return out
