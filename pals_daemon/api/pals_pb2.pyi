@@ -1,10 +1,24 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ProfileState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROFILE_STATE_UNSPECIFIED: _ClassVar[ProfileState]
+    PROFILE_STATE_RUNNING: _ClassVar[ProfileState]
+    PROFILE_STATE_DONE: _ClassVar[ProfileState]
+    PROFILE_STATE_FAILED: _ClassVar[ProfileState]
+    PROFILE_STATE_CANCELLED: _ClassVar[ProfileState]
+PROFILE_STATE_UNSPECIFIED: ProfileState
+PROFILE_STATE_RUNNING: ProfileState
+PROFILE_STATE_DONE: ProfileState
+PROFILE_STATE_FAILED: ProfileState
+PROFILE_STATE_CANCELLED: ProfileState
 
 class GpuStatus(_message.Message):
     __slots__ = ("index", "uuid", "name", "min_limit_w", "max_limit_w", "default_limit_w", "requested_limit_w", "enforced_limit_w", "original_limit_w", "power_w", "power_instant_w", "energy_j", "sm_clock_mhz", "clock_event_reasons", "power_capped", "controlled", "fault", "engine_id", "decided_limit_w")
@@ -183,6 +197,76 @@ class WatchStatusRequest(_message.Message):
     INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     interval_s: float
     def __init__(self, interval_s: _Optional[float] = ...) -> None: ...
+
+class StartProfileRequest(_message.Message):
+    __slots__ = ("engine_id", "caps_w", "batches", "hold_s", "settle_s", "output_path", "parallelism")
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPS_W_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    HOLD_S_FIELD_NUMBER: _ClassVar[int]
+    SETTLE_S_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_PATH_FIELD_NUMBER: _ClassVar[int]
+    PARALLELISM_FIELD_NUMBER: _ClassVar[int]
+    engine_id: str
+    caps_w: _containers.RepeatedScalarFieldContainer[float]
+    batches: _containers.RepeatedScalarFieldContainer[int]
+    hold_s: float
+    settle_s: float
+    output_path: str
+    parallelism: str
+    def __init__(self, engine_id: _Optional[str] = ..., caps_w: _Optional[_Iterable[float]] = ..., batches: _Optional[_Iterable[int]] = ..., hold_s: _Optional[float] = ..., settle_s: _Optional[float] = ..., output_path: _Optional[str] = ..., parallelism: _Optional[str] = ...) -> None: ...
+
+class GetProfileRequest(_message.Message):
+    __slots__ = ("engine_id",)
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    engine_id: str
+    def __init__(self, engine_id: _Optional[str] = ...) -> None: ...
+
+class CancelProfileRequest(_message.Message):
+    __slots__ = ("engine_id",)
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    engine_id: str
+    def __init__(self, engine_id: _Optional[str] = ...) -> None: ...
+
+class ProfilePointResult(_message.Message):
+    __slots__ = ("cap_w", "batch", "tokens_per_s", "gpu_power_w")
+    CAP_W_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    GPU_POWER_W_FIELD_NUMBER: _ClassVar[int]
+    cap_w: float
+    batch: int
+    tokens_per_s: float
+    gpu_power_w: float
+    def __init__(self, cap_w: _Optional[float] = ..., batch: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., gpu_power_w: _Optional[float] = ...) -> None: ...
+
+class ProfileJob(_message.Message):
+    __slots__ = ("engine_id", "state", "points_done", "points_total", "current", "phase", "error", "output_path", "points", "elapsed_s", "estimated_remaining_s", "warnings")
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    POINTS_DONE_FIELD_NUMBER: _ClassVar[int]
+    POINTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_PATH_FIELD_NUMBER: _ClassVar[int]
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_REMAINING_S_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    engine_id: str
+    state: ProfileState
+    points_done: int
+    points_total: int
+    current: ProfilePointResult
+    phase: str
+    error: str
+    output_path: str
+    points: _containers.RepeatedCompositeFieldContainer[ProfilePointResult]
+    elapsed_s: float
+    estimated_remaining_s: float
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, engine_id: _Optional[str] = ..., state: _Optional[_Union[ProfileState, str]] = ..., points_done: _Optional[int] = ..., points_total: _Optional[int] = ..., current: _Optional[_Union[ProfilePointResult, _Mapping]] = ..., phase: _Optional[str] = ..., error: _Optional[str] = ..., output_path: _Optional[str] = ..., points: _Optional[_Iterable[_Union[ProfilePointResult, _Mapping]]] = ..., elapsed_s: _Optional[float] = ..., estimated_remaining_s: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Register(_message.Message):
     __slots__ = ("engine_id", "model", "gpu_uuids", "gpu_indices", "max_num_seqs", "max_num_batched_tokens", "client_version")

@@ -59,6 +59,21 @@ class PowerAdminStub:
                 request_serializer=pals_dot_v1_dot_pals__pb2.WatchStatusRequest.SerializeToString,
                 response_deserializer=pals_dot_v1_dot_pals__pb2.NodeStatus.FromString,
                 _registered_method=True)
+        self.StartProfile = channel.unary_unary(
+                '/pals.v1.PowerAdmin/StartProfile',
+                request_serializer=pals_dot_v1_dot_pals__pb2.StartProfileRequest.SerializeToString,
+                response_deserializer=pals_dot_v1_dot_pals__pb2.ProfileJob.FromString,
+                _registered_method=True)
+        self.GetProfile = channel.unary_unary(
+                '/pals.v1.PowerAdmin/GetProfile',
+                request_serializer=pals_dot_v1_dot_pals__pb2.GetProfileRequest.SerializeToString,
+                response_deserializer=pals_dot_v1_dot_pals__pb2.ProfileJob.FromString,
+                _registered_method=True)
+        self.CancelProfile = channel.unary_unary(
+                '/pals.v1.PowerAdmin/CancelProfile',
+                request_serializer=pals_dot_v1_dot_pals__pb2.CancelProfileRequest.SerializeToString,
+                response_deserializer=pals_dot_v1_dot_pals__pb2.ProfileJob.FromString,
+                _registered_method=True)
 
 
 class PowerAdminServicer:
@@ -94,6 +109,28 @@ class PowerAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartProfile(self, request, context):
+        """INVALID_ARGUMENT for a bad request; FAILED_PRECONDITION in advise mode, while another job runs for the
+        engine, or when a point would exceed the budget in force. Nothing is started on error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProfile(self, request, context):
+        """The engine's running or last job; NOT_FOUND if it never had one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelProfile(self, request, context):
+        """Stops a running job (the controller takes over at once); a finished job is returned unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PowerAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +158,21 @@ def add_PowerAdminServicer_to_server(servicer, server):
                     servicer.WatchStatus,
                     request_deserializer=pals_dot_v1_dot_pals__pb2.WatchStatusRequest.FromString,
                     response_serializer=pals_dot_v1_dot_pals__pb2.NodeStatus.SerializeToString,
+            ),
+            'StartProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartProfile,
+                    request_deserializer=pals_dot_v1_dot_pals__pb2.StartProfileRequest.FromString,
+                    response_serializer=pals_dot_v1_dot_pals__pb2.ProfileJob.SerializeToString,
+            ),
+            'GetProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProfile,
+                    request_deserializer=pals_dot_v1_dot_pals__pb2.GetProfileRequest.FromString,
+                    response_serializer=pals_dot_v1_dot_pals__pb2.ProfileJob.SerializeToString,
+            ),
+            'CancelProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelProfile,
+                    request_deserializer=pals_dot_v1_dot_pals__pb2.CancelProfileRequest.FromString,
+                    response_serializer=pals_dot_v1_dot_pals__pb2.ProfileJob.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +310,87 @@ class PowerAdmin:
             '/pals.v1.PowerAdmin/WatchStatus',
             pals_dot_v1_dot_pals__pb2.WatchStatusRequest.SerializeToString,
             pals_dot_v1_dot_pals__pb2.NodeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pals.v1.PowerAdmin/StartProfile',
+            pals_dot_v1_dot_pals__pb2.StartProfileRequest.SerializeToString,
+            pals_dot_v1_dot_pals__pb2.ProfileJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pals.v1.PowerAdmin/GetProfile',
+            pals_dot_v1_dot_pals__pb2.GetProfileRequest.SerializeToString,
+            pals_dot_v1_dot_pals__pb2.ProfileJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pals.v1.PowerAdmin/CancelProfile',
+            pals_dot_v1_dot_pals__pb2.CancelProfileRequest.SerializeToString,
+            pals_dot_v1_dot_pals__pb2.ProfileJob.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,7 +9,8 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import grpc
 from google.protobuf import json_format
@@ -26,6 +27,18 @@ class CliError(Exception):
     """An error to print as one line."""
 
 
+class UsageError(CliError):
+    """A command line that cannot work (exit status 2, as argparse's)."""
+
+
+_JOB_STATES = {
+    pals_pb2.PROFILE_STATE_RUNNING: "running",
+    pals_pb2.PROFILE_STATE_DONE: "done",
+    pals_pb2.PROFILE_STATE_FAILED: "failed",
+    pals_pb2.PROFILE_STATE_CANCELLED: "cancelled",
+}
+
+
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -33,6 +46,26 @@ def _finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _list_of(kind: Callable[[str], float], name: str) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {name}")
+        return [kind(t) for t in items]
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
     return value
 
 
@@ -63,6 +96,26 @@ def build_parser() -> argparse.ArgumentParser:
     watch = sub.add_parser("watch", help="print a status line after every control tick")
     watch.add_argument("--interval", type=_finite_float, default=0.0, metavar="S", help="seconds between lines")
     watch.add_argument("--count", type=int, default=0, help="stop after N lines (0: until interrupted)")
+    profile = sub.add_parser(
+        "profile",
+        help="sweep an engine over power caps x batch limits on live load and write a profile",
+        description="Start an online profile sweep (the engine must serve a load that saturates the batch), "
+        "or show (--status) or stop (--cancel) the engine's job.",
+    )
+    profile.add_argument("engine")
+    profile.add_argument("--caps", type=_list_of(_finite_float, "watts"), metavar="W,W,...", help="per-GPU caps, W")
+    profile.add_argument(
+        "--batches", type=_list_of(_positive_int, "batch sizes"), metavar="N,N,...", help="max_num_seqs values"
+    )
+    profile.add_argument("--hold", type=_finite_float, metavar="S", help="seconds each point is measured")
+    profile.add_argument("--settle", type=_finite_float, metavar="S", help="seconds before measuring (default 2)")
+    profile.add_argument("--output", metavar="PATH", help="profile file (default <state_dir>/profiles/...)")
+    profile.add_argument("--parallelism", help="the profile's parallelism field (default tp<GPUs>)")
+    profile.add_argument("--wait", action="store_true", help="print progress until the job ends")
+    profile.add_argument("--poll", type=_finite_float, default=1.0, metavar="S", help="seconds between polls")
+    which = profile.add_mutually_exclusive_group()
+    which.add_argument("--status", action="store_true", help="show the engine's running or last job")
+    which.add_argument("--cancel", action="store_true", help="cancel the engine's running job")
     return parser
 
 
@@ -125,6 +178,89 @@ def _watch_line(s: pals_pb2.NodeStatus) -> str:
     return f"tick {s.controller.ticks}  power {_watts(b.node_power_w)}  budget {budget}  caps [{caps}] W  seqs {seqs}"
 
 
+def format_job(job: pals_pb2.ProfileJob) -> str:
+    """One line on a profile job."""
+    state = _JOB_STATES.get(job.state, "unknown")
+    if job.state == pals_pb2.PROFILE_STATE_RUNNING:
+        where = ""
+        if job.HasField("current"):
+            where = f" ({job.current.cap_w:g} W, batch {job.current.batch}, {job.phase})"
+        return (
+            f"{job.engine_id}: running, point {job.points_done + 1}/{job.points_total}{where}, "
+            f"elapsed {job.elapsed_s:.0f} s, ~{job.estimated_remaining_s:.0f} s left"
+        )
+    line = f"{job.engine_id}: {state} {job.points_done}/{job.points_total} points"
+    if job.state == pals_pb2.PROFILE_STATE_DONE:
+        line += f" -> {job.output_path}"
+    if job.error:
+        line += f": {job.error}"
+    return line
+
+
+def format_job_points(job: pals_pb2.ProfileJob) -> str:
+    """The measured points as a table."""
+    lines = [f"{'cap W':>7} {'batch':>5} {'tokens/s':>9} {'W/GPU':>7}"]
+    for p in job.points:
+        lines.append(f"{p.cap_w:>7g} {p.batch:>5} {p.tokens_per_s:>9.1f} {p.gpu_power_w:>7.1f}")
+    return "\n".join(lines)
+
+
+def _run_profile(stub: pals_pb2_grpc.PowerAdminStub, args: argparse.Namespace) -> int:
+    if args.status or args.cancel:
+        if args.status:
+            job = stub.GetProfile(pals_pb2.GetProfileRequest(engine_id=args.engine), timeout=RPC_TIMEOUT_S)
+        else:
+            job = stub.CancelProfile(pals_pb2.CancelProfileRequest(engine_id=args.engine), timeout=RPC_TIMEOUT_S)
+        print(format_job(job))
+        if job.points:
+            print(format_job_points(job))
+        for warning in job.warnings:
+            print(f"warning: {warning}")
+        return 0
+    missing = [f"--{n}" for n in ("caps", "batches", "hold") if getattr(args, n) is None]
+    if missing:
+        raise UsageError(f"profile: {', '.join(missing)} required to start a sweep (or --status / --cancel)")
+    request = pals_pb2.StartProfileRequest(
+        engine_id=args.engine,
+        caps_w=args.caps,
+        batches=args.batches,
+        hold_s=args.hold,
+        output_path=os.path.abspath(args.output) if args.output else "",
+        parallelism=args.parallelism or "",
+    )
+    if args.settle is not None:
+        request.settle_s = args.settle
+    job = stub.StartProfile(request, timeout=RPC_TIMEOUT_S)
+    print(
+        f"{job.engine_id}: started, {job.points_total} points, ~{job.estimated_remaining_s:.0f} s "
+        f"(plus draining); output {job.output_path}",
+        flush=True,
+    )
+    if not args.wait:
+        return 0
+    last = ""
+    try:
+        while job.state == pals_pb2.PROFILE_STATE_RUNNING:
+            line = format_job(job)
+            key = line.split(", elapsed")[0]
+            if key != last:
+                print(line, flush=True)
+                last = key
+            time.sleep(max(args.poll, 0.01))
+            job = stub.GetProfile(pals_pb2.GetProfileRequest(engine_id=args.engine), timeout=RPC_TIMEOUT_S)
+    except KeyboardInterrupt:
+        print(f"\nthe job goes on; 'palsctl profile {args.engine} --cancel' stops it", file=sys.stderr)
+        raise
+    if job.points:
+        print(format_job_points(job))
+    for warning in job.warnings:
+        print(f"warning: {warning}")
+    if job.state != pals_pb2.PROFILE_STATE_DONE:
+        raise CliError(format_job(job))
+    print(f"profile written to {job.output_path}")
+    return 0
+
+
 def _parse_budget(text: str) -> float | None:
     if text.lower() == "none":
         return None
@@ -177,6 +313,8 @@ def run(args: argparse.Namespace) -> int:
             if args.count and n >= args.count:
                 stream.cancel()
                 break
+    elif args.command == "profile":
+        return _run_profile(stub, args)
     return 0
 
 
@@ -185,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
+    except UsageError as exc:
+        print(f"palsctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except CliError as exc:
         print(f"palsctl: {exc}", file=sys.stderr)
     except grpc.RpcError as exc:

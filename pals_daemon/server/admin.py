@@ -15,6 +15,7 @@ from pals_daemon.api import pals_pb2, pals_pb2_grpc
 from pals_daemon.errors import InvalidRequestError
 from pals_daemon.server import validate
 from pals_daemon.server.daemon import Daemon
+from pals_daemon.server.profiler import ProfileConflictError, ProfileNotFoundError
 
 # Watch snapshots no faster than this (wall seconds), whatever the client asks.
 MIN_WATCH_INTERVAL_S = 0.05
@@ -61,6 +62,38 @@ class PowerAdminServicer(pals_pb2_grpc.PowerAdminServicer):
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return self.daemon.engine_status(engine_id)
+
+    async def StartProfile(self, request: pals_pb2.StartProfileRequest, context):  # noqa: N802
+        """Start an online profile sweep of an engine (see pals_daemon/server/profiler.py)."""
+        try:
+            job = self.daemon.profiler.start(request)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ProfileConflictError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        self.daemon.wake()
+        return self.daemon.profiler.job_proto(job)
+
+    async def GetProfile(self, request: pals_pb2.GetProfileRequest, context):  # noqa: N802
+        """The engine's running or last profile job."""
+        try:
+            job = self.daemon.profiler.get(request.engine_id)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ProfileNotFoundError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        return self.daemon.profiler.job_proto(job)
+
+    async def CancelProfile(self, request: pals_pb2.CancelProfileRequest, context):  # noqa: N802
+        """Cancel the engine's running profile job; the controller takes over at once."""
+        try:
+            job = self.daemon.profiler.cancel(request.engine_id)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ProfileNotFoundError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        self.daemon.wake()
+        return self.daemon.profiler.job_proto(job)
 
     async def WatchStatus(  # noqa: N802
         self, request: pals_pb2.WatchStatusRequest, context

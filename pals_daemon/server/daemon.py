@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import pathlib
 import time
@@ -33,6 +34,7 @@ from pals_daemon.gpu.worker import GpuWorker
 from pals_daemon.model.profile import ProfileRegistry
 from pals_daemon.server import validate
 from pals_daemon.server.engines import EngineRegistry
+from pals_daemon.server.profiler import Profiler
 from pals_daemon.state import DaemonState, OriginalLimit, StateStore
 from pals_daemon.units import mj_to_j, mw_to_w, w_to_mw
 
@@ -125,6 +127,8 @@ class Daemon:
         self._tick_lock = asyncio.Lock()
         # Hooks for the metrics exporter and sd_notify (set by the runner).
         self.on_tick: list[Callable[[Daemon], None]] = []
+        # Online profiling jobs: while one runs, its engine's caps and batch come from it, not the controller.
+        self.profiler = Profiler(self)
 
     # ------------------------------------------------------------------ start / stop
 
@@ -157,6 +161,10 @@ class Daemon:
         missing = wanted - {g.identity.index for g in self.gpus}
         if missing:
             raise InvalidRequestError(f"configured GPU indices {sorted(missing)} do not exist")
+        if self.controller.config.gpu_kind is None and self.gpus:
+            # Only profiles measured on this node's kind of GPU apply (an H100 profile would mislead on A100s).
+            kind = self.gpus[0].identity.name
+            self.controller.config = dataclasses.replace(self.controller.config, gpu_kind=kind)
         if self.enforcing:
             for g in self.gpus:
                 # First one wins: a record left by a crashed run keeps the limit found before that run.
@@ -208,11 +216,16 @@ class Daemon:
 
     async def close(self) -> None:
         """Restore limits (enforce mode), stop the GPU workers and close the backend."""
+        self.profiler.stop()
         if self.enforcing:
             await self.restore_all()
         for g in self.gpus:
             g.worker.close()
         self.backend.close()
+
+    def wake(self) -> None:
+        """Run the next tick now rather than at the end of the period."""
+        self._wake.set()
 
     def request_stop(self) -> None:
         """Ask the control loop to finish its tick and return."""
@@ -252,13 +265,14 @@ class Daemon:
                 engines=observations,
                 targets=dict(self.state.targets),
             )
-            decision = self.controller.step(inp)
+            decision = self.profiler.override(self.controller.step(self.profiler.controller_input(inp)), inp)
             for g in self.gpus:
                 g.decided_limit_w = decision.gpu_limits_w.get(g.identity.index, mw_to_w(g.requested_limit_mw))
             if self.enforcing:
                 await self._apply_limits(decision)
                 self._send_directives(decision)
             self._account(observations, decision)
+            self.profiler.after_tick(now, observations)
             self.last_decision = decision
             self.ticks += 1
             self.decisions_changed += int(decision.changed)
