@@ -15,7 +15,7 @@ from pals_daemon.clock import Clock, MonotonicClock, ScaledClock
 from pals_daemon.config import DaemonConfig, add_config_flags, describe, load_config
 from pals_daemon.errors import ConfigError, PalsError
 from pals_daemon.gpu.backend import GpuBackend
-from pals_daemon.model.profile import load_profiles
+from pals_daemon.model.profile import load_profile_tree
 from pals_daemon.restore import restore_originals
 from pals_daemon.server.daemon import default_profiles_dir
 from pals_daemon.server.runner import Runner
@@ -58,7 +58,7 @@ def profiles_dir(cfg: DaemonConfig) -> str:
 async def serve(cfg: DaemonConfig) -> None:
     """Run the daemon until SIGTERM/SIGINT."""
     clock = make_clock(cfg)
-    runner = Runner(cfg, make_backend(cfg, clock), load_profiles(profiles_dir(cfg)), clock)
+    runner = Runner(cfg, make_backend(cfg, clock), load_profile_tree(profiles_dir(cfg)), clock)
     await runner.start()
     await runner.run()
 

@@ -325,3 +325,15 @@ def load_profiles(directory: str | Path) -> ProfileRegistry:
     if not directory.is_dir():
         raise ProfileError(f"{directory}: not a directory")
     return ProfileRegistry(load_profile(path) for path in sorted(directory.glob("*.json")))
+
+
+def load_profile_tree(directory: str | Path) -> ProfileRegistry:
+    """Profiles in ``directory`` and its immediate subdirectories (the package ships A100 at the top, H100 in h100/).
+
+    Any invalid file is an error: a half-read profile set would silently change what the controller does.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ProfileError(f"{directory}: not a directory")
+    paths = sorted(directory.glob("*.json")) + sorted(directory.glob("*/*.json"))
+    return ProfileRegistry(load_profile(path) for path in paths)

@@ -18,7 +18,7 @@ from pals_daemon.api import pals_pb2, pals_pb2_grpc
 from pals_daemon.clock import ScaledClock
 from pals_daemon.config import DaemonConfig
 from pals_daemon.control.types import EngineTargets
-from pals_daemon.model.profile import load_profiles
+from pals_daemon.model.profile import load_profile_tree
 from pals_daemon.server.daemon import Daemon, default_profiles_dir
 from pals_daemon.server.runner import Runner
 from pals_daemon.sim.engine import Request, SimEngine
@@ -146,7 +146,7 @@ async def run_sim_node(spec: SimNodeSpec) -> SimNodeResult:
             sim_gpu_count=spec.num_gpus,
             sim_speed=spec.speed,
         )
-        runner = Runner(config, SimBackend(gpus), load_profiles(str(default_profiles_dir())), clock)
+        runner = Runner(config, SimBackend(gpus), load_profile_tree(str(default_profiles_dir())), clock)
         samples: list[Sample] = []
         runner.daemon.on_tick.append(lambda d: samples.append(_sample(d)))
         await runner.start()
