@@ -2,12 +2,11 @@
 
 S1 (the paper's single-node protocol): each A100 MoE model on a 4-GPU node (TP4), saturated Poisson load,
 throughput targets 60/75/90% of the default policy's throughput, every policy side by side.
-S3 (scaffold): DeepSeek-MoE-16B, Mixtral-8x7B and OLMoE-1B-7B on 4 A100s each, targets 90/60/75% of
-unconstrained, bursty load (on/off Poisson), server budget swept down from 4,800 W.
+S2, S3, S4: bench/scenario_s2.py, scenario_s3.py, scenario_s4.py (each also runs on its own).
 Speed: a 1-hour Azure-trace replay of a 4-GPU Mixtral node under pals, simulated s / wall s.
 
-    python bench/run_scenarios.py --out out/bench            # S1 + speed (~ a few minutes)
-    python bench/run_scenarios.py --out out/bench --s3       # + the S3 sweep
+    python bench/run_scenarios.py --out out/bench              # S1, S2, S3, S4 and speed (~10 min)
+    python bench/run_scenarios.py --out out/bench --only s1    # one scenario
 """
 
 from __future__ import annotations
@@ -23,12 +22,17 @@ from typing import Any
 
 import numpy as np
 
+# The scenario modules beside this file (python bench/run_scenarios.py puts bench/ on sys.path).
+import scenario_s2  # noqa: E402
+import scenario_s3  # noqa: E402
+import scenario_s4  # noqa: E402
+
 from pals_daemon.control.config import ControllerConfig
 from pals_daemon.control.types import EngineTargets
 from pals_daemon.model.profile import load_profiles
 from pals_daemon.replay.policies import POLICIES
 from pals_daemon.replay.report import format_table, plot_runs, summarize, write_json
-from pals_daemon.replay.scenario import Budget, BurstyLoad, EngineSpec, PoissonLoad, Scenario, TraceLoad
+from pals_daemon.replay.scenario import Budget, EngineSpec, PoissonLoad, Scenario, TraceLoad
 from pals_daemon.replay.simulate import run_policy, run_scenario
 from pals_daemon.server.daemon import default_profiles_dir
 from pals_daemon.sim.truth import Perturbation, known_models, load_a100_truth
@@ -44,11 +48,6 @@ S1_OVERLOAD = 2.0
 # Model mismatch (issue 3, item 5: >= 10%): the truth's throughput and power factors vs the shipped
 # profile, cycled over the models (modelled; a profile measured on another prompt mix).
 S1_MISMATCH = ((0.9, 1.05), (1.1, 0.95), (0.88, 1.08), (1.12, 0.93), (0.92, 1.1))
-S3_MODELS = ("deepseek-moe-16b-base", "mixtral-8x7b-instruct", "olmoe-1b-7b")
-S3_TARGET_FRACTIONS = (0.9, 0.6, 0.75)
-# S3 bursts relative to the default configuration's capacity (modelled).
-S3_BURST_HIGH = 2.5
-S3_BURST_LOW = 1.0
 
 
 def s1_engine(model: str, i: int, mismatch: bool) -> EngineSpec:
@@ -163,69 +162,6 @@ def _plot_s1(cases: list[dict[str, Any]], policies: list[str], path: Path) -> No
     plt.close(fig)
 
 
-def bursty_load(capacity_tokens_per_s: float, i: int) -> BurstyLoad:
-    """S3's bursty load: 2.5x the default capacity for 20 s, then 1x for 40 s (modelled; demand never
-    falls below the targets, so a QoS violation is the allocation's doing, not the load's)."""
-    mean_out = float(np.mean(S1_OUTPUT_TOKENS))
-    return BurstyLoad(
-        S3_BURST_HIGH * capacity_tokens_per_s / mean_out,
-        S3_BURST_LOW * capacity_tokens_per_s / mean_out,
-        on_s=20.0,
-        off_s=40.0,
-        prompt_tokens=S1_PROMPT_TOKENS,
-        output_tokens=S1_OUTPUT_TOKENS,
-        seed=100 + i,
-    )
-
-
-def run_s3(args: argparse.Namespace, registry: Any, out: Path) -> dict[str, Any]:
-    """S3 scaffold: three engines, targets 90/60/75% of unconstrained, server budget swept down."""
-    engines = []
-    for i, model in enumerate(S3_MODELS):
-        capacity = load_a100_truth(model).throughput_tokens_per_s(400.0, 64)
-        engines.append(EngineSpec(engine_id=f"engine{i}", model=model, load=bursty_load(capacity, i)))
-    base = Scenario("s3-unconstrained", tuple(engines), duration_s=args.s3_duration, warmup_s=args.s1_warmup)
-    free = run_policy(base, "default", registry)
-    span = base.duration_s - base.warmup_s
-    targeted = tuple(
-        replace(e, targets=EngineTargets(tokens_per_s=f * r.output_tokens / span))
-        for e, r, f in zip(engines, free.engines, S3_TARGET_FRACTIONS, strict=True)
-    )
-    sweep = []
-    budget_w = 4800.0
-    while budget_w >= args.s3_min_budget:
-        sc = Scenario(
-            f"s3-{int(budget_w)}W",
-            targeted,
-            duration_s=args.s3_duration,
-            warmup_s=args.s1_warmup,
-            budget=Budget.constant(budget_w, unit="server"),
-        )
-        runs = run_scenario(sc, registry, args.policies, show_progress=args.progress, config=args.config)
-        summary = summarize(runs)
-        print(format_table(summary, f"\n{sc.name} (server budget)"))
-        write_json(summary, out / f"{sc.name}.json")
-        if args.plots:
-            plot_runs(runs, out / "plots", sc.name)
-        sweep.append(
-            {
-                "server_budget_w": budget_w,
-                "qos": {p: v["node"]["qos_violation_fraction"] for p, v in summary["policies"].items()},
-                "tokens_per_j": {p: v["node"]["tokens_per_j"] for p, v in summary["policies"].items()},
-            }
-        )
-        budget_w -= args.s3_step
-    print("\nS3 sweep: node QoS violation fraction per policy")
-    print(f"{'budget W':>9} " + " ".join(f"{p:>10}" for p in args.policies))
-    for row in sweep:
-        print(
-            f"{row['server_budget_w']:>9.0f} " + " ".join(f"{_f(row['qos'].get(p), '.3f'):>10}" for p in args.policies)
-        )
-    result = {"sweep": sweep}
-    write_json(result, out / "s3.json")
-    return result
-
-
 def run_speed(args: argparse.Namespace, registry: Any, out: Path) -> dict[str, Any]:
     """Replay speed: the 1-hour Azure code trace on a 4-GPU Mixtral node under pals (one core)."""
     eng = EngineSpec(
@@ -270,10 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-mismatch", action="store_true", help="truth = profile (no model mismatch)")
     ap.add_argument("--no-s1", action="store_true")
     ap.add_argument("--no-speed", action="store_true")
-    ap.add_argument("--s3", action="store_true", help="also run the S3 budget sweep (scaffold)")
-    ap.add_argument("--s3-duration", type=float, default=300.0)
-    ap.add_argument("--s3-min-budget", type=float, default=2400.0)
-    ap.add_argument("--s3-step", type=float, default=400.0)
+    ap.add_argument(
+        "--only",
+        default="s1,s2,s3,s4,speed",
+        help="comma-separated subset of s1,s2,s3,s4,speed (default: all, about 10 minutes on one core)",
+    )
     ap.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     ap.add_argument("--progress", action="store_true", help="progress bars on stderr")
     args = ap.parse_args(argv)
@@ -286,11 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         overrides[key] = json.loads(value)
     args.config = ControllerConfig(gpu_kind="A100-SXM4", **overrides)
     t0 = time.perf_counter()
-    if not args.no_s1:
+    only = {x.strip() for x in args.only.split(",")}
+    tuned = bool(overrides)
+    if "s1" in only and not args.no_s1:
         run_s1(args, registry, out)
-    if args.s3:
-        run_s3(args, registry, out)
-    if not args.no_speed:
+    if "s2" in only:
+        scenario_s2.run(out / "s2", config=args.config, plots=args.plots)
+    if "s3" in only:
+        print(scenario_s3.format_result(scenario_s3.run(out / "s3", config=args.config, tuned=tuned, plots=args.plots)))
+    if "s4" in only:
+        scenario_s4.run(out / "s4", config=args.config, plots=args.plots)
+    if "speed" in only and not args.no_speed:
         run_speed(args, registry, out)
     print(f"\nbench done in {time.perf_counter() - t0:.0f} s; JSON under {out}", file=sys.stderr)
     return 0

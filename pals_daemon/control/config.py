@@ -34,9 +34,11 @@ class ControllerConfig:
     # With no target: a rise in demand is served at once, a fall is followed at most this factor per tick
     # (peak hold with decay: bursty arrivals must not make the limits flap; modelled choice, ~7 s half-life).
     demand_decay_per_tick: float = 0.95
-    # EWMA weight of a new measured/predicted ratio sample (modelled; closed-loop test in
-    # tests/control/test_core.py converges within 10 ticks against a 15% model error).
-    ratio_ewma_alpha: float = 0.3
+    # EWMA weight of a new measured/predicted ratio sample. Not 0.3: a 0.5 s window holds ~10 decode steps, so one
+    # window's rate jumps by ~10% and at 0.3 one high window made a lower cap look sufficient, then missed (caps
+    # flapping 250/200/300 W). 0.1 (bench/run_scenarios.py and bench/scenario_s3.py, 2026-11-22): S1 worst-case
+    # QoS 3.8% -> 1.9% at 98.9% instead of 99.2% of the oracle; S3 static-cap/pals violations 5.6x -> 15.9x.
+    ratio_ewma_alpha: float = 0.1
     # Clamp of the measured/predicted ratios: a profile off by more than this is a wrong profile.
     ratio_min: float = 0.5
     ratio_max: float = 1.5
