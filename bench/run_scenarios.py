@@ -3,6 +3,7 @@
 S1 (the paper's single-node protocol): each A100 MoE model on a 4-GPU node (TP4), saturated Poisson load,
 throughput targets 60/75/90% of the default policy's throughput, every policy side by side.
 S2, S3, S4: bench/scenario_s2.py, scenario_s3.py, scenario_s4.py (each also runs on its own).
+Model accuracy: bench/model_accuracy.py (leave-one-point-out MAPE on the A100 sweep).
 Speed: a 1-hour Azure-trace replay of a 4-GPU Mixtral node under pals, simulated s / wall s.
 
     python bench/run_scenarios.py --out out/bench              # S1, S2, S3, S4 and speed (~10 min)
@@ -22,11 +23,6 @@ from typing import Any
 
 import numpy as np
 
-# The scenario modules beside this file (python bench/run_scenarios.py puts bench/ on sys.path).
-import scenario_s2  # noqa: E402
-import scenario_s3  # noqa: E402
-import scenario_s4  # noqa: E402
-
 from pals_daemon.control.config import ControllerConfig
 from pals_daemon.control.types import EngineTargets
 from pals_daemon.model.profile import load_profiles
@@ -36,6 +32,13 @@ from pals_daemon.replay.scenario import Budget, EngineSpec, PoissonLoad, Scenari
 from pals_daemon.replay.simulate import run_policy, run_scenario
 from pals_daemon.server.daemon import default_profiles_dir
 from pals_daemon.sim.truth import Perturbation, known_models, load_a100_truth
+
+# isort: split
+# The scenario modules beside this file (python bench/run_scenarios.py puts bench/ on sys.path).
+import model_accuracy
+import scenario_s2
+import scenario_s3
+import scenario_s4
 
 # PALS paper (arXiv 2605.21427; ../shared/data/README.md): PALS's tokens/J gain over the default, S1.
 PAPER_S1_GAIN = 1.263
@@ -208,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument(
         "--only",
-        default="s1,s2,s3,s4,speed",
-        help="comma-separated subset of s1,s2,s3,s4,speed (default: all, about 10 minutes on one core)",
+        default="s1,s2,s3,s4,speed,accuracy",
+        help="comma-separated subset of s1,s2,s3,s4,speed,accuracy (default: all, about 10 minutes on one core)",
     )
     ap.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     ap.add_argument("--progress", action="store_true", help="progress bars on stderr")
@@ -235,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         scenario_s4.run(out / "s4", config=args.config, plots=args.plots)
     if "speed" in only and not args.no_speed:
         run_speed(args, registry, out)
+    if "accuracy" in only:
+        model_accuracy.main(["--json", str(out / "model_accuracy.json")])
     print(f"\nbench done in {time.perf_counter() - t0:.0f} s; JSON under {out}", file=sys.stderr)
     return 0
 
