@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import async_helpers
 import grpc
 import pytest
 
@@ -52,22 +53,13 @@ CANCELLED = pals_pb2.PROFILE_STATE_CANCELLED
 
 
 def drive(coro: Coroutine[Any, Any, T]) -> T:
-    """Run one test coroutine on a fresh event loop, with a hard timeout so that a hang fails the test."""
-    return asyncio.run(asyncio.wait_for(coro, TEST_TIMEOUT_S))
+    """Run one test coroutine with this file's hard timeout."""
+    return async_helpers.drive(coro, TEST_TIMEOUT_S)
 
 
 async def eventually(predicate: Callable[[], Awaitable[bool] | bool], timeout_s: float = 20.0) -> None:
-    """Poll ``predicate`` (wall time) until it holds; AssertionError after ``timeout_s``."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        await asyncio.sleep(0.02)
+    """Poll ``predicate`` until it holds (this file's default patience)."""
+    await async_helpers.eventually(predicate, timeout_s)
 
 
 @pytest.fixture
