@@ -4,8 +4,8 @@ Per control period the clock (a float) moves to the tick time; every SimEngine a
 and the GPU readings become a ControllerInput exactly as ``server/daemon.py`` builds it (``Daemon.tick``,
 ``_gpu_observation``, ``EngineSession.take_observation``); the policy decides; caps go to
 ``SimGpu.set_power_limit_mw`` (decreases first, like ``Daemon._apply_limits``) and batch limits to
-``SimEngine.apply_limits`` (the directive the engine would receive). QoS windows are counted like
-``EngineStats.add_to_qos_window``.
+``SimEngine.apply_limits`` (the directive the engine would receive). QoS windows are counted by the
+daemon's own ``control.qos.QosWindows``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pals_daemon.control.config import ControllerConfig
+from pals_daemon.control.qos import QosWindows
 from pals_daemon.control.types import ControllerInput, EngineObservation, EngineTargets, GpuObservation
 from pals_daemon.model.profile import ProfileRegistry
 from pals_daemon.replay.policies import POLICIES, make_policy
@@ -111,27 +112,6 @@ class PolicyRun:
     def speed_x(self) -> float:
         """Simulated seconds per wall-clock second."""
         return self.run_s / self.wall_s if self.wall_s > 0 else math.inf
-
-
-class _QosWindow:
-    """Mirror of ``server.daemon.EngineStats.add_to_qos_window`` (5 s windows below target)."""
-
-    def __init__(self) -> None:
-        self.windows = 0
-        self.violations = 0
-        self.open_tokens = 0
-        self.open_s = 0.0
-
-    def add(self, tokens: int, seconds: float, window_s: float, target: float | None) -> None:
-        """Accumulate one tick's telemetry; judge the window once it covers ``window_s``."""
-        self.open_tokens += tokens
-        self.open_s += seconds
-        if self.open_s < window_s:
-            return
-        self.windows += 1
-        if target is not None and self.open_tokens / self.open_s < target:
-            self.violations += 1
-        self.open_tokens, self.open_s = 0, 0.0
 
 
 def _slo(finished: Sequence[FinishedRequest], tg: EngineTargets) -> float | None:
@@ -278,7 +258,7 @@ def run_policy(
         qos_window_s=scenario.qos_window_s,
         config=config,
     )
-    qos = {e.engine_id: _QosWindow() for e in engines}
+    qos = {e.engine_id: QosWindows() for e in engines}
     tl = Timeline()
     for e in engines:
         tl.cap_w[e.engine_id] = []

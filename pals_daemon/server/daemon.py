@@ -21,6 +21,7 @@ from pals_daemon.config import DaemonConfig
 from pals_daemon.control.budget import BudgetSchedule
 from pals_daemon.control.config import ControllerConfig
 from pals_daemon.control.core import Controller
+from pals_daemon.control.qos import QosWindows
 from pals_daemon.control.types import (
     ControllerInput,
     Decision,
@@ -66,24 +67,9 @@ class GpuSlot:
 class EngineStats:
     """Per-engine figures kept across ticks (survive reconnects under the same id)."""
 
-    windows: int = 0
-    violations: int = 0
+    qos: QosWindows = dataclasses.field(default_factory=QosWindows)
     throughput_tokens_per_s: float = 0.0
     recent: collections.deque[tuple[int, float]] | None = None
-    # The QoS window being filled: output tokens and the report time they cover.
-    open_tokens: int = 0
-    open_s: float = 0.0
-
-    def add_to_qos_window(self, tokens: int, seconds: float, window_s: float, target: float | None) -> None:
-        """Accumulate telemetry; close the QoS window once it covers ``window_s`` and judge it against the target."""
-        self.open_tokens += tokens
-        self.open_s += seconds
-        if self.open_s < window_s:
-            return
-        self.windows += 1
-        if target is not None and self.open_tokens / self.open_s < target:
-            self.violations += 1
-        self.open_tokens, self.open_s = 0, 0.0
 
     def tokens_per_joule(self) -> float:
         """Decode tokens per joule of the engine's GPUs over the recent ticks."""
@@ -396,7 +382,7 @@ class Daemon:
             stats.recent.append((obs.decode_tokens, energy))
             stats.throughput_tokens_per_s = obs.throughput_tokens_per_s
             target = self.state.targets.get(obs.engine_id, EngineTargets()).tokens_per_s
-            stats.add_to_qos_window(obs.decode_tokens, obs.window_s, self.config.qos_window_s, target)
+            stats.qos.add(obs.decode_tokens, obs.window_s, self.config.qos_window_s, target)
 
     # ------------------------------------------------------------------ admin operations
 
@@ -501,9 +487,9 @@ class Daemon:
             targets=_targets_proto(targets),
             throughput_tokens_per_s=stats.throughput_tokens_per_s,
             tokens_per_joule=stats.tokens_per_joule(),
-            qos_violation_fraction=stats.violations / stats.windows if stats.windows else 0.0,
-            windows=stats.windows,
-            qos_violation_windows=stats.violations,
+            qos_violation_fraction=stats.qos.violation_fraction,
+            windows=stats.qos.windows,
+            qos_violation_windows=stats.qos.violations,
         )
         if session is not None:
             reg = session.registration

@@ -192,8 +192,8 @@ async def run_sim_node(spec: SimNodeSpec) -> SimNodeResult:
             engine_gpus=tuple(g.identity.index for g in engine.gpus),
             ttft_ms=list(totals.ttft_ms),
             tpot_ms=list(totals.tpot_ms),
-            qos_windows=stats.windows if stats else 0,
-            qos_violations=stats.violations if stats else 0,
+            qos_windows=stats.qos.windows if stats else 0,
+            qos_violations=stats.qos.violations if stats else 0,
             limit_calls=sum(len(g.calls) for g in gpus),
         )
 
