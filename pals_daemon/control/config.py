@@ -66,6 +66,10 @@ class ControllerConfig:
     # configured maximum; "cap-only"). None: the controller chooses freely (the daemon's default).
     fixed_cap_w: float | None = None
     fixed_batch: int | None = None
+    # MoE routing skew (DESIGN.md section 3): with a known, skewed per-GPU expert load share, keep the most
+    # loaded GPU at the engine's chosen cap and lower the others as far as they can go without becoming the
+    # straggler (Controller._per_gpu_limits; only ever lowers). False: every GPU of an engine at one cap.
+    routing_aware_caps: bool = True
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -124,5 +128,7 @@ class ControllerConfig:
         fb = self.fixed_batch
         if fb is not None and (not isinstance(fb, int) or isinstance(fb, bool) or fb < 1):
             problems.append(f"fixed_batch must be None or an integer >= 1, got {fb!r}")
+        if not isinstance(self.routing_aware_caps, bool):
+            problems.append(f"routing_aware_caps must be a bool, got {self.routing_aware_caps!r}")
         if problems:
             raise ConfigError(problems)

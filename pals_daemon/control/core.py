@@ -49,6 +49,18 @@ _W_MEET = 1e6
 _W_FRACTION = 1e3
 _MAX_REASON_ENGINES = 3
 _PREDICTION_CACHE_SIZE = 512
+# MoE routing skew (Controller._per_gpu_limits), modelled: the fraction of a decode step whose time scales with
+# the GPU's share of the routed tokens (expert GEMMs and weight reads); the rest (attention, dense layers, the
+# all-to-all) takes the same time on every GPU. 1.0 would be "a GPU with share s takes s x N x the uniform step
+# time". 0.5 matches the simulated truth's fit for Mixtral on 4 A100s at batch 16-64 (a GPU with half the
+# hottest share may run ~1.4-1.5x slower per uniform step without becoming the straggler).
+_ROUTING_EXPERT_TIME_FRACTION = 0.5
+# Modelled safety margin: a lowered GPU's predicted time stays this fraction below the straggler's.
+_ROUTING_TIME_MARGIN = 0.03
+# Shares within this relative spread count as uniform (no per-GPU lowering).
+_ROUTING_MIN_SKEW = 0.05
+# Resolution of the per-GPU cap search below the engine's cap (W).
+_ROUTING_CAP_STEP_W = 5.0
 
 
 @dataclass(frozen=True)
@@ -242,7 +254,7 @@ class Controller:
         for p in plans:
             eid = p.engine.engine_id
             i, j = choice[eid]
-            for g, lim in zip(p.ctrl, self._per_gpu_limits(p, i), strict=True):
+            for g, lim in zip(p.ctrl, self._per_gpu_limits(p, i, j), strict=True):
                 limits[g.index] = float(lim)
             batch = int(p.batches[j])
             p.state.cap_w = float(p.caps_w[i])
@@ -408,6 +420,10 @@ class Controller:
         # Predict at what was really in force: the enforced limits (someone else may have capped lower).
         ctrl_caps = [g.enforced_limit_w for g in own if _finite(g.enforced_limit_w) and g.enforced_limit_w > 0]
         cap_w = min(ctrl_caps) if ctrl_caps else model.max_cap_w
+        hot_cap = self._hot_cap_w(eng, own) if cfg.routing_aware_caps else None
+        if hot_cap is not None:
+            # Routing-aware limits: the cold GPUs sit lower on purpose; the most loaded GPU sets the pace.
+            cap_w = hot_cap
         t_pred, p_pred = model.predict(cap_w, batch_in_force)
         t_pred = float(t_pred) * self._tput_scale(eng, model)
         capacity = t_pred * state.tput_ratio
@@ -446,6 +462,24 @@ class Controller:
                 boost = (1 + cfg.queue_boost) if growing else 1.0
                 required = max(required, capacity * boost)
             state.required_tokens_per_s = max(required, state.required_tokens_per_s * cfg.demand_decay_per_tick)
+
+    @staticmethod
+    def _hot_cap_w(eng: EngineObservation, own: list[GpuObservation]) -> float | None:
+        """Enforced limit of the engine's most loaded GPU under a known skewed expert load, else None."""
+        share = eng.expert_load_share
+        if not share:
+            return None
+        vals = [(share.get(g.index), g) for g in own]
+        known = [(v, g) for v, g in vals if v is not None and math.isfinite(v) and v >= 0]
+        if len(known) != len(own) or len(own) < 2:
+            return None
+        hi = max(v for v, _ in known)
+        lo = min(v for v, _ in known)
+        if hi <= 0 or hi <= lo * (1 + _ROUTING_MIN_SKEW):
+            return None
+        caps = [g.enforced_limit_w for v, g in known if v >= hi * (1 - 1e-9)]
+        cap = min(caps)
+        return cap if _finite(cap) and cap > 0 else None
 
     def _plan(
         self,
@@ -622,15 +656,68 @@ class Controller:
                     top = entry[1]
         return list(states[-1][2])
 
-    @staticmethod
-    def _per_gpu_limits(p: _Plan, row: int) -> FloatArray:
-        """The engine's per-GPU limits for the chosen cap row: uniform for now.
+    def _per_gpu_limits(self, p: _Plan, row: int, col: int | None = None) -> FloatArray:
+        """The engine's per-GPU limits for the chosen cap row (and batch column).
 
-        Hook for MoE skew (DESIGN.md section 3): with ``p.engine.expert_load_share`` known, the GPUs hosting
-        cold experts could run below the straggler's cap without slowing the step. Any such change must
-        only lower limits below ``p.limits_w[row]`` (never raise them) so the budget split stays valid.
+        Uniform (``p.limits_w[row]``) unless ``routing_aware_caps`` is set and the engine reports a skewed
+        expert load share over all its GPUs (DESIGN.md section 3, MoE specifics). Then the most loaded GPU keeps
+        its limit and every other controlled GPU gets the lowest limit at which its predicted step time does
+        not exceed the straggler's. Modelled: the profile gives throughput vs cap under uniform routing; a GPU
+        with share s at cap c takes (1 - phi + phi x s x N) x the uniform step time at c (N GPUs, phi =
+        ``_ROUTING_EXPERT_TIME_FRACTION``), with a safety margin. Limits are only ever lowered, never below a
+        GPU's minimum, so the budget split (made on the uniform limits) stays valid.
         """
-        return p.limits_w[row]
+        base = p.limits_w[row]
+        share_of = self._skew_shares(p)
+        if share_of is None or not self.config.routing_aware_caps:
+            return base
+        n = len(p.engine.gpu_indices)
+        phi = _ROUTING_EXPERT_TIME_FRACTION
+        s_max = max(share_of.values())
+        rel_max = 1.0 - phi + phi * n * s_max
+        hot = [k for k, g in enumerate(p.ctrl) if share_of[g.index] >= s_max * (1 - 1e-9)]
+        # The straggler's cap: the hottest controlled GPU's limit (or the plan's pace if none is controlled).
+        c_hot = float(base[hot[0]]) if hot else float(base.min())
+        j = int(np.argmax(p.batches)) if col is None else col
+        batch = p.batches[j : j + 1]
+        t_hot = float(p.model.predict(np.array([[c_hot]]), batch[None, :])[0][0, 0])
+        if not t_hot > 0:
+            return base
+        out = base.copy()
+        for k, g in enumerate(p.ctrl):
+            if k in hot:
+                continue
+            rel = 1.0 - phi + phi * n * share_of[g.index]
+            # Needed uniform throughput at the GPU's cap so that rel x step(c) <= rel_max x step(c_hot).
+            need = t_hot * rel / rel_max * (1 + _ROUTING_TIME_MARGIN)
+            lo, hi = float(g.min_limit_w), float(base[k])
+            if hi <= lo:
+                continue
+            cand = np.unique(np.append(np.arange(math.ceil(lo), hi, _ROUTING_CAP_STEP_W), hi))
+            tput = np.asarray(p.model.predict(cand[:, None], batch[None, :])[0])[:, 0]
+            ok = np.flatnonzero(tput >= need)
+            if ok.size:
+                out[k] = min(hi, max(lo, float(np.floor(cand[ok[0]]))))
+        return out
+
+    @staticmethod
+    def _skew_shares(p: _Plan) -> dict[int, float] | None:
+        """The engine's expert load share per GPU (normalised) when known for all its GPUs and skewed."""
+        raw = p.engine.expert_load_share
+        idx = p.engine.gpu_indices
+        if not raw or len(idx) < 2 or not p.ctrl:
+            return None
+        vals = [raw.get(i) for i in idx]
+        if any(v is None or not math.isfinite(v) or v < 0 for v in vals):
+            return None
+        total = float(sum(v for v in vals if v is not None))
+        if total <= 0:
+            return None
+        shares = {i: float(v) / total for i, v in zip(idx, vals, strict=True) if v is not None}
+        hi, lo = max(shares.values()), min(shares.values())
+        if hi <= lo * (1 + _ROUTING_MIN_SKEW):
+            return None
+        return shares
 
     # ----------------------------------------------------------------------------------------------
     # safety and bookkeeping

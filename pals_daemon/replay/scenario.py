@@ -109,6 +109,22 @@ class EngineSpec:
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     # The simulated truth differs from the controller's profile by these factors (model mismatch).
     perturbation: Perturbation = field(default_factory=Perturbation)
+    # Per-GPU share of the routed expert load (expert parallelism; normalised); None: uniform routing, no
+    # expert-load telemetry.
+    expert_load_share: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        share = self.expert_load_share
+        if share is None:
+            return
+        vals = tuple(float(x) for x in share)
+        if len(vals) != self.num_gpus:
+            raise ValueError(
+                f"engine {self.engine_id!r}: expert_load_share needs {self.num_gpus} entries, got {len(vals)}"
+            )
+        if not all(math.isfinite(x) and x >= 0 for x in vals) or sum(vals) <= 0:
+            raise ValueError(f"engine {self.engine_id!r}: expert_load_share must be finite, >= 0 and not all zero")
+        object.__setattr__(self, "expert_load_share", vals)
 
     def requests(self, duration_s: float) -> list[Request]:
         """The requests this engine serves within ``duration_s``."""
@@ -237,6 +253,8 @@ def scenario_from_dict(data: Mapping[str, Any]) -> Scenario:
     for i, raw in enumerate(data.get("engines", [])):
         raw = dict(raw)
         pert = raw.pop("perturbation", None) or {}
+        if raw.get("expert_load_share") is not None:
+            raw["expert_load_share"] = tuple(float(v) for v in raw["expert_load_share"])
         engines.append(
             EngineSpec(
                 engine_id=str(raw.pop("engine_id", f"engine{i}")),

@@ -75,6 +75,8 @@ class Timeline:
     cap_w: dict[str, list[float]] = field(default_factory=dict)
     batch: dict[str, list[int]] = field(default_factory=dict)
     tokens_per_s: dict[str, list[float]] = field(default_factory=dict)
+    # Requested limit of every GPU by index (per-GPU caps differ under routing-aware control).
+    gpu_cap_w: dict[int, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -153,7 +155,16 @@ def observation(
         ttft_p90_ms=_p90([f.ttft_ms for f in w.finished]),
         tpot_p90_ms=_p90([f.tpot_ms for f in w.finished]),
         current_max_num_seqs=current_seqs,
+        expert_load_share=_expert_share(gpu_indices, w.expert_tokens_per_gpu),
     )
+
+
+def _expert_share(gpu_indices: tuple[int, ...], tokens: tuple[int, ...]) -> dict[int, float]:
+    """Per-GPU share of the window's expert load, as ``EngineSession.take_observation`` computes it."""
+    total = sum(tokens)
+    if not total or len(tokens) != len(gpu_indices):
+        return {}
+    return {g: t / total for g, t in zip(gpu_indices, tokens, strict=True)}
 
 
 def gpu_observation(g: SimGpu, requested_mw: int) -> GpuObservation:
@@ -239,6 +250,7 @@ def run_policy(
                 prep.requests[spec.engine_id],
                 spec.max_num_seqs,
                 spec.max_num_batched_tokens,
+                expert_load_share=spec.expert_load_share,
             )
         )
         engine_gpus.append(gpus)
@@ -342,6 +354,8 @@ def run_policy(
         tl.t_s.append(t)
         tl.gpu_power_w.append(power_w)
         tl.budget_w.append(math.nan if budget_w is None else budget_w)
+        for idx, mw in requested_mw.items():
+            tl.gpu_cap_w.setdefault(idx, []).append(mw_to_w(mw))
         for e, o in zip(engines, obs, strict=True):
             tl.cap_w[e.engine_id].append(mw_to_w(requested_mw[gpu_idx[e.engine_id][0]]))
             tl.batch[e.engine_id].append(current_seqs[e.engine_id])

@@ -61,6 +61,9 @@ class StepWindow:
     kv_cache_usage: float
     arrived_requests: int
     finished: list[FinishedRequest] = field(default_factory=list)
+    # Routed expert-token visits per GPU of the engine in the window (what the MoE worker extension counts,
+    # summed over layers and experts); empty when the engine has no expert-load share set.
+    expert_tokens_per_gpu: tuple[int, ...] = ()
 
 
 @dataclass
@@ -143,6 +146,7 @@ class SimEngine:
         kv_capacity_tokens: int | None = None,
         start_s: float = 0.0,
         record_steps: bool = False,
+        expert_load_share: Sequence[float] | None = None,
     ) -> None:
         if not gpus:
             raise ValueError(f"engine {engine_id!r}: needs at least one GPU")
@@ -160,6 +164,7 @@ class SimEngine:
             raise ValueError(f"engine {engine_id!r}: max_num_seqs and max_num_batched_tokens must be >= 1")
         self.engine_id = engine_id
         self.truth = truth
+        self.expert_load_share = _normalised_share(engine_id, expert_load_share, len(gpus))
         self.gpus = list(gpus)
         for g in self.gpus:
             g.attach()
@@ -267,12 +272,73 @@ class SimEngine:
             kv_cache_usage=self._kv_used / self.kv_capacity_tokens,
             arrived_requests=self._w_arrived,
             finished=self._w_finished,
+            expert_tokens_per_gpu=self._expert_tokens(self._w_prefill + self._w_decode),
         )
         self._window_start = self._horizon
         self._reset_window()
         return w
 
     # ---- internals --------------------------------------------------------------------------------------
+
+    def _expert_tokens(self, tokens: int) -> tuple[int, ...]:
+        """Routed expert visits per GPU for ``tokens`` processed tokens: tokens x top_k x each GPU's share.
+
+        Modelled: the simulator has no router; what a worker extension would count (tokens per expert per layer
+        per GPU, summed) is taken proportional to the configured share.
+        """
+        share = self.expert_load_share
+        if share is None:
+            return ()
+        top_k = max(1, int(getattr(self.truth.spec, "top_k", 0) or 0))
+        return tuple(int(round(tokens * top_k * s)) for s in share)
+
+    def _decode(self, t: float, cap: float, batch: int) -> tuple[float, list[tuple[float, float, float]]]:
+        """Step time of one decode step and each GPU's (power, clock, demand) for it.
+
+        Without an expert-load share every GPU runs at ``cap`` (the lowest acting limit) via ``decode_step``.
+        With one, each GPU runs at its own acting limit under routing skew (``decode_step_skewed``): the most
+        loaded GPU sets the step time; the others wait at idle power. Demand is what each GPU would draw at
+        the top limit under the same skew.
+        """
+        share = self.expert_load_share
+        if share is None:
+            dec = self.truth.decode_step(cap, batch)
+            per = (dec.power_w_per_gpu, dec.sm_clock_mhz, dec.demand_power_w)
+            return dec.step_time_s, [per] * len(self.gpus)
+        caps = [g.effective_limit_w(t) for g in self.gpus]
+        sk = self.truth.decode_step_skewed(caps, batch, share)
+        top = self.truth.decode_step_skewed([self.truth.hardware.max_limit_w] * len(self.gpus), batch, share)
+        per_gpu = [
+            (sk.power_w_per_gpu[i], sk.sm_clock_mhz_per_gpu[i], max(sk.power_w_per_gpu[i], top.power_w_per_gpu[i]))
+            for i in range(len(self.gpus))
+        ]
+        return sk.step_time_s, per_gpu
+
+    def _prefill(self, t: float, cap: float, tokens: int) -> tuple[float, list[tuple[float, float, float]]]:
+        """Duration of prefilling ``tokens`` and each GPU's (power, clock, demand) for it.
+
+        Without an expert-load share: every GPU at ``cap`` (the lowest acting limit), ``prefill_step``. With one
+        (modelled): GPU i does the non-expert share of the FLOPs evenly and ``N x share_i`` of the expert FLOPs
+        (expert fraction of the active parameters from the model's config), at its own acting limit; the
+        slowest GPU sets the duration and the others wait at idle power for the rest of it.
+        """
+        share = self.expert_load_share
+        truth = self.truth
+        if share is None:
+            pre = truth.prefill_step(cap, tokens)
+            return pre.time_s, [(pre.power_w_per_gpu, pre.sm_clock_mhz, pre.demand_power_w)] * len(self.gpus)
+        n = len(self.gpus)
+        x = _expert_flop_fraction(truth)
+        steps = [
+            truth.prefill_step(g.effective_limit_w(t), max(1, round(tokens * (1 - x + x * n * s))))
+            for g, s in zip(self.gpus, share, strict=True)
+        ]
+        dur = max(p.time_s for p in steps)
+        idle = truth.hardware.idle_power_w
+        per_gpu = [
+            (idle + (p.power_w_per_gpu - idle) * p.time_s / dur, p.sm_clock_mhz, p.demand_power_w) for p in steps
+        ]
+        return dur, per_gpu
 
     def _reset_window(self) -> None:
         self._w_steps = 0
@@ -347,17 +413,16 @@ class SimEngine:
 
         # Modelled: a step costs one decode pass over its decode batch (at least batch 1: the weights are
         # streamed once per step) plus the compute time of its prompt chunks.
-        dec = self.truth.decode_step(cap, max(1, len(decode)))
+        dec_time, dec_gpu = self._decode(t, cap, max(1, len(decode)))
         t_pre = 0.0
         if n_prefill:
-            pre = self.truth.prefill_step(cap, n_prefill)
-            t_pre = pre.time_s
-            for g in self.gpus:
-                g.record_activity(t, t + t_pre, pre.power_w_per_gpu, pre.sm_clock_mhz, pre.demand_power_w)
-        dt = t_pre + dec.step_time_s
+            t_pre, pre_gpu = self._prefill(t, cap, n_prefill)
+            for g, (pw, clk, dem) in zip(self.gpus, pre_gpu, strict=True):
+                g.record_activity(t, t + t_pre, pw, clk, dem)
+        dt = t_pre + dec_time
         t_end = t + dt
-        for g in self.gpus:
-            g.record_activity(t + t_pre, t_end, dec.power_w_per_gpu, dec.sm_clock_mhz, dec.demand_power_w)
+        for g, (pw, clk, dem) in zip(self.gpus, dec_gpu, strict=True):
+            g.record_activity(t + t_pre, t_end, pw, clk, dem)
 
         out_tokens = 0
         finished_any = False
@@ -387,8 +452,7 @@ class SimEngine:
         """Run k identical decode-only steps at once, stopping at the next event that could change them."""
         running = self._running
         b = len(running)
-        dec = self.truth.decode_step(cap, b)
-        dt = dec.step_time_s
+        dt, dec_gpu = self._decode(t, cap, b)
         k = min(r.output - r.generated for r in running)
         if not self._waiting and b < self._max_seqs and b < self._max_tokens:
             nxt = self.next_arrival_s
@@ -401,8 +465,8 @@ class SimEngine:
                 k = min(k, _steps_before(t_change - t, dt))
         k = max(1, k)
         t_end = t + k * dt
-        for g in self.gpus:
-            g.record_activity(t, t_end, dec.power_w_per_gpu, dec.sm_clock_mhz, dec.demand_power_w)
+        for g, (pw, clk, dem) in zip(self.gpus, dec_gpu, strict=True):
+            g.record_activity(t, t_end, pw, clk, dem)
         finished_any = False
         for r in running:
             r.generated += k
@@ -461,6 +525,29 @@ class SimEngine:
             if r.output > 1:
                 tot.tpot_ms.append(tpot_ms)
         self._running = keep
+
+
+def _expert_flop_fraction(truth: ModelTruth) -> float:
+    """Fraction of a token's FLOPs in routed experts: top_k x expert size / active params (0 for dense)."""
+    spec = getattr(truth, "spec", None)
+    experts, top_k = int(getattr(spec, "num_experts", 0) or 0), int(getattr(spec, "top_k", 0) or 0)
+    if spec is None or experts <= top_k or top_k < 1 or spec.active_params <= 0:
+        return 0.0
+    per_expert = max(0.0, (spec.total_params - spec.active_params) / (experts - top_k))
+    return min(1.0, top_k * per_expert / spec.active_params)
+
+
+def _normalised_share(engine_id: str, share: Sequence[float] | None, n: int) -> tuple[float, ...] | None:
+    """The per-GPU expert-load share normalised to sum to 1 (None stays None: uniform routing)."""
+    if share is None:
+        return None
+    vals = [float(x) for x in share]
+    if len(vals) != n:
+        raise ValueError(f"engine {engine_id!r}: expert_load_share needs one entry per GPU ({n}), got {len(vals)}")
+    if not all(math.isfinite(x) and x >= 0 for x in vals) or sum(vals) <= 0:
+        raise ValueError(f"engine {engine_id!r}: expert_load_share must be finite, >= 0 and not all zero")
+    total = sum(vals)
+    return tuple(x / total for x in vals)
 
 
 def _steps_before(gap_s: float, dt: float) -> int:

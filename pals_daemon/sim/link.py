@@ -40,6 +40,27 @@ def step_report(window: StepWindow) -> pals_pb2.StepReport:
     return report
 
 
+def expert_load_reports(
+    window: StepWindow, gpu_uuids: Sequence[str], gpu_indices: Sequence[int] | None = None
+) -> list[pals_pb2.ExpertLoadReport]:
+    """One ExpertLoadReport per GPU for the window (none when the engine reports no expert load).
+
+    The simulator has no router: each GPU's routed-token count (proportional to its configured share) is sent
+    as a single layer with a single expert, which sums the same as the per-expert per-layer counts would.
+    """
+    counts = window.expert_tokens_per_gpu
+    if not counts:
+        return []
+    out = []
+    for i, (uuid, n) in enumerate(zip(gpu_uuids, counts, strict=False)):
+        rep = pals_pb2.ExpertLoadReport(gpu_uuid=uuid, window_s=window.window_s)
+        if gpu_indices is not None:
+            rep.gpu_index = gpu_indices[i]
+        rep.layers.add(layer=0, tokens_per_expert=[int(n)])
+        out.append(rep)
+    return out
+
+
 class SimEngineLink:
     """Drives one SimEngine on the clock and keeps its session with the daemon."""
 
@@ -84,7 +105,10 @@ class SimEngineLink:
                 self.engine.reset_limits()
                 self.directive_expiry_s = None
             self.engine.advance(now)
-            yield pals_pb2.EngineMessage(step=step_report(self.engine.take_window()))
+            window = self.engine.take_window()
+            yield pals_pb2.EngineMessage(step=step_report(window))
+            for rep in expert_load_reports(window, self.gpu_uuids):
+                yield pals_pb2.EngineMessage(expert_load=rep)
             if self.engine.done:
                 stop.set()
 
