@@ -139,7 +139,7 @@ def test_daemon_over_real_socket_lowers_the_cold_gpus(tmp_path) -> None:
     from pals_daemon.sim.gpu import SimBackend
     from pals_daemon.sim.link import SimEngineLink
 
-    async def scenario() -> dict[int, float]:
+    async def scenario() -> list[dict[int, float]]:
         clock = ScaledClock(20.0)
         gpus = make_sim_gpus("A100-SXM4", 4, clock.now)
         config = DaemonConfig(
@@ -155,6 +155,16 @@ def test_daemon_over_real_socket_lowers_the_cold_gpus(tmp_path) -> None:
             sim_speed=20.0,
         )
         runner = Runner(config, SimBackend(gpus), load_profile_tree(str(default_profiles_dir())), clock)
+        # Every tick's limits once the controller has settled (a tick whose window caught no expert-load
+        # report, or the one after the engine left, decides uniform caps: judge the run, not one tick).
+        decided: list[dict[int, float]] = []
+        runner.daemon.on_tick.append(
+            lambda d: (
+                decided.append(dict(d.last_decision.gpu_limits_w))
+                if d.last_decision and d.engines.get("e") and d.last_tick_s > 10.0
+                else None
+            )
+        )
         await runner.start()
         runner.daemon.set_targets("e", EngineTargets(tokens_per_s=200.0))
         reqs = poisson_requests(3.0, 40.0, 256, 256, seed=2)
@@ -170,11 +180,10 @@ def test_daemon_over_real_socket_lowers_the_cold_gpus(tmp_path) -> None:
         finally:
             stop.set()
             await asyncio.wait_for(task, 10.0)
-            decision = runner.daemon.last_decision
             runner.daemon.request_stop()
             await control
-        assert decision is not None
-        return dict(decision.gpu_limits_w)
+        return decided
 
-    limits = uvloop.run(scenario())
-    assert limits[0] > limits[1] == limits[2] == limits[3]
+    decided = uvloop.run(scenario())
+    skewed = [lim for lim in decided if lim[0] > lim[1] == lim[2] == lim[3]]
+    assert decided and len(skewed) >= len(decided) / 2, decided[-5:]
