@@ -372,6 +372,14 @@ class Directive(_message.Message):
     ttl_ms: int
     def __init__(self, sequence: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
 
+class ExpertLoadAck(_message.Message):
+    __slots__ = ("accepted", "unattributed")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    UNATTRIBUTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    unattributed: int
+    def __init__(self, accepted: _Optional[int] = ..., unattributed: _Optional[int] = ...) -> None: ...
+
 class DaemonMessage(_message.Message):
     __slots__ = ("registered", "directive")
     REGISTERED_FIELD_NUMBER: _ClassVar[int]

@@ -416,6 +416,11 @@ class EngineLinkStub:
                 request_serializer=pals_dot_v1_dot_pals__pb2.EngineMessage.SerializeToString,
                 response_deserializer=pals_dot_v1_dot_pals__pb2.DaemonMessage.FromString,
                 _registered_method=True)
+        self.ReportExpertLoad = channel.stream_unary(
+                '/pals.v1.EngineLink/ReportExpertLoad',
+                request_serializer=pals_dot_v1_dot_pals__pb2.ExpertLoadReport.SerializeToString,
+                response_deserializer=pals_dot_v1_dot_pals__pb2.ExpertLoadAck.FromString,
+                _registered_method=True)
 
 
 class EngineLinkServicer:
@@ -428,6 +433,14 @@ class EngineLinkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportExpertLoad(self, request_iterator, context):
+        """Expert-routing counts straight from a GPU worker (a separate process from the engine's scheduler):
+        each report is attributed, by its GPU, to the engine session running on that GPU.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineLinkServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -435,6 +448,11 @@ def add_EngineLinkServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=pals_dot_v1_dot_pals__pb2.EngineMessage.FromString,
                     response_serializer=pals_dot_v1_dot_pals__pb2.DaemonMessage.SerializeToString,
+            ),
+            'ReportExpertLoad': grpc.stream_unary_rpc_method_handler(
+                    servicer.ReportExpertLoad,
+                    request_deserializer=pals_dot_v1_dot_pals__pb2.ExpertLoadReport.FromString,
+                    response_serializer=pals_dot_v1_dot_pals__pb2.ExpertLoadAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -464,6 +482,33 @@ class EngineLink:
             '/pals.v1.EngineLink/Connect',
             pals_dot_v1_dot_pals__pb2.EngineMessage.SerializeToString,
             pals_dot_v1_dot_pals__pb2.DaemonMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportExpertLoad(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/pals.v1.EngineLink/ReportExpertLoad',
+            pals_dot_v1_dot_pals__pb2.ExpertLoadReport.SerializeToString,
+            pals_dot_v1_dot_pals__pb2.ExpertLoadAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -114,6 +114,30 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
                 return str(exc)
         return None
 
+    async def ReportExpertLoad(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[pals_pb2.ExpertLoadReport], context: grpc.aio.ServicerContext
+    ) -> pals_pb2.ExpertLoadAck:
+        """Fold a GPU worker's expert-load reports into the session of the engine running on that GPU.
+
+        The worker starts before its engine's scheduler registers (and outlives a reconnect), so a report
+        for a GPU no connected engine runs on is counted and dropped, not refused. A report naming a GPU
+        this daemon does not manage, or carrying bad numbers, ends the stream with INVALID_ARGUMENT.
+        """
+        ack = pals_pb2.ExpertLoadAck()
+        async for report in request_iterator:
+            try:
+                uuids = [report.gpu_uuid] if report.gpu_uuid else []
+                (gpu,) = self.resolve_gpus(uuids, [] if uuids else [report.gpu_index])
+                session = self.registry.engine_of_gpu(gpu)
+                if session is None:
+                    ack.unattributed += 1
+                    continue
+                session.add_expert_load(report, gpu)
+                ack.accepted += 1
+            except InvalidRequestError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return ack
+
     def _expert_gpu(self, report: pals_pb2.ExpertLoadReport, session: EngineSession) -> int:
         uuids = [report.gpu_uuid] if report.gpu_uuid else []
         (gpu,) = self.resolve_gpus(uuids, [] if uuids else [report.gpu_index])

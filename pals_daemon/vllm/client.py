@@ -72,6 +72,34 @@ def default_engine_id(engine_index: int | None = None) -> str:
     return f"{host[: 63 - len(suffix)]}-{suffix}".lstrip("-._:") or suffix
 
 
+def run_with_backoff(
+    stop: threading.Event,
+    attempt: Callable[[], bool],
+    min_backoff_s: float,
+    max_backoff_s: float,
+    on_error: Callable[[Exception], None],
+    after_attempt: Callable[[], None] = lambda: None,
+) -> None:
+    """Call ``attempt`` until ``stop`` is set, waiting min_backoff_s, doubling to max_backoff_s, between tries.
+
+    ``attempt`` returns True when it got far enough to count as a success (the wait then starts again from
+    the minimum); any exception goes to ``on_error`` and is retried: a client thread must survive anything.
+    """
+    backoff = min_backoff_s
+    while not stop.is_set():
+        succeeded = False
+        try:
+            succeeded = attempt()
+        except Exception as exc:  # noqa: BLE001 - retried after the backoff
+            on_error(exc)
+        after_attempt()
+        if succeeded:
+            backoff = min_backoff_s
+        if stop.wait(backoff):
+            return
+        backoff = min(max_backoff_s, backoff * 2)
+
+
 class EngineLinkClient:
     """One engine's session with the daemon, kept by a background thread.
 
@@ -239,22 +267,16 @@ class EngineLinkClient:
 
     def _run(self) -> None:
         """Connect, keep the session, reconnect with backoff; until close()."""
-        backoff = self.min_backoff_s
-        while not self._stop.is_set():
-            registered = False
-            try:
-                registered = self._session()
-            except Exception as exc:  # noqa: BLE001 - the thread must survive anything and retry
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.debug("pals engine link: %s", self.last_error)
-            self.connected = False
-            if registered:
-                backoff = self.min_backoff_s
-            # Steps queued while disconnected describe no window the daemon will see: drop them.
-            self._steps.clear()
-            if self._stop.wait(backoff):
-                return
-            backoff = min(self.max_backoff_s, backoff * 2)
+        run_with_backoff(self._stop, self._session, self.min_backoff_s, self.max_backoff_s, self._failed, self._ended)
+
+    def _failed(self, exc: Exception) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        log.debug("pals engine link: %s", self.last_error)
+
+    def _ended(self) -> None:
+        self.connected = False
+        # Steps queued while disconnected describe no window the daemon will see: drop them.
+        self._steps.clear()
 
     def _session(self) -> bool:
         """One connection: returns whether it got as far as Registered."""
