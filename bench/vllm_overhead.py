@@ -245,51 +245,32 @@ def instrument_hook(pals: Any) -> dict[str, list[int]]:
 
 
 def record_breakdown(pals: Any, steps: int, work: Workload) -> dict[str, float]:
-    """Where _pals_record's time goes: the per-request output loop vs the rest (re-run on a step's outputs)."""
+    """Where the telemetry time goes, warm (re-run on one step's outputs): the in-step ``_pals_record`` and the
+    work moved to the client thread (counting the outputs' tokens, reading the gauges)."""
     work.top_up()
     out = pals.schedule()
     outputs = VllmScheduler.update_from_output(pals, out, fake_output(pals, out))  # base path: no pals record
     ns = time.perf_counter_ns
-    first = dict(pals._pals_first_token)
     n_outputs = sum(len(e.outputs) for e in outputs.values())
-    loop, whole, alt = [], [], []
+    whole, counting, gauges = [], [], []
     client = pals.pals_client
-    pending: set[str] = set()  # the proposed fix: ids still waiting for a first token (empty in steady decode)
-    requests = pals.requests
     for _ in range(steps):
-        t = ns()
-        decode = 0
-        wall = time.time()
-        for engine_outputs in outputs.values():
-            for o in engine_outputs.outputs:
-                n = len(o.new_token_ids)
-                if n:
-                    decode += n
-                    if o.request_id not in first and len(first) < 1 << 16:
-                        first[o.request_id] = wall
-        loop.append(ns() - t)
-        t = ns()
-        decode = sum(len(e.outputs) for e in outputs.values())  # one token per output without spec decode
-        if pending:
-            wall = time.time()
-            for rid in list(pending):
-                req = requests.get(rid)
-                if req is None or req.num_output_tokens:
-                    pending.discard(rid)
-                    if req is not None:
-                        first[rid] = wall
-        alt.append(ns() - t)
         pals._pals_sched_start[id(out)] = time.perf_counter()
         t = ns()
         pals._pals_record(out, outputs)
         whole.append(ns() - t)
+        t = ns()
+        pals._pals_decode_of(outputs)
+        counting.append(ns() - t)
+        t = ns()
+        pals._pals_gauges()
+        gauges.append(ns() - t)
         client._steps.clear() if len(client._steps) > 10_000 else None
     return {
         "outputs_per_step": n_outputs,
-        "record_median_us": round(statistics.median(whole) / 1000, 2),
-        "output_loop_median_us": round(statistics.median(loop) / 1000, 2),
-        "output_loop_ns_per_request": round(statistics.median(loop) / max(1, n_outputs), 1),
-        "proposed_loop_free_median_us": round(statistics.median(alt) / 1000, 2),
+        "record_warm_median_us": round(statistics.median(whole) / 1000, 2),
+        "client_thread_count_outputs_median_us": round(statistics.median(counting) / 1000, 2),
+        "client_thread_gauges_median_us": round(statistics.median(gauges) / 1000, 2),
     }
 
 
@@ -529,9 +510,9 @@ def main() -> None:
     for r in results:
         b = r["record_breakdown"]
         print(
-            f"  {r['case']}/{r['daemon']}: _pals_record {b['record_median_us']} us, of which the per-request output"
-            f" loop {b['output_loop_median_us']} us ({b['outputs_per_step']} outputs,"
-            f" {b['output_loop_ns_per_request']} ns each); loop-free alternative {b['proposed_loop_free_median_us']} us"
+            f"  {r['case']}/{r['daemon']}: in-step _pals_record warm {b['record_warm_median_us']} us; on the client"
+            f" thread: counting {b['outputs_per_step']} outputs {b['client_thread_count_outputs_median_us']} us,"
+            f" gauges {b['client_thread_gauges_median_us']} us"
         )
     doc = {
         "benchmark": "vllm_overhead",

@@ -3,6 +3,9 @@
 The scheduler thread calls only two methods, and neither ever waits on the network:
 
 - ``record_step(...)`` appends one step's telemetry to a bounded deque (dropped and counted when full);
+- ``record_scheduler_step(...)`` is the cheaper variant the vLLM scheduler uses: it queues the step's raw
+  outputs object, and the client thread counts its tokens and reads the gauges (running, waiting, KV usage)
+  through the callables given to ``set_step_source`` (measured: bench/vllm_overhead.py);
 - ``current_limits()`` reads an immutable (limits, expiry) snapshot and returns None once it has expired
   or before any directive, so that the scheduler falls back to its configured limits (fail-open).
 
@@ -38,6 +41,9 @@ MAX_FINISHED_PER_REPORT = 10_000
 # where finished is a tuple of (ttft_ms, tpot_ms, prompt_tokens, output_tokens).
 FinishedTuple = tuple[float, float, int, int]
 StepTuple = tuple[float, int, int, int, int, float, int, tuple[FinishedTuple, ...]]
+# A step recorded by record_scheduler_step: (busy_s, scheduled_tokens, outputs, arrived, finished); the outputs
+# object is turned into decode tokens by the step source's counter on the client thread, not in the step.
+DeferredStep = tuple[float, int, object, int, tuple[FinishedTuple, ...]]
 
 _ENGINE_ID_BAD = re.compile(r"[^A-Za-z0-9._:-]")
 
@@ -70,6 +76,11 @@ def default_engine_id(engine_index: int | None = None) -> str:
     suffix = f"dp{engine_index}" if engine_index is not None else str(os.getpid())
     # The daemon accepts at most 64 characters starting with a letter or digit.
     return f"{host[: 63 - len(suffix)]}-{suffix}".lstrip("-._:") or suffix
+
+
+def _unit(value: float) -> float:
+    """A fraction clamped to [0, 1]; NaN becomes 0."""
+    return min(1.0, max(0.0, value)) if math.isfinite(value) else 0.0
 
 
 def run_with_backoff(
@@ -139,7 +150,9 @@ class EngineLinkClient:
         self.max_backoff_s = max_backoff_s
         self.max_queued_steps = max_queued_steps
 
-        self._steps: collections.deque[StepTuple] = collections.deque()
+        self._steps: collections.deque[StepTuple | DeferredStep] = collections.deque()
+        self._decode_of: Callable[[object], int] | None = None
+        self._gauges: Callable[[], tuple[int, int, float]] | None = None
         self._limits: _Limits | None = None
         self._owner_pid: int | None = None  # the pid whose thread is running; None: not started
         self._start_lock = threading.Lock()
@@ -216,6 +229,34 @@ class EngineLinkClient:
                 finished,
             )
         )
+
+    def record_scheduler_step(
+        self,
+        busy_s: float,
+        scheduled_tokens: int,
+        outputs: object,
+        arrived_requests: int = 0,
+        finished: tuple[FinishedTuple, ...] = (),
+    ) -> None:
+        """Queue one step with its outputs uncounted (needs ``set_step_source``); never blocks."""
+        if self._owner_pid != _pid[0]:
+            self._ensure_started()
+        steps = self._steps
+        if len(steps) >= self.max_queued_steps:
+            self.dropped_steps += 1
+            return
+        steps.append((busy_s, scheduled_tokens, outputs, arrived_requests, finished))
+
+    def set_step_source(
+        self, decode_of: Callable[[object], int], gauges: Callable[[], tuple[int, int, float]]
+    ) -> None:
+        """How the client thread counts a deferred step's decode tokens and reads the engine's gauges.
+
+        Both run on the client thread while the scheduler runs: they may only read (lengths, counters), which
+        is safe under the GIL; a failure in them drops that report's figures, never the session.
+        """
+        self._decode_of = decode_of
+        self._gauges = gauges
 
     def current_limits(self) -> tuple[int, int] | None:
         """(max_num_seqs, max_num_batched_tokens) of the live directive, or None (expired or none yet)."""
@@ -380,13 +421,19 @@ class EngineLinkClient:
         finished: list[FinishedTuple] = []
         for _ in range(n):
             s = steps.popleft()
-            busy += s[0] if math.isfinite(s[0]) and s[0] > 0 else 0.0
-            prefill += s[3]
-            decode += s[4]
-            arrived += s[6]
-            if s[7] and len(finished) < MAX_FINISHED_PER_REPORT:
-                finished.extend(s[7][: MAX_FINISHED_PER_REPORT - len(finished)])
-            last = s
+            if len(s) == 5:  # a deferred step: count its outputs here, off the scheduler thread
+                busy_s, scheduled, outputs, arrived_n, done = s  # type: ignore[misc]
+                decoded = self._count_decode(outputs)
+                prefill_n = max(0, scheduled - decoded)
+            else:
+                busy_s, _, _, prefill_n, decoded, _, arrived_n, done = s  # type: ignore[misc]
+                last = s  # type: ignore[assignment]
+            busy += busy_s if math.isfinite(busy_s) and busy_s > 0 else 0.0
+            prefill += prefill_n
+            decode += decoded
+            arrived += arrived_n
+            if done and len(finished) < MAX_FINISHED_PER_REPORT:
+                finished.extend(done[: MAX_FINISHED_PER_REPORT - len(finished)])
         report = pals_pb2.StepReport(  # type: ignore[attr-defined]
             window_s=max(0.0, window_s),
             num_steps=n,
@@ -395,14 +442,14 @@ class EngineLinkClient:
             decode_tokens=decode,
             arrived_requests=arrived,
         )
-        if last is not None:
-            report.num_running = last[1]
-            report.num_waiting = last[2]
-            report.kv_cache_usage = min(1.0, max(0.0, last[5])) if math.isfinite(last[5]) else 0.0
-            self._last_gauges = (last[1], last[2], report.kv_cache_usage)
-        else:
-            # An idle engine still reports (zero throughput is information), with the last gauges it saw.
-            report.num_running, report.num_waiting, report.kv_cache_usage = self._last_gauges
+        gauges = self._read_gauges() if self._gauges is not None else None
+        if gauges is not None:
+            running, waiting, kv = gauges
+            self._last_gauges = (running, waiting, _unit(kv))
+        elif last is not None:
+            self._last_gauges = (last[1], last[2], _unit(last[5]))
+        # An idle engine still reports (zero throughput is information), with the last gauges it saw.
+        report.num_running, report.num_waiting, report.kv_cache_usage = self._last_gauges
         for ttft, tpot, prompt, output in finished:
             if not (math.isfinite(ttft) and math.isfinite(tpot)):
                 continue
@@ -413,6 +460,21 @@ class EngineLinkClient:
                 output_tokens=output,
             )
         return pals_pb2.EngineMessage(step=report)  # type: ignore[attr-defined]
+
+    def _count_decode(self, outputs: object) -> int:
+        try:
+            return int(self._decode_of(outputs)) if self._decode_of is not None else 0
+        except Exception as exc:  # noqa: BLE001 - a vLLM change must cost the figure, not the session
+            self.last_error = f"counting a step's outputs: {type(exc).__name__}: {exc}"
+            return 0
+
+    def _read_gauges(self) -> tuple[int, int, float] | None:
+        try:
+            running, waiting, kv = self._gauges()  # type: ignore[misc]
+            return max(0, int(running)), max(0, int(waiting)), float(kv)
+        except Exception as exc:  # noqa: BLE001
+            self.last_error = f"reading the engine's gauges: {type(exc).__name__}: {exc}"
+            return None
 
     def _apply(self, directive: object) -> None:
         """Publish a directive as a new immutable snapshot, clamped to the configured limits."""

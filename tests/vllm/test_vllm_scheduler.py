@@ -41,6 +41,7 @@ from vllm.v1.request import Request  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 from vllm_client.test_engine_client import DaemonThread, eventually  # noqa: E402
 
+from pals_daemon.api import pals_pb2  # noqa: E402
 from pals_daemon.vllm import AsyncPalsScheduler, PalsScheduler  # noqa: E402
 from pals_daemon.vllm import Scheduler as Selector  # noqa: E402
 from pals_daemon.vllm.client import EngineLinkClient  # noqa: E402
@@ -330,20 +331,26 @@ def test_absent_or_hung_daemon_scheduling_goes_on_at_base_speed(
         pals.pals_client.max_backoff_s = 0.2
         _step_times(base, 2)  # warm up both
         _step_times(pals, 2)
-        base_times, pals_times = [], []
-        for _ in range(3):  # interleaved, so that machine noise hits both alike
-            base_times += _step_times(base, 5)
-            pals_times += _step_times(pals, 5)
+        # Machine noise only ever slows a step down, and may hit either scheduler: a timing that fails gets two
+        # more chances on fresh samples; a pals step that is really slower fails all three.
+        for attempt in range(3):
+            base_times, pals_times = [], []
+            for _ in range(3):  # interleaved, so that machine noise hits both alike
+                base_times += _step_times(base, 5)
+                pals_times += _step_times(pals, 5)
+            base_med, pals_med = statistics.median(base_times), statistics.median(pals_times)
+            # No step slower than the base class by more than noise: the median within 50% + 100 us, and no
+            # outlier beyond what the base class itself shows (plus a GIL switch interval, 5 ms, twice).
+            timing_ok = pals_med <= base_med * 1.5 + 100e-6 and max(pals_times) <= max(base_times) + 0.010
+            if timing_ok or attempt == 2:
+                break
+        assert pals_med <= base_med * 1.5 + 100e-6, (pals_med, base_med)
+        assert max(pals_times) <= max(base_times) + 0.010, (max(pals_times), max(base_times))
         assert pals.pals_client.current_limits() is None and pals.pals_client.registrations == 0
         assert (pals.max_num_active_reqs, pals.max_num_scheduled_tokens) == (MAX_SEQS, MAX_TOKENS)
         # It keeps trying, off the scheduler thread (and, when hung, gives up on each silent connection).
         eventually(lambda: pals.pals_client.connects >= 2 and (peer == "absent" or len(accepted) >= 2), what="retries")
         assert pals.pals_client.registrations == 0
-        base_med, pals_med = statistics.median(base_times), statistics.median(pals_times)
-        # No step slower than the base class by more than noise: the median within 50% + 100 us, and no
-        # outlier beyond what the base class itself shows (plus a GIL switch interval, 5 ms).
-        assert pals_med <= base_med * 1.5 + 100e-6, (pals_med, base_med)
-        assert max(pals_times) <= max(base_times) + 0.010, (max(pals_times), max(base_times))
         assert pals.pals_errors == 0
         pals.pals_client.close()
     finally:
@@ -363,16 +370,18 @@ def test_telemetry_counts_tokens_and_finished_requests(model_dir: Path, short_tm
     client._steps.clear()
     add_requests(sched, 4, prompt=20, max_tokens=3)
     step(sched)  # 4 x 20 prompt tokens, one first token each
-    busy, running, waiting, prefill, decode, kv, arrived, finished = client._steps.popleft()
-    assert (running, waiting, arrived, finished) == (4, 0, 4, ())
-    assert decode == 4 and prefill == 4 * 20 - 4 and 0 < kv <= 1 and busy > 0
+    assert len(client._steps) == 1  # the step queued its outputs uncounted; the client thread counts them
+    first = client._take_report(0.1, pals_pb2).step
+    assert (first.num_steps, first.num_running, first.num_waiting, first.arrived_requests) == (1, 4, 0, 4)
+    assert first.decode_tokens == 4 and first.prefill_tokens == 4 * 20 - 4 and len(first.finished) == 0
+    assert 0 < first.kv_cache_usage <= 1 and first.busy_s > 0
     drain(sched)
-    steps = list(client._steps)
-    assert sum(s[4] for s in steps) == 4 * 2
-    done = [f for s in steps for f in s[7]]
-    assert len(done) == 4
-    for ttft_ms, tpot_ms, prompt, output in done:
-        assert ttft_ms >= 0 and tpot_ms >= 0 and (prompt, output) == (20, 3)
+    rest = client._take_report(0.1, pals_pb2).step
+    assert rest.decode_tokens == 4 * 2 and rest.prefill_tokens == 0 and rest.num_running == 0
+    assert len(rest.finished) == 4
+    for f in rest.finished:
+        assert f.ttft_ms >= 0 and f.tpot_ms >= 0 and (f.prompt_tokens, f.output_tokens) == (20, 3)
+    assert client.last_error == ""
 
 
 @pytest.fixture

@@ -355,6 +355,38 @@ def test_report_aggregates_steps() -> None:
     assert (idle.num_steps, idle.decode_tokens, idle.num_running, idle.kv_cache_usage) == (0, 0, 4, 0.5)
 
 
+def test_deferred_steps_are_counted_on_the_client_thread() -> None:
+    """record_scheduler_step queues the outputs uncounted; the report counts them and reads the gauges then."""
+    from pals_daemon.api import pals_pb2
+
+    c = EngineLinkClient("/nonexistent/engine.sock", "e1", MODEL, ["GPU-x"], 64, 4096)
+    c._owner_pid = os.getpid()
+    counted: list[object] = []
+    gauges = [(7, 2, 0.4)]
+
+    def decode_of(outputs: object) -> int:
+        counted.append(outputs)
+        return len(outputs)  # type: ignore[arg-type]
+
+    c.set_step_source(decode_of, lambda: gauges[0])
+    c.record_scheduler_step(0.01, 100, ["a", "b", "c"], 2)
+    c.record_scheduler_step(0.02, 5, ["d"] * 5, 0, ((40.0, 8.0, 90, 6),))
+    assert counted == []  # nothing counted in the step
+    r = c._take_report(0.5, pals_pb2).step
+    assert len(counted) == 2
+    assert (r.num_steps, r.prefill_tokens, r.decode_tokens, r.arrived_requests) == (2, 97, 8, 2)
+    assert (r.num_running, r.num_waiting, r.kv_cache_usage) == (7, 2, pytest.approx(0.4))
+    assert [(f.ttft_ms, f.prompt_tokens) for f in r.finished] == [(40.0, 90)]
+
+    # A counting or gauge failure (say, a vLLM change) costs that figure, never the report or the session.
+    c.set_step_source(lambda o: 1 // 0, lambda: (_ for _ in ()).throw(AttributeError("usage")))
+    c.record_scheduler_step(0.01, 10, [], 0)
+    r = c._take_report(0.5, pals_pb2).step
+    assert (r.num_steps, r.decode_tokens, r.prefill_tokens) == (1, 0, 10)
+    assert (r.num_running, r.num_waiting) == (7, 2)  # the last gauges seen
+    assert "gauges" in c.last_error
+
+
 def test_fork_child_starts_its_own_thread(dirs: tuple[Path, Path]) -> None:
     if sys.platform != "linux":
         pytest.skip("fork semantics checked on Linux only")
