@@ -91,6 +91,18 @@ def current_boot_id() -> str | None:
         return None
 
 
+def origin_notes(original: OriginalLimit, boot_id: str | None, driver_version: str | None) -> list[str]:
+    """How a record's boot and driver differ from now (empty when the same or unknown now)."""
+    notes = []
+    if original.boot_id is None:
+        notes.append("recorded under an unknown boot (older state file)")
+    elif boot_id is not None and original.boot_id != boot_id:
+        notes.append(f"recorded under an earlier boot ({original.boot_id}; this boot is {boot_id})")
+    if original.driver_version is not None and driver_version is not None and original.driver_version != driver_version:
+        notes.append(f"recorded under driver {original.driver_version} (now {driver_version})")
+    return notes
+
+
 def _unsafe_reason(st: os.stat_result, what: str, allow_dir: bool) -> str | None:
     """Why ``st`` may not be trusted, or None when it is a private regular file (directory) of this user."""
     if stat.S_ISLNK(st.st_mode):
