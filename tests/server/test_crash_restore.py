@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from fake_nvml import FakeNvmlEnv
 from fake_nvml.state import DEFAULT_DRIVER_VERSION, fake_uuid
@@ -30,18 +31,30 @@ from test_daemon_subprocess import (  # the subprocess fixtures: one way to star
     two_a100,  # noqa: F401  (fixture)
 )
 
+from pals_daemon.api import pals_pb2, pals_pb2_grpc
 from pals_daemon.state import current_boot_id
 
 # Short control period (a chosen test value): the restarted daemon re-caps within a few ticks.
 PERIOD_S = "0.1"
+# No metrics listener (port 0): tests running side by side would fight over the default port.
+QUIET_FLAGS = ("--period-s", PERIOD_S, "--metrics-port", "0")
 # Budget over the two A100s (2 x 400 W uncapped): the daemon must lower both.
 BUDGET_W = 300
 # Chosen bound on waiting for a restarted daemon to re-apply the budget (it does so on its first tick).
 RECAP_TIMEOUT_S = 10.0
 
 
-def start_enforcing(start_daemon, fake: FakeNvmlEnv) -> DaemonProcess:  # noqa: F811
-    return start_daemon("--backend", "nvml", "--mode", "enforce", "--period-s", PERIOD_S, env=fake.env)
+def start_running(start_daemon, fake: FakeNvmlEnv, mode: str = "enforce") -> DaemonProcess:  # noqa: F811
+    """Start the daemon and wait until its control loop runs (its SIGTERM handler is installed by then)."""
+    daemon = start_daemon("--backend", "nvml", "--mode", mode, *QUIET_FLAGS, env=fake.env)
+    # The sockets answer before the loop starts; the start-up tick is tick 1, the loop's first tick is 2.
+    deadline = time.monotonic() + RECAP_TIMEOUT_S
+    with grpc.insecure_channel(f"unix:{daemon.admin_socket}") as channel:
+        stub = pals_pb2_grpc.PowerAdminStub(channel)
+        while stub.GetStatus(pals_pb2.GetStatusRequest(), timeout=5).controller.ticks < 2:
+            assert time.monotonic() < deadline, f"control loop not running:\n{daemon.log()}"
+            time.sleep(0.02)
+    return daemon
 
 
 def cap_under_budget(daemon: DaemonProcess, fake: FakeNvmlEnv, capsys: pytest.CaptureFixture[str]) -> list[int]:
@@ -105,7 +118,7 @@ def test_kill9_then_restore_puts_every_gpu_back(
     empty_config: Path,  # noqa: F811
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    daemon = start_enforcing(start_daemon, two_a100)
+    daemon = start_running(start_daemon, two_a100)
     lowered = cap_under_budget(daemon, two_a100, capsys)
     kill9(daemon)
     assert fake_limits(two_a100) == lowered  # nothing ran on the way out
@@ -125,12 +138,12 @@ def test_kill9_then_restart_restores_before_control_and_keeps_the_original(
     two_a100: FakeNvmlEnv,  # noqa: F811
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    first = start_enforcing(start_daemon, two_a100)
+    first = start_running(start_daemon, two_a100)
     cap_under_budget(first, two_a100, capsys)
     kill9(first)
 
     mark = len(two_a100.log())
-    second = start_enforcing(start_daemon, two_a100)
+    second = start_running(start_daemon, two_a100)
     calls = set_calls_since(two_a100, mark)
     # Start-up wrote both GPUs back to the originals before any write of the control loop.
     assert calls[:2] == [(0, A100_ORIGINAL_MW, 0), (1, A100_ORIGINAL_MW, 0)], calls
@@ -151,10 +164,10 @@ def test_second_crash_before_restore_keeps_the_record(
     empty_config: Path,  # noqa: F811
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    first = start_enforcing(start_daemon, two_a100)
+    first = start_running(start_daemon, two_a100)
     cap_under_budget(first, two_a100, capsys)
     kill9(first)
-    second = start_enforcing(start_daemon, two_a100)
+    second = start_running(start_daemon, two_a100)
     relowered = wait_capped(two_a100)
     kill9(second)
     # Left capped a second time: the record is still the limit found before the FIRST run.
@@ -187,7 +200,7 @@ def test_record_of_an_absent_gpu_is_kept_and_never_applied_elsewhere(
     (state_dir / "state.json").write_text(json.dumps(doc))
     (state_dir / "state.json").chmod(0o600)
 
-    daemon = start_enforcing(start_daemon, two_a100)
+    daemon = start_running(start_daemon, two_a100)
     # GPU 0 back by UUID despite the other boot; GPU 1 untouched: the absent board's record went nowhere.
     assert two_a100.set_limit_calls() == [(0, A100_ORIGINAL_MW, 0)]
     assert fake_limits(two_a100) == [A100_ORIGINAL_MW] * 2
@@ -212,11 +225,11 @@ def test_advise_mode_leaves_a_crashed_runs_caps_alone(
     two_a100: FakeNvmlEnv,  # noqa: F811
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    first = start_enforcing(start_daemon, two_a100)
+    first = start_running(start_daemon, two_a100)
     lowered = cap_under_budget(first, two_a100, capsys)
     kill9(first)
     mark = len(two_a100.log())
-    advisor = start_daemon("--backend", "nvml", "--mode", "advise", "--period-s", PERIOD_S, env=two_a100.env)
+    advisor = start_running(start_daemon, two_a100, mode="advise")
     assert advisor.terminate() == 0, advisor.log()
     assert set_calls_since(two_a100, mark) == []  # advise mode never writes a GPU
     assert fake_limits(two_a100) == lowered
@@ -237,7 +250,7 @@ def test_untrusted_state_file_is_set_aside_and_the_daemon_starts_fresh(
     state_dir.mkdir(mode=0o700)
     (state_dir / "state.json").symlink_to(planted)
 
-    daemon = start_enforcing(start_daemon, two_a100)
+    daemon = start_running(start_daemon, two_a100)
     assert two_a100.set_limit_calls() == []
     (aside,) = state_dir.glob("state.json.unsafe-*")
     assert aside.is_symlink()
