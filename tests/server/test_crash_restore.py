@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 from fake_nvml import FakeNvmlEnv
-from fake_nvml.state import DEFAULT_DRIVER_VERSION, fake_uuid
+from fake_nvml.state import DEFAULT_DRIVER_VERSION, NVML_ERROR_NO_PERMISSION, fake_uuid
 from test_daemon_subprocess import (  # the subprocess fixtures: one way to start the daemon for every test
     A100_ORIGINAL_MW,
     STOP_TIMEOUT_S,
@@ -176,6 +176,29 @@ def test_second_crash_before_restore_keeps_the_record(
 
     result = run_restore(empty_config, second.state_dir, two_a100)
     assert result.returncode == 0, result.stderr
+    assert fake_limits(two_a100) == [A100_ORIGINAL_MW] * 2
+    assert records(second) == {}
+
+
+def test_failed_restore_at_start_keeps_the_record_for_the_next_exit(
+    start_daemon,  # noqa: F811
+    two_a100: FakeNvmlEnv,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    first = start_running(start_daemon, two_a100)
+    cap_under_budget(first, two_a100, capsys)
+    kill9(first)
+    fake = two_a100.read_state()
+    fake.inject("nvmlDeviceSetPowerManagementLimit", NVML_ERROR_NO_PERMISSION, gpu=0, times=1)
+    two_a100.write_state(fake)
+
+    mark = len(two_a100.log())
+    second = start_running(start_daemon, two_a100)
+    calls = set_calls_since(two_a100, mark)
+    assert calls[:2] == [(0, A100_ORIGINAL_MW, NVML_ERROR_NO_PERMISSION), (1, A100_ORIGINAL_MW, 0)], calls
+    assert "GPU 0: cannot restore its original limit 400000 mW left by an earlier run (record kept)" in second.log()
+    assert_original_records(second)  # GPU 0's record is still the original, not the limit it was found at
+    assert second.terminate() == 0, second.log()
     assert fake_limits(two_a100) == [A100_ORIGINAL_MW] * 2
     assert records(second) == {}
 
