@@ -2,6 +2,8 @@
 
 systemd runs it as ExecStopPost after any exit of the daemon (SIGKILL and watchdog included), so it must
 work with no daemon running: it opens the backend itself, restores, and drops each record it restored.
+A record is applied only to the GPU with its UUID: one from an earlier boot still names the same board (and
+is applied, with a note), one whose GPU is absent is kept and reported, never applied to another GPU.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import logging
 
 from pals_daemon.errors import GpuError, PalsError
 from pals_daemon.gpu.backend import GpuBackend
-from pals_daemon.state import StateStore
+from pals_daemon.state import StateStore, current_boot_id, origin_notes
 
 log = logging.getLogger(__name__)
 
@@ -26,17 +28,32 @@ def restore_originals(backend: GpuBackend, store: StateStore) -> list[str]:
     except PalsError as exc:
         return [f"cannot open GPUs: {exc}"]
     try:
+        boot_id = current_boot_id()
+        try:
+            driver_version: str | None = backend.driver_version()
+        except GpuError as exc:
+            log.warning("cannot read the driver version: %s", exc)
+            driver_version = None
         for uuid, original in sorted(state.original_limits.items(), key=lambda kv: kv[1].gpu_index):
             device = devices.get(uuid)
             if device is None:
                 problems.append(f"GPU {uuid} (index {original.gpu_index}) not found; record kept")
                 continue
+            notes = origin_notes(original, boot_id, driver_version)
+            if notes:
+                log.warning("GPU %s: record %s; applied by UUID", uuid, "; ".join(notes))
             try:
                 enforced = device.set_power_limit_mw(original.limit_mw)
             except GpuError as exc:
                 problems.append(f"GPU {original.gpu_index} ({uuid}): {exc}; record kept")
                 continue
-            log.info("GPU %d restored to %d mW (enforced %d mW)", original.gpu_index, original.limit_mw, enforced)
+            log.info(
+                "GPU %d (%s) restored to %d mW (enforced %d mW)",
+                device.identity.index,
+                uuid,
+                original.limit_mw,
+                enforced,
+            )
             state = state.without_original(uuid)
             store.save(state)
     finally:

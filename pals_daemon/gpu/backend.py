@@ -91,3 +91,7 @@ class GpuBackend(Protocol):
     def close(self) -> None:
         """Release the library session (idempotent)."""
         ...
+
+    def driver_version(self) -> str:
+        """The GPU driver's version (e.g. "550.54.15"), recorded with each saved original limit; after open()."""
+        ...

@@ -188,6 +188,10 @@ class NvmlBackend:
         self._devices = None
         _call("nvmlShutdown", None)
 
+    def driver_version(self) -> str:
+        """nvmlSystemGetDriverVersion (needs an open session)."""
+        return _to_str(_call("nvmlSystemGetDriverVersion", None))
+
     def _select(self, count: int) -> list[int]:
         if self._gpu_indices is None:
             return list(range(count))

@@ -36,7 +36,7 @@ from pals_daemon.model.profile import ProfileRegistry
 from pals_daemon.server import validate
 from pals_daemon.server.engines import EngineRegistry
 from pals_daemon.server.profiler import Profiler
-from pals_daemon.state import DaemonState, OriginalLimit, StateStore
+from pals_daemon.state import DaemonState, OriginalLimit, StateStore, current_boot_id, origin_notes
 from pals_daemon.units import mj_to_j, mw_to_w, w_to_mw
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,9 @@ class Daemon:
         self.controller = Controller(profiles, controller_config or ControllerConfig(period_s=config.period_s))
         self.store = StateStore(config.state_dir)
         self.state = DaemonState()
+        # Stamped on each original-limit record (set in start()).
+        self.boot_id: str | None = None
+        self.driver_version: str | None = None
         self.engines = EngineRegistry()
         self.gpus: list[GpuSlot] = []
         self.budget = BudgetSchedule()
@@ -151,12 +154,14 @@ class Daemon:
             # Only profiles measured on this node's kind of GPU apply (an H100 profile would mislead on A100s).
             kind = self.gpus[0].identity.name
             self.controller.config = dataclasses.replace(self.controller.config, gpu_kind=kind)
+        self.boot_id = current_boot_id()
+        self.driver_version = self._read_driver_version()
         if self.enforcing:
+            # Records left by a run that did not stop cleanly: put those GPUs back before control starts.
+            await self._restore_recorded_limits()
             for g in self.gpus:
                 # First one wins: a record left by a crashed run keeps the limit found before that run.
-                self.state = self.state.with_original(
-                    g.identity.uuid, OriginalLimit(g.identity.index, g.reading.requested_limit_mw)
-                )
+                self.state = self.state.with_original(g.identity.uuid, self._original_of(g))
         elif self.state.original_limits:
             log.warning(
                 "advise mode: %d GPU(s) still have limits recorded by an earlier enforcing run; "
@@ -177,9 +182,70 @@ class Daemon:
         self.last_tick_s = self.clock.now()
         self.status = self.build_status()
 
+    def _read_driver_version(self) -> str | None:
+        """The driver version for new records; None (unknown) when the backend cannot say."""
+        try:
+            return self.backend.driver_version()
+        except GpuError as exc:
+            log.warning("cannot read the driver version (records will say 'unknown'): %s", exc)
+            return None
+
+    def _original_of(self, g: GpuSlot) -> OriginalLimit:
+        """A record of ``g``'s limit now, as its original (call before the daemon's first write to it)."""
+        return OriginalLimit(g.identity.index, g.requested_limit_mw, self.boot_id, self.driver_version)
+
+    async def _restore_recorded_limits(self) -> None:
+        """Start-up: write each managed GPU back to a recorded original left by an earlier run; keep the records.
+
+        A record is applied only to the GPU with its UUID (from an earlier boot too: the same board); one whose
+        GPU is not managed here is kept for 'pals-daemon restore' and never applied to another GPU. The records
+        stay: this run writes again, and they hold the limits found before any run touched the GPUs.
+        """
+        by_uuid = {g.identity.uuid: g for g in self.gpus}
+        for uuid, original in sorted(self.state.original_limits.items(), key=lambda kv: kv[1].gpu_index):
+            g = by_uuid.get(uuid)
+            if g is None:
+                log.warning(
+                    "original limit %d mW recorded for GPU %s (index %d then) by an earlier run: no such GPU is "
+                    "managed here; record kept, not applied to any other GPU",
+                    original.limit_mw,
+                    uuid,
+                    original.gpu_index,
+                )
+                continue
+            notes = origin_notes(original, self.boot_id, self.driver_version)
+            if notes:
+                log.warning("GPU %d (%s): record %s; applied by UUID", g.identity.index, uuid, "; ".join(notes))
+            if g.requested_limit_mw == original.limit_mw and g.reading.enforced_limit_mw == original.limit_mw:
+                continue
+            found_mw = g.requested_limit_mw
+            try:
+                enforced = await g.worker.set_power_limit_mw(original.limit_mw)
+            except GpuError as exc:
+                log.error(
+                    "GPU %d: cannot restore its original limit %d mW left by an earlier run (record kept): %s",
+                    g.identity.index,
+                    original.limit_mw,
+                    exc,
+                )
+                continue
+            g.requested_limit_mw = original.limit_mw
+            g.reading = _with_enforced(g.reading, enforced, original.limit_mw)
+            log.warning(
+                "GPU %d: found at %d mW after an earlier run did not stop cleanly; restored to its original %d mW "
+                "(enforced %d mW) before control starts",
+                g.identity.index,
+                found_mw,
+                original.limit_mw,
+                enforced,
+            )
+
     async def restore_all(self) -> list[str]:
         """Put every GPU back to its recorded original limit; returns the problems (empty when all restored)."""
         problems = []
+        managed = {g.identity.uuid for g in self.gpus}
+        for uuid in sorted(set(self.state.original_limits) - managed):
+            log.warning("original limit of GPU %s is not restored by this daemon (not managed here); kept", uuid)
         for g in self.gpus:
             original = self.state.original_limits.get(g.identity.uuid)
             if original is None:
@@ -333,9 +399,7 @@ class Daemon:
         if any(g.identity.uuid not in self.state.original_limits for g, _ in changes):
             # Never write a GPU whose original limit is not on disk.
             for g, _ in changes:
-                self.state = self.state.with_original(
-                    g.identity.uuid, OriginalLimit(g.identity.index, g.requested_limit_mw)
-                )
+                self.state = self.state.with_original(g.identity.uuid, self._original_of(g))
             self.store.save(self.state)
         decreases = [(g, mw) for g, mw in changes if mw < g.requested_limit_mw or mw < g.reading.enforced_limit_mw]
         increases = [(g, mw) for g, mw in changes if (g, mw) not in decreases]

@@ -345,6 +345,10 @@ class SimGpu:
         return self.hardware.idle_power_w, float(self.hardware.max_sm_clock_mhz), CLOCK_EVENT_GPU_IDLE
 
 
+# Reported as the driver version of simulated GPUs; labelled so no one mistakes it for a real driver.
+SIM_DRIVER_VERSION = "sim-0"
+
+
 class SimBackend:
     """A ``GpuBackend`` over a fixed list of simulated GPUs."""
 
@@ -366,6 +370,10 @@ class SimBackend:
     def close(self) -> None:
         """Mark the session closed (idempotent)."""
         self.is_open = False
+
+    def driver_version(self) -> str:
+        """A fixed label: simulated GPUs have no driver."""
+        return SIM_DRIVER_VERSION
 
 
 def sim_uuid(index: int, tag: str = "sim") -> str:

@@ -7,6 +7,7 @@
  * started it) see one machine. Format, one entry per line ('#' starts a comment):
  *     count <n>                              number of GPUs (indices 0..n-1)
  *     nonroot <0|1>                          1: every SetPowerManagementLimit gets NO_PERMISSION
+ *     driver_version <string>                nvmlSystemGetDriverVersion's answer (default DEFAULT_DRIVER_VERSION)
  *     fail <function> <code> [times]         every call of <function> returns <code> (times > 0: that many
  *                                            calls, then the fault clears itself)
  *     gpu <i> <key> <value>                  keys: name uuid min_mw max_mw default_mw limit_mw
@@ -87,6 +88,8 @@ typedef struct {
 #define TEXT_LEN 96
 #define FILE_MAX 65536
 #define NONE (-1LL)
+/* The driver_version when the state names none: an R550 production driver's version string. */
+#define DEFAULT_DRIVER_VERSION "550.54.15"
 
 typedef struct {
     char fn[64];
@@ -109,6 +112,7 @@ typedef struct {
 typedef struct {
     int count;
     int nonroot;
+    char driver_version[TEXT_LEN];
     gpu_t gpus[MAX_GPUS];
     int nfaults;
     fault_t faults[MAX_FAULTS];
@@ -122,7 +126,7 @@ static const char *const IMPLEMENTED[] = {
     "nvmlDeviceGetPowerManagementLimit", "nvmlDeviceGetEnforcedPowerLimit", "nvmlDeviceGetPowerUsage",
     "nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetFieldValues", "nvmlDeviceGetClockInfo",
     "nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons",
-    "nvmlDeviceSetPowerManagementLimit", NULL,
+    "nvmlDeviceSetPowerManagementLimit", "nvmlSystemGetDriverVersion", NULL,
 };
 
 enum { K_NAME = 1, K_UUID = 2, K_MIN = 4, K_MAX = 8, K_DEFAULT = 16, K_LIMIT = 32, K_REQUIRED = 63 };
@@ -285,6 +289,7 @@ static int parse_state(char *text) {
     long long count = -1, value;
     char *save = NULL, *line;
     memset(&S, 0, sizeof S);
+    strcpy(S.driver_version, DEFAULT_DRIVER_VERSION);
     for (int i = 0; i < MAX_GPUS; i++) {
         S.gpus[i].external_limit_mw = NONE;
         S.gpus[i].instant_power_mw = NONE;
@@ -303,6 +308,8 @@ static int parse_state(char *text) {
             }
         } else if (strcmp(tok[0], "nonroot") == 0 && n == 2 && parse_ll(tok[1], &value) == 0) {
             S.nonroot = value != 0;
+        } else if (strcmp(tok[0], "driver_version") == 0 && n == 2) {
+            if (set_text(S.driver_version, tok[1], lineno)) return -1;
         } else if (strcmp(tok[0], "fail") == 0) {
             if (parse_fault(tok + 1, n - 1, -1, lineno)) return -1;
         } else if (strcmp(tok[0], "gpu") == 0) {
@@ -357,6 +364,7 @@ static int write_state(int fd) {
     static char buf[FILE_MAX];
     size_t len = 0;
     EMIT("# fake NVML state (rewritten by fake_nvml.c)\ncount %d\nnonroot %d\n", S.count, S.nonroot);
+    EMIT("driver_version %s\n", S.driver_version);
     for (int i = 0; i < S.nfaults; i++) {
         const fault_t *f = &S.faults[i];
         if (f->gpu >= 0) continue;
@@ -560,6 +568,14 @@ static nvmlReturn_t copy_text(const char *text, char *out, unsigned int length) 
     if (strlen(text) + 1 > length) return NVML_ERROR_INSUFFICIENT_SIZE;
     strcpy(out, text);
     return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int length) {
+    session_t s;
+    int index;
+    nvmlReturn_t rc = enter(&s, __func__, NULL, &index);
+    if (rc == NVML_SUCCESS) rc = copy_text(S.driver_version, version, length);
+    return leave(&s, rc);
 }
 
 nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int length) {

@@ -22,6 +22,8 @@ NVML_ERROR_UNKNOWN = 999
 
 # nvmlClocksEventReasonSwPowerCap (nvml.h); the fake adds it while power_mw exceeds the enforced limit.
 CLOCK_EVENT_SW_POWER_CAP = 0x4
+# What nvmlSystemGetDriverVersion answers unless the state says otherwise (fake_nvml.c DEFAULT_DRIVER_VERSION).
+DEFAULT_DRIVER_VERSION = "550.54.15"
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ class FakeNvmlState:
     # Simulates a non-root caller: SetPowerManagementLimit returns NVML_ERROR_NO_PERMISSION.
     nonroot: bool = False
     faults: dict[str, Fault] = field(default_factory=dict)
+    # nvmlSystemGetDriverVersion's answer.
+    driver_version: str = DEFAULT_DRIVER_VERSION
 
     @classmethod
     def of(cls, *profiles: str) -> FakeNvmlState:
@@ -132,6 +136,9 @@ class FakeNvmlState:
             f"count {len(self.gpus)}",
             f"nonroot {int(self.nonroot)}",
         ]
+        if not self.driver_version or len(self.driver_version.split()) != 1 or len(self.driver_version) > 95:
+            raise ValueError(f"driver_version must be one word of at most 95 characters: {self.driver_version!r}")
+        lines.append(f"driver_version {self.driver_version}")
         lines += [_fault_line("fail", fn, f) for fn, f in self.faults.items()]
         for i, g in enumerate(self.gpus):
             for text in (g.name, g.uuid):
@@ -161,6 +168,7 @@ class FakeNvmlState:
         """Parse the fake's format (as written by ``to_text`` or by the fake itself)."""
         count = None
         nonroot = False
+        driver_version = DEFAULT_DRIVER_VERSION
         faults: dict[str, Fault] = {}
         raw: dict[int, dict[str, str]] = {}
         gpu_faults: dict[int, dict[str, Fault]] = {}
@@ -172,6 +180,8 @@ class FakeNvmlState:
                 count = int(tok[1])
             elif tok[0] == "nonroot":
                 nonroot = tok[1] != "0"
+            elif tok[0] == "driver_version":
+                driver_version = tok[1]
             elif tok[0] == "fail":
                 faults[tok[1]] = Fault(*(int(t) for t in tok[2:]))
             elif tok[0] == "gpu" and len(tok) == 4:
@@ -206,7 +216,7 @@ class FakeNvmlState:
                     faults=gpu_faults.get(i, {}),
                 )
             )
-        return cls(gpus=gpus, nonroot=nonroot, faults=faults)
+        return cls(gpus=gpus, nonroot=nonroot, faults=faults, driver_version=driver_version)
 
     def write(self, path: Path) -> None:
         """Write to ``path`` under the same flock the fake takes, so a running fake never sees half a file."""
