@@ -12,6 +12,7 @@ import grp
 import logging
 import os
 import signal
+import threading
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -73,6 +74,9 @@ class Runner:
     async def start(self) -> None:
         """Bring everything up; READY=1 is sent last."""
         os.umask(0o077)  # sockets and files are private until given their mode explicitly
+        # From the first moment: a SIGTERM during start-up (the sockets already answer, a tick may already have
+        # written limits) must still end in run()'s orderly stop that restores the originals.
+        self._install_signal_handlers()
         await self.daemon.start()
         try:
             await self._start_grpc()
@@ -118,11 +122,17 @@ class Runner:
         self._admin_path.restrict(ADMIN_SOCKET_MODE)
         self._engine_path.restrict(ENGINE_SOCKET_MODE, self.config.engine_socket_group)
 
-    async def run(self) -> None:
-        """Run the control loop until SIGTERM/SIGINT or request_stop(), then shut down."""
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may (tests run the runner in a thread); run() is then not used
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.daemon.request_stop)
+
+    async def run(self) -> None:
+        """Run the control loop until SIGTERM/SIGINT or request_stop(), then shut down."""
+        loop = asyncio.get_running_loop()
+        self._install_signal_handlers()
         try:
             await self.daemon.run(watchdog=self.notifier.watchdog if self.notifier else None)
         finally:

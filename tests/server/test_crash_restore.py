@@ -282,3 +282,20 @@ def test_untrusted_state_file_is_set_aside_and_the_daemon_starts_fresh(
     assert {r["limit_mw"] for r in records(daemon).values()} == {A100_ORIGINAL_MW}
     assert daemon.terminate() == 0, daemon.log()
     assert fake_limits(two_a100) == [A100_ORIGINAL_MW] * 2
+
+
+def test_sigterm_during_start_up_still_restores(
+    start_daemon,  # noqa: F811
+    two_a100: FakeNvmlEnv,  # noqa: F811
+) -> None:
+    """SIGTERM as soon as the sockets answer (the start-up tick may already have capped): orderly stop, restored.
+
+    The handler is installed at the start of start-up, not when the control loop begins; before that, a
+    SIGTERM in this window killed the daemon (exit -15) with the GPUs left capped until ExecStopPost.
+    """
+    flags = ("--backend", "nvml", "--mode", "enforce", "--budget-w", str(BUDGET_W), *QUIET_FLAGS)
+    daemon = start_daemon(*flags, env=two_a100.env)  # returns once the admin socket answers
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(STOP_TIMEOUT_S) == 0, daemon.log()
+    assert fake_limits(two_a100) == [A100_ORIGINAL_MW, A100_ORIGINAL_MW]
+    assert records(daemon) == {}
