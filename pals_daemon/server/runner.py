@@ -118,7 +118,9 @@ class Runner:
             self.daemon.resolve_gpus,
             report_interval_s=self.config.period_s / 2,
             on_change=self.daemon.wake,
+            now=self.daemon.clock.now,
         )
+        self.engine_link = link
         pals_pb2_grpc.add_EngineLinkServicer_to_server(link, engine)
         for server, path, service in (
             (admin, self._admin_path, "pals.v1.PowerAdmin"),

@@ -17,6 +17,12 @@ MAX_RAMP_S = 86_400.0
 MAX_TARGET_TOKENS_PER_S = 1e9
 MAX_SLO_MS = 3_600_000.0
 MAX_FINISHED_PER_REPORT = 100_000
+# Per-report counters (chosen guards, each far above any real engine: an H100 decodes ~1e4 tokens/s, so
+# 2^32 tokens is hours of work in one report). uint64 fields would otherwise let one report claim 1.8e19.
+MAX_TOKENS_PER_REPORT = 1 << 32
+MAX_COUNT_PER_REPORT = 1 << 24  # steps, running, waiting, arrived requests
+MAX_EXPERT_LAYERS = 1024
+MAX_CLIENT_VERSION_CHARS = 128
 
 
 def finite(value: float, name: str, low: float = -math.inf, high: float = math.inf) -> float:
@@ -26,6 +32,13 @@ def finite(value: float, name: str, low: float = -math.inf, high: float = math.i
     if not low <= value <= high:
         raise InvalidRequestError(f"{name} must be within [{low:g}, {high:g}], got {value:g}")
     return float(value)
+
+
+def count(value: int, name: str, high: int) -> int:
+    """``value`` if within [0, high], else InvalidRequestError naming the field."""
+    if not 0 <= value <= high:
+        raise InvalidRequestError(f"{name} must be within [0, {high}], got {value}")
+    return int(value)
 
 
 def engine_id(value: str) -> str:
