@@ -54,10 +54,10 @@ class SocketPath:
         except FileNotFoundError:
             return
         if not stat.S_ISSOCK(st.st_mode):
-            self.release()
+            self._unlock()
             raise SocketInUseError(f"{self.path} exists and is not a socket; refusing to replace it")
         if _answers(self.path):
-            self.release()
+            self._unlock()  # only the lock: the socket belongs to whoever answers there
             raise SocketInUseError(f"another process is listening on {self.path}")
         os.unlink(self.path)
 
@@ -80,8 +80,12 @@ class SocketPath:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
-        os.close(self._lock_fd)
-        self._lock_fd = None
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _gid(self) -> int:
         return grp.getgrnam(self.group).gr_gid if self.group else os.getegid()
