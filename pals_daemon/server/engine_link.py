@@ -36,6 +36,8 @@ def parse_registration(msg: pals_pb2.Register, resolve_gpus: GpuResolver) -> Eng
         raise InvalidRequestError(f"model must be at most {validate.MAX_MODEL_NAME_CHARS} printable characters")
     if len(msg.client_version) > validate.MAX_CLIENT_VERSION_CHARS:
         raise InvalidRequestError(f"client_version must be at most {validate.MAX_CLIENT_VERSION_CHARS} characters")
+    if len(msg.gpu_indices) > validate.MAX_GPUS_PER_ENGINE:
+        raise InvalidRequestError(f"gpu_indices: at most {validate.MAX_GPUS_PER_ENGINE}, got {len(msg.gpu_indices)}")
     if not 1 <= msg.max_num_seqs <= validate.MAX_NUM_SEQS:
         raise InvalidRequestError(f"max_num_seqs must be within [1, {validate.MAX_NUM_SEQS}], got {msg.max_num_seqs}")
     if not 1 <= msg.max_num_batched_tokens <= validate.MAX_NUM_BATCHED_TOKENS:
@@ -46,7 +48,7 @@ def parse_registration(msg: pals_pb2.Register, resolve_gpus: GpuResolver) -> Eng
     return EngineRegistration(
         engine_id=validate.engine_id(msg.engine_id),
         model=msg.model,
-        gpu_indices=resolve_gpus(list(msg.gpu_uuids), list(msg.gpu_indices)),
+        gpu_indices=resolve_gpus(validate.gpu_uuids(list(msg.gpu_uuids)), list(msg.gpu_indices)),
         max_num_seqs=msg.max_num_seqs,
         max_num_batched_tokens=msg.max_num_batched_tokens,
     )
@@ -91,6 +93,7 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
         )
         self.on_change()
         reader = asyncio.create_task(self._read(request_iterator, session))
+        getter: asyncio.Future[pals_pb2.DaemonMessage] | None = None
         try:
             yield pals_pb2.DaemonMessage(
                 registered=pals_pb2.Registered(session_id=session.session_id, report_interval_s=self.report_interval_s)
@@ -106,7 +109,10 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
             if error is not None:
                 await context.abort(*error)
         finally:
+            # Both, also when the handler itself is cancelled (client gone, server stopping) mid-wait.
             reader.cancel()
+            if getter is not None:
+                getter.cancel()
             self.registry.unregister(session)
             log.info("engine %s disconnected", registration.engine_id)
             self.on_change()
@@ -142,7 +148,7 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
         return None
 
     def _expert_gpu(self, report: pals_pb2.ExpertLoadReport, session: EngineSession) -> int:
-        uuids = [report.gpu_uuid] if report.gpu_uuid else []
+        uuids = validate.gpu_uuids([report.gpu_uuid], "gpu_uuid") if report.gpu_uuid else []
         (gpu,) = self.resolve_gpus(uuids, [] if uuids else [report.gpu_index])
         if gpu not in session.registration.gpu_indices:
             raise InvalidRequestError(f"GPU {gpu} does not belong to engine {session.registration.engine_id}")

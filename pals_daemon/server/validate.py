@@ -23,6 +23,12 @@ MAX_TOKENS_PER_REPORT = 1 << 32
 MAX_COUNT_PER_REPORT = 1 << 24  # steps, running, waiting, arrived requests
 MAX_EXPERT_LAYERS = 1024
 MAX_CLIENT_VERSION_CHARS = 128
+# NVML UUIDs are "GPU-" + 36 characters (MIG: "MIG-" + 36); the rest is a guard.
+MAX_GPU_UUID_CHARS = 96
+MAX_GPUS_PER_ENGINE = 64
+# Error messages quote at most this much of a bad value: gRPC clients refuse trailing metadata over 16 KiB,
+# so echoing a 1 MiB field would turn a clear INVALID_ARGUMENT into an opaque RESOURCE_EXHAUSTED.
+MAX_QUOTED_CHARS = 80
 
 
 def finite(value: float, name: str, low: float = -math.inf, high: float = math.inf) -> float:
@@ -41,13 +47,30 @@ def count(value: int, name: str, high: int) -> int:
     return int(value)
 
 
+def quoted(value: str) -> str:
+    """``value`` for an error message: repr'd, and cut short when long."""
+    if len(value) <= MAX_QUOTED_CHARS:
+        return repr(value)
+    return f"{value[:MAX_QUOTED_CHARS]!r}... ({len(value)} characters)"
+
+
 def engine_id(value: str) -> str:
     """A well-formed engine id (letters, digits, '.', '_', ':', '-'; at most 64 characters)."""
     if not ENGINE_ID_PATTERN.fullmatch(value):
         raise InvalidRequestError(
-            f"engine_id {value!r} is not 1-64 characters of letters, digits, '.', '_', ':' or '-'"
+            f"engine_id {quoted(value)} is not 1-64 characters of letters, digits, '.', '_', ':' or '-'"
         )
     return value
+
+
+def gpu_uuids(values: list[str], name: str = "gpu_uuids") -> list[str]:
+    """GPU UUIDs of a plausible length and count (checked before they are looked up and quoted)."""
+    if len(values) > MAX_GPUS_PER_ENGINE:
+        raise InvalidRequestError(f"{name}: at most {MAX_GPUS_PER_ENGINE}, got {len(values)}")
+    for value in values:
+        if not 0 < len(value) <= MAX_GPU_UUID_CHARS or not value.isprintable():
+            raise InvalidRequestError(f"{name}: {quoted(value)} is not a GPU UUID")
+    return values
 
 
 def targets(tokens_per_s: float | None, ttft_ms: float | None, tpot_ms: float | None) -> EngineTargets:
