@@ -106,6 +106,9 @@ class EngineSession:
     def add_step_report(self, report: pals_pb2.StepReport) -> None:
         """Validate a report and fold it into the window; InvalidRequestError leaves the window unchanged."""
         window_s = validate.finite(report.window_s, "window_s", 0.0, 3600.0)
+        if 0.0 < window_s < validate.MIN_WINDOW_S:
+            # A denormal window would turn the tick's tokens/s into inf.
+            raise InvalidRequestError(f"window_s must be 0 or at least {validate.MIN_WINDOW_S:g}, got {window_s:g}")
         busy_s = validate.finite(report.busy_s, "busy_s", 0.0, 3600.0)
         kv = validate.finite(report.kv_cache_usage, "kv_cache_usage", 0.0, 1.0)
         if len(report.finished) > validate.MAX_FINISHED_PER_REPORT:

@@ -16,6 +16,11 @@ MAX_NUM_BATCHED_TOKENS = 1 << 24
 MAX_RAMP_S = 86_400.0
 MAX_TARGET_TOKENS_PER_S = 1e9
 MAX_SLO_MS = 3_600_000.0
+# Smallest target (tokens/s or ms; chosen): below it a target means nothing, and a denormal like 5e-324
+# overflowed the controller's throughput/target ratio (found by tests/server/test_fuzz.py).
+MIN_TARGET = 1e-3
+# Shortest non-empty report window (chosen): an engine step takes milliseconds.
+MIN_WINDOW_S = 1e-6
 MAX_FINISHED_PER_REPORT = 100_000
 # Per-report counters (chosen guards, each far above any real engine: an H100 decodes ~1e4 tokens/s, so
 # 2^32 tokens is hours of work in one report). uint64 fields would otherwise let one report claim 1.8e19.
@@ -84,6 +89,6 @@ def targets(tokens_per_s: float | None, ttft_ms: float | None, tpot_ms: float | 
 
 def _positive(value: float, name: str, high: float) -> float:
     value = finite(value, name, 0.0, high)
-    if value <= 0:
-        raise InvalidRequestError(f"{name} must be > 0, got {value:g}")
+    if value < MIN_TARGET:
+        raise InvalidRequestError(f"{name} must be > 0 (at least {MIN_TARGET:g}), got {value:g}")
     return value

@@ -80,6 +80,7 @@ async def gone(node: Any, engine_id: str) -> None:
         ({"num_steps": 1 << 25}, "num_steps must be within"),
         ({"arrived_requests": 1 << 25}, "arrived_requests must be within"),
         ({"window_s": math.inf}, "window_s must be a finite number"),
+        ({"window_s": 5e-324}, "window_s must be 0 or at least"),
         ({"busy_s": math.nan}, "busy_s must be a finite number"),
         ({"kv_cache_usage": -0.1}, "kv_cache_usage must be within"),
         ({"finished": [pals_pb2.FinishedRequest(ttft_ms=math.nan)]}, "finished.ttft_ms must be a finite"),
@@ -323,6 +324,9 @@ class ThreadedDaemon:
         if budget_w is not None and sum(enforced) > budget_w * 1000 + 1e-6:
             self.violations.append(f"tick {d.ticks}: enforced {sum(enforced)} mW over the budget {budget_w} W")
 
+    def run_task_done(self) -> bool:
+        return self._tasks[0].done()
+
     def written_outside_constraints(self) -> list[tuple[int, int]]:
         out = []
         for sim, g in zip(self.gpus, self.daemon.gpus, strict=True):
@@ -549,6 +553,12 @@ def _engine_step(node: ThreadedDaemon, link: Any, messages: list[pals_pb2.Engine
 def _daemon_answers(node: ThreadedDaemon, admin: Any, engine: Any) -> None:
     status = pals_pb2_grpc.PowerAdminStub(admin).GetStatus(pals_pb2.GetStatusRequest(), timeout=10.0)
     assert len(status.gpus) == 4
+    assert not node.run_task_done(), "the control loop stopped"
+    # No garbage number leaks into what operators and the metrics see.
+    for e in status.engines:
+        figures = (e.throughput_tokens_per_s, e.tokens_per_joule, e.predicted_tokens_per_s, e.predicted_power_w)
+        assert all(math.isfinite(x) for x in figures), e
+    assert all(math.isfinite(g.decided_limit_w) for g in status.gpus)
     health = health_pb2_grpc.HealthStub(engine).Check(health_pb2.HealthCheckRequest(), timeout=10.0)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert node.violations == [], node.violations[:5]
