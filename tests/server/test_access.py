@@ -36,7 +36,8 @@ from pals_daemon.api import pals_pb2, pals_pb2_grpc
 from pals_daemon.errors import SocketInUseError, UnsafeSocketDirError
 
 NOBODY_UID = 65534
-ENGINE_GROUP = "nogroup"  # exists on every Debian/Ubuntu; gid 65534
+# The group of gid 65534 ("nogroup" on Debian/Ubuntu, "nobody" on Fedora) serves as the engine group.
+ENGINE_GROUP = grp.getgrgid(NOBODY_UID).gr_name
 OTHER_GID = 1  # "daemon": a group that is not the engine group
 SYSTEM_PYTHON = "/usr/bin/python3"
 SETPRIV = shutil.which("setpriv")
