@@ -410,6 +410,11 @@ ADMIN_OK_CODES = {
 @st.composite
 def admin_requests(draw: Any) -> tuple[str, Any]:
     kind = draw(st.sampled_from(["SetBudget", "SetEngineTargets", "StartProfile", "WatchStatus"]))
+    if kind == "SetBudget" and draw(st.booleans()):
+        # Well formed: the budget moves (ramps included) while the garbage keeps coming.
+        return kind, pals_pb2.SetBudgetRequest(
+            budget_w=draw(st.floats(400.0, 2000.0)), ramp_s=draw(st.floats(0.0, 0.5))
+        )
     if kind == "SetBudget":
         return kind, pals_pb2.SetBudgetRequest(
             budget_w=draw(budget_floats),
@@ -427,8 +432,9 @@ def admin_requests(draw: Any) -> tuple[str, Any]:
         # Well formed for the background engine: a job starts and pins its caps, under the budget.
         request = pals_pb2.StartProfileRequest(
             engine_id="bg",
-            caps_w=draw(st.lists(st.integers(100, 400).map(float), min_size=1, max_size=3, unique=True)),
-            batches=draw(st.lists(st.integers(1, 256), min_size=1, max_size=3, unique=True)),
+            # A profile is a grid of at least 2 caps x 2 batches; low caps, so that most budgets can hold them.
+            caps_w=draw(st.lists(st.integers(100, 150).map(float), min_size=2, max_size=3, unique=True)),
+            batches=draw(st.lists(st.integers(1, 256), min_size=2, max_size=3, unique=True)),
             hold_s=draw(st.floats(0.5, 2.0)),
         )
         request.settle_s = draw(st.floats(0.0, 0.2))
@@ -474,6 +480,12 @@ def engine_sessions(draw: Any) -> list[pals_pb2.EngineMessage]:
         else:
             reg.gpu_uuids.extend(draw(st.lists(texts, max_size=2)))
     messages = [pals_pb2.EngineMessage(register=reg)] if draw(st.integers(0, 9)) else []
+    if reg.engine_id == "fz" and draw(st.booleans()):
+        # Honest reports after the valid registration: the session runs and ends cleanly.
+        plausible = st.builds(
+            step, decode_tokens=st.integers(0, 5000), num_running=st.integers(0, 256), kv_cache_usage=st.floats(0, 1)
+        )
+        return messages + draw(st.lists(plausible, max_size=6))
     for _ in range(draw(st.integers(0, 6))):
         if draw(st.booleans()):
             report = pals_pb2.StepReport(
