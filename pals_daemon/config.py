@@ -42,7 +42,8 @@ class DaemonConfig:
     mode: str = "enforce"
     period_s: float = 0.5
     runtime_dir: str = "/run/pals"
-    # Empty: "<runtime_dir>/admin.sock" and "<runtime_dir>/engine.sock".
+    # Empty: "<runtime_dir>/admin/admin.sock" and "<runtime_dir>/engine.sock" (each directory's mode is part of
+    # its socket's access policy: admin/ 0700 root, <runtime_dir> 0750 root:<engine group>).
     admin_socket: str = ""
     engine_socket: str = ""
     # Group allowed to connect engines (the engine socket is 0660 root:<group>); "" keeps root's group.
@@ -73,7 +74,7 @@ class DaemonConfig:
     @property
     def admin_socket_path(self) -> pathlib.Path:
         """Where the PowerAdmin socket lives."""
-        return pathlib.Path(self.admin_socket or os.path.join(self.runtime_dir, "admin.sock"))
+        return pathlib.Path(self.admin_socket or os.path.join(self.runtime_dir, "admin", "admin.sock"))
 
     @property
     def engine_socket_path(self) -> pathlib.Path:
@@ -180,6 +181,9 @@ def _validate(cfg: DaemonConfig) -> list[str]:
             problems.append(f"{name}: must be an absolute path, got {getattr(cfg, name)!r}")
     if cfg.admin_socket_path == cfg.engine_socket_path:
         problems.append("admin_socket and engine_socket must differ: their modes authorize different clients")
+    elif cfg.admin_socket_path.parent == cfg.engine_socket_path.parent:
+        problems.append("admin_socket and engine_socket must be in different directories: each directory's mode is "
+                        "part of its socket's access policy (admin 0700 root, engine 0750 root:<group>)")
     return problems
 
 

@@ -27,6 +27,10 @@ class SocketInUseError(PalsError):
     """Another live daemon answers on a socket path this daemon was asked to bind."""
 
 
+class UnsafeSocketDirError(PalsError):
+    """A socket's directory is a symlink, owned by another user or writable by others: not used."""
+
+
 class GpuError(PalsError):
     """A GPU operation failed. ``gpu_index`` names the GPU when known."""
 

@@ -17,7 +17,7 @@ from google.protobuf import json_format
 
 from pals_daemon.api import pals_pb2, pals_pb2_grpc
 
-DEFAULT_ADMIN_SOCKET = "/run/pals/admin.sock"
+DEFAULT_ADMIN_SOCKET = "/run/pals/admin/admin.sock"
 RPC_TIMEOUT_S = 10.0
 EXIT_ERROR = 1
 EXIT_USAGE = 2

@@ -289,12 +289,12 @@ class Daemon:
     async def run(self, watchdog: Callable[[], None] | None = None) -> None:
         """Tick every period until request_stop(); a budget change wakes it at once."""
         while not self._stop.is_set():
+            self._wake.clear()  # before the tick: a wake() during it (an engine left) runs another at once
             await self.tick()
             if watchdog is not None:
                 watchdog()
             if self._stop.is_set():
                 break
-            self._wake.clear()
             sleeper = asyncio.ensure_future(self.clock.sleep(self.config.period_s))
             waker = asyncio.ensure_future(self._wake.wait())
             await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)

@@ -1,14 +1,20 @@
 """EngineLink servicer: a thin adapter from the bidirectional stream to the engine registry.
 
 One stream is one engine session. The first message must be a Register; the session ends when the
-stream ends or is cancelled (a killed client is noticed in about 50 ms, DESIGN.md section 4), and the
-engine then falls back to its own limits when its last directive expires.
+stream ends or is cancelled (DESIGN.md section 4 allows about 50 ms; a SIGKILLed client is noticed in
+3-6 ms, tests/server/test_sessions.py), the daemon is woken to run a tick at once so the engine's GPUs get their idle
+allocation, and the engine falls back to its own limits when its last directive expires.
+
+Bad input ends the session with INVALID_ARGUMENT naming the field; a flood of reports (see
+engines.ReportRateLimit) ends it with RESOURCE_EXHAUSTED. Ending rather than dropping the excess: a client
+that floods is broken, the error tells its operator so, and the client library reconnects with backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
@@ -16,7 +22,7 @@ import grpc
 from pals_daemon.api import pals_pb2, pals_pb2_grpc
 from pals_daemon.errors import InvalidRequestError
 from pals_daemon.server import validate
-from pals_daemon.server.engines import EngineRegistration, EngineRegistry, EngineSession
+from pals_daemon.server.engines import EngineRegistration, EngineRegistry, EngineSession, ReportRateLimit
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +32,23 @@ GpuResolver = Callable[[Sequence[str], Sequence[int]], tuple[int, ...]]
 
 def parse_registration(msg: pals_pb2.Register, resolve_gpus: GpuResolver) -> EngineRegistration:
     """Validate a Register message."""
-    if len(msg.model) > validate.MAX_MODEL_NAME_CHARS:
-        raise InvalidRequestError("model name is too long")
+    if len(msg.model) > validate.MAX_MODEL_NAME_CHARS or not msg.model.isprintable():
+        raise InvalidRequestError(f"model must be at most {validate.MAX_MODEL_NAME_CHARS} printable characters")
+    if len(msg.client_version) > validate.MAX_CLIENT_VERSION_CHARS:
+        raise InvalidRequestError(f"client_version must be at most {validate.MAX_CLIENT_VERSION_CHARS} characters")
+    if len(msg.gpu_indices) > validate.MAX_GPUS_PER_ENGINE:
+        raise InvalidRequestError(f"gpu_indices: at most {validate.MAX_GPUS_PER_ENGINE}, got {len(msg.gpu_indices)}")
     if not 1 <= msg.max_num_seqs <= validate.MAX_NUM_SEQS:
         raise InvalidRequestError(f"max_num_seqs must be within [1, {validate.MAX_NUM_SEQS}], got {msg.max_num_seqs}")
     if not 1 <= msg.max_num_batched_tokens <= validate.MAX_NUM_BATCHED_TOKENS:
-        raise InvalidRequestError(f"max_num_batched_tokens must be within [1, {validate.MAX_NUM_BATCHED_TOKENS}]")
+        raise InvalidRequestError(
+            f"max_num_batched_tokens must be within [1, {validate.MAX_NUM_BATCHED_TOKENS}], "
+            f"got {msg.max_num_batched_tokens}"
+        )
     return EngineRegistration(
         engine_id=validate.engine_id(msg.engine_id),
         model=msg.model,
-        gpu_indices=resolve_gpus(list(msg.gpu_uuids), list(msg.gpu_indices)),
+        gpu_indices=resolve_gpus(validate.gpu_uuids(list(msg.gpu_uuids)), list(msg.gpu_indices)),
         max_num_seqs=msg.max_num_seqs,
         max_num_batched_tokens=msg.max_num_batched_tokens,
     )
@@ -50,11 +63,15 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
         resolve_gpus: GpuResolver,
         report_interval_s: float,
         on_change: Callable[[], None] = lambda: None,
+        now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = registry
         self.resolve_gpus = resolve_gpus
         self.report_interval_s = report_interval_s
         self.on_change = on_change
+        self.now = now
+        # Sessions ended for flooding, since start (for tests and logs).
+        self.floods = 0
 
     async def Connect(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pals_pb2.EngineMessage], context: grpc.aio.ServicerContext
@@ -76,6 +93,7 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
         )
         self.on_change()
         reader = asyncio.create_task(self._read(request_iterator, session))
+        getter: asyncio.Future[pals_pb2.DaemonMessage] | None = None
         try:
             yield pals_pb2.DaemonMessage(
                 registered=pals_pb2.Registered(session_id=session.session_id, report_interval_s=self.report_interval_s)
@@ -89,18 +107,33 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
                 yield getter.result()
             error = reader.result()
             if error is not None:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+                await context.abort(*error)
         finally:
+            # Both, also when the handler itself is cancelled (client gone, server stopping) mid-wait.
             reader.cancel()
+            if getter is not None:
+                getter.cancel()
             self.registry.unregister(session)
             log.info("engine %s disconnected", registration.engine_id)
             self.on_change()
 
     async def _read(
         self, request_iterator: AsyncIterator[pals_pb2.EngineMessage], session: EngineSession
-    ) -> str | None:
-        """Fold incoming reports into the session; returns an error text for a bad message, None at end."""
+    ) -> tuple[grpc.StatusCode, str] | None:
+        """Fold incoming reports into the session; returns (code, text) for a bad message or a flood, None at end."""
+        reg = session.registration
+        limit = ReportRateLimit.for_engine(len(reg.gpu_indices), self.report_interval_s, self.now())
         async for msg in request_iterator:
+            if not limit.allow(self.now()):
+                self.floods += 1
+                log.warning(
+                    "engine %s flooded its session (over %.0f messages/s); ending it", reg.engine_id, limit.rate_hz
+                )
+                return (
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"more than {limit.rate_hz:.0f} messages/s (report interval {self.report_interval_s:g} s); "
+                    "session ended",
+                )
             kind = msg.WhichOneof("body")
             try:
                 if kind == "step":
@@ -109,9 +142,9 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
                     gpu = self._expert_gpu(msg.expert_load, session)
                     session.add_expert_load(msg.expert_load, gpu)
                 else:
-                    return f"unexpected {kind or 'empty'} message after registration"
+                    return grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind or 'empty'} message after registration"
             except InvalidRequestError as exc:
-                return str(exc)
+                return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         return None
 
     async def ReportExpertLoad(  # noqa: N802 - gRPC method name
@@ -139,7 +172,7 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
         return ack
 
     def _expert_gpu(self, report: pals_pb2.ExpertLoadReport, session: EngineSession) -> int:
-        uuids = [report.gpu_uuid] if report.gpu_uuid else []
+        uuids = validate.gpu_uuids([report.gpu_uuid], "gpu_uuid") if report.gpu_uuid else []
         (gpu,) = self.resolve_gpus(uuids, [] if uuids else [report.gpu_index])
         if gpu not in session.registration.gpu_indices:
             raise InvalidRequestError(f"GPU {gpu} does not belong to engine {session.registration.engine_id}")

@@ -20,6 +20,40 @@ from pals_daemon.server import validate
 
 # Reports are small; a slow daemon tick must not let a fast engine grow memory without bound.
 OUTBOX_SIZE = 16
+# Flood guard (chosen engineering values): an engine sends one StepReport per report interval plus at most one
+# ExpertLoadReport per GPU; a session may send FLOOD_FACTOR times that, but never less than MIN_REPORT_RATE_HZ
+# (twice the 100 Hz of the load acceptance test, so a fast but honest reporter is never cut off), with a
+# burst of one second's worth (a client catching up after a stall).
+FLOOD_FACTOR = 10.0
+MIN_REPORT_RATE_HZ = 200.0
+FLOOD_BURST_S = 1.0
+
+
+class ReportRateLimit:
+    """A token bucket over one session's messages, in the daemon's clock (simulated engines share it)."""
+
+    def __init__(self, rate_hz: float, now_s: float) -> None:
+        self.rate_hz = rate_hz
+        self.capacity = rate_hz * FLOOD_BURST_S
+        self.tokens = self.capacity
+        self.last_s = now_s
+        self.accepted = 0
+
+    @classmethod
+    def for_engine(cls, num_gpus: int, report_interval_s: float, now_s: float) -> ReportRateLimit:
+        """The limit for an engine with ``num_gpus`` GPUs told to report every ``report_interval_s``."""
+        expected_hz = (1 + num_gpus) / max(report_interval_s, 1e-3)
+        return cls(max(MIN_REPORT_RATE_HZ, FLOOD_FACTOR * expected_hz), now_s)
+
+    def allow(self, now_s: float) -> bool:
+        """Take one token; False when the session is over its rate."""
+        self.tokens = min(self.capacity, self.tokens + max(0.0, now_s - self.last_s) * self.rate_hz)
+        self.last_s = now_s
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        self.accepted += 1
+        return True
 
 
 @dataclass(frozen=True)
@@ -72,29 +106,42 @@ class EngineSession:
     def add_step_report(self, report: pals_pb2.StepReport) -> None:
         """Validate a report and fold it into the window; InvalidRequestError leaves the window unchanged."""
         window_s = validate.finite(report.window_s, "window_s", 0.0, 3600.0)
+        if 0.0 < window_s < validate.MIN_WINDOW_S:
+            # A denormal window would turn the tick's tokens/s into inf.
+            raise InvalidRequestError(f"window_s must be 0 or at least {validate.MIN_WINDOW_S:g}, got {window_s:g}")
         busy_s = validate.finite(report.busy_s, "busy_s", 0.0, 3600.0)
         kv = validate.finite(report.kv_cache_usage, "kv_cache_usage", 0.0, 1.0)
         if len(report.finished) > validate.MAX_FINISHED_PER_REPORT:
             raise InvalidRequestError(f"too many finished requests in one report ({len(report.finished)})")
-        ttft = [validate.finite(f.ttft_ms, "ttft_ms", 0.0, validate.MAX_SLO_MS) for f in report.finished]
-        tpot = [validate.finite(f.tpot_ms, "tpot_ms", 0.0, validate.MAX_SLO_MS) for f in report.finished]
+        ttft = [validate.finite(f.ttft_ms, "finished.ttft_ms", 0.0, validate.MAX_SLO_MS) for f in report.finished]
+        tpot = [validate.finite(f.tpot_ms, "finished.tpot_ms", 0.0, validate.MAX_SLO_MS) for f in report.finished]
+        top_count = validate.MAX_COUNT_PER_REPORT
+        num_steps = validate.count(report.num_steps, "num_steps", top_count)
+        prefill = validate.count(report.prefill_tokens, "prefill_tokens", validate.MAX_TOKENS_PER_REPORT)
+        decode = validate.count(report.decode_tokens, "decode_tokens", validate.MAX_TOKENS_PER_REPORT)
+        arrived = validate.count(report.arrived_requests, "arrived_requests", top_count)
+        running = validate.count(report.num_running, "num_running", top_count)
+        waiting = validate.count(report.num_waiting, "num_waiting", top_count)
         w = self.window
         w.window_s += window_s
-        w.num_steps += report.num_steps
+        w.num_steps += num_steps
         w.busy_s += busy_s
-        w.prefill_tokens += report.prefill_tokens
-        w.decode_tokens += report.decode_tokens
-        w.arrived_requests += report.arrived_requests
+        w.prefill_tokens += prefill
+        w.decode_tokens += decode
+        w.arrived_requests += arrived
         w.ttft_ms.extend(ttft)
         w.tpot_ms.extend(tpot)
-        self.num_running = report.num_running
-        self.num_waiting = report.num_waiting
+        self.num_running = running
+        self.num_waiting = waiting
         self.kv_cache_usage = kv
 
     def add_expert_load(self, report: pals_pb2.ExpertLoadReport, gpu_index: int) -> None:
         """Fold an expert-load report of one of this engine's GPUs into the window."""
         validate.finite(report.window_s, "window_s", 0.0, 3600.0)
+        if len(report.layers) > validate.MAX_EXPERT_LAYERS:
+            raise InvalidRequestError(f"layers: at most {validate.MAX_EXPERT_LAYERS}, got {len(report.layers)}")
         tokens = sum(sum(layer.tokens_per_expert) for layer in report.layers)
+        validate.count(tokens, "tokens_per_expert (sum)", validate.MAX_TOKENS_PER_REPORT)
         self.expert_load.tokens_by_gpu[gpu_index] = self.expert_load.tokens_by_gpu.get(gpu_index, 0) + tokens
 
     def take_observation(self, elapsed_s: float) -> EngineObservation:

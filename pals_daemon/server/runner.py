@@ -36,7 +36,18 @@ log = logging.getLogger(__name__)
 
 ADMIN_SOCKET_MODE = 0o600  # root only: PowerAdmin changes GPU settings
 ENGINE_SOCKET_MODE = 0o660  # root and the engine group: telemetry in, batch limits out
+# The directories enforce the same policy a second time (a socket's mode alone is one chmod from open):
+# admin/ is root only; the engine directory is searchable by the engine group, so engines can reach
+# engine.sock, and closed to everyone else (0750 rather than 0755: other users need not even see the names).
+ADMIN_DIR_MODE = 0o700
+ENGINE_DIR_MODE = 0o750
 STOP_GRACE_S = 1.0
+# Largest message either server accepts (chosen engineering value). The largest legitimate one is an
+# ExpertLoadReport of a big MoE: 61 layers x 256 experts of uint64 varints is at most ~160 KB; a StepReport
+# with a thousand finished requests is ~20 KB. 1 MiB leaves 6x headroom and is a quarter of gRPC's 4 MiB
+# default; anything larger is refused by gRPC itself with RESOURCE_EXHAUSTED before a handler sees it.
+MAX_RECEIVE_MESSAGE_BYTES = 1 << 20
+SERVER_OPTIONS = (("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),)
 
 
 class Runner:
@@ -66,8 +77,8 @@ class Runner:
         self.daemon.on_tick.append(lambda d: self.metrics.observe_tick(d.last_tick_duration_s))
         self.notifier = SystemdNotifier.from_environment()
         self.metrics_port: int | None = None
-        self._admin_path = SocketPath(config.admin_socket_path)
-        self._engine_path = SocketPath(config.engine_socket_path)
+        self._admin_path = SocketPath(config.admin_socket_path, ADMIN_DIR_MODE)
+        self._engine_path = SocketPath(config.engine_socket_path, ENGINE_DIR_MODE, config.engine_socket_group)
         self._servers: list[grpc.aio.Server] = []
         self._health: list[HealthServicer] = []
 
@@ -99,12 +110,21 @@ class Runner:
         )
 
     async def _start_grpc(self) -> None:
-        admin = grpc.aio.server()
+        # One server per socket, each with only its own service (and health): the engine socket's group can
+        # never reach PowerAdmin, whatever it sends (tests/server/test_access.py).
+        admin = grpc.aio.server(options=SERVER_OPTIONS)
         pals_pb2_grpc.add_PowerAdminServicer_to_server(PowerAdminServicer(self.daemon), admin)
-        engine = grpc.aio.server()
+        engine = grpc.aio.server(options=SERVER_OPTIONS)
+        # on_change wakes the control loop: a session that ends lapses its directives and its GPUs get the
+        # controller's idle allocation at once, not at the end of the period.
         link = EngineLinkServicer(
-            self.daemon.engines, self.daemon.resolve_gpus, report_interval_s=self.config.period_s / 2
+            self.daemon.engines,
+            self.daemon.resolve_gpus,
+            report_interval_s=self.config.period_s / 2,
+            on_change=self.daemon.wake,
+            now=self.daemon.clock.now,
         )
+        self.engine_link = link
         pals_pb2_grpc.add_EngineLinkServicer_to_server(link, engine)
         for server, path, service in (
             (admin, self._admin_path, "pals.v1.PowerAdmin"),
@@ -120,7 +140,7 @@ class Runner:
             self._servers.append(server)
             await server.start()
         self._admin_path.restrict(ADMIN_SOCKET_MODE)
-        self._engine_path.restrict(ENGINE_SOCKET_MODE, self.config.engine_socket_group)
+        self._engine_path.restrict(ENGINE_SOCKET_MODE)
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -16,7 +16,24 @@ MAX_NUM_BATCHED_TOKENS = 1 << 24
 MAX_RAMP_S = 86_400.0
 MAX_TARGET_TOKENS_PER_S = 1e9
 MAX_SLO_MS = 3_600_000.0
+# Smallest target (tokens/s or ms; chosen): below it a target means nothing, and a denormal like 5e-324
+# overflowed the controller's throughput/target ratio (found by tests/server/test_fuzz.py).
+MIN_TARGET = 1e-3
+# Shortest non-empty report window (chosen): an engine step takes milliseconds.
+MIN_WINDOW_S = 1e-6
 MAX_FINISHED_PER_REPORT = 100_000
+# Per-report counters (chosen guards, each far above any real engine: an H100 decodes ~1e4 tokens/s, so
+# 2^32 tokens is hours of work in one report). uint64 fields would otherwise let one report claim 1.8e19.
+MAX_TOKENS_PER_REPORT = 1 << 32
+MAX_COUNT_PER_REPORT = 1 << 24  # steps, running, waiting, arrived requests
+MAX_EXPERT_LAYERS = 1024
+MAX_CLIENT_VERSION_CHARS = 128
+# NVML UUIDs are "GPU-" + 36 characters (MIG: "MIG-" + 36); the rest is a guard.
+MAX_GPU_UUID_CHARS = 96
+MAX_GPUS_PER_ENGINE = 64
+# Error messages quote at most this much of a bad value: gRPC clients refuse trailing metadata over 16 KiB,
+# so echoing a 1 MiB field would turn a clear INVALID_ARGUMENT into an opaque RESOURCE_EXHAUSTED.
+MAX_QUOTED_CHARS = 80
 
 
 def finite(value: float, name: str, low: float = -math.inf, high: float = math.inf) -> float:
@@ -28,13 +45,37 @@ def finite(value: float, name: str, low: float = -math.inf, high: float = math.i
     return float(value)
 
 
+def count(value: int, name: str, high: int) -> int:
+    """``value`` if within [0, high], else InvalidRequestError naming the field."""
+    if not 0 <= value <= high:
+        raise InvalidRequestError(f"{name} must be within [0, {high}], got {value}")
+    return int(value)
+
+
+def quoted(value: str) -> str:
+    """``value`` for an error message: repr'd, and cut short when long."""
+    if len(value) <= MAX_QUOTED_CHARS:
+        return repr(value)
+    return f"{value[:MAX_QUOTED_CHARS]!r}... ({len(value)} characters)"
+
+
 def engine_id(value: str) -> str:
     """A well-formed engine id (letters, digits, '.', '_', ':', '-'; at most 64 characters)."""
     if not ENGINE_ID_PATTERN.fullmatch(value):
         raise InvalidRequestError(
-            f"engine_id {value!r} is not 1-64 characters of letters, digits, '.', '_', ':' or '-'"
+            f"engine_id {quoted(value)} is not 1-64 characters of letters, digits, '.', '_', ':' or '-'"
         )
     return value
+
+
+def gpu_uuids(values: list[str], name: str = "gpu_uuids") -> list[str]:
+    """GPU UUIDs of a plausible length and count (checked before they are looked up and quoted)."""
+    if len(values) > MAX_GPUS_PER_ENGINE:
+        raise InvalidRequestError(f"{name}: at most {MAX_GPUS_PER_ENGINE}, got {len(values)}")
+    for value in values:
+        if not 0 < len(value) <= MAX_GPU_UUID_CHARS or not value.isprintable():
+            raise InvalidRequestError(f"{name}: {quoted(value)} is not a GPU UUID")
+    return values
 
 
 def targets(tokens_per_s: float | None, ttft_ms: float | None, tpot_ms: float | None) -> EngineTargets:
@@ -48,6 +89,6 @@ def targets(tokens_per_s: float | None, ttft_ms: float | None, tpot_ms: float | 
 
 def _positive(value: float, name: str, high: float) -> float:
     value = finite(value, name, 0.0, high)
-    if value <= 0:
-        raise InvalidRequestError(f"{name} must be > 0, got {value:g}")
+    if value < MIN_TARGET:
+        raise InvalidRequestError(f"{name} must be > 0 (at least {MIN_TARGET:g}), got {value:g}")
     return value

@@ -767,8 +767,8 @@ def test_second_runner_on_the_same_sockets_is_refused(dirs: Dirs, tmp_path: Path
 def test_regular_file_at_the_socket_path_is_refused_and_kept(dirs: Dirs) -> None:
     async def body() -> None:
         runner, gpus = make_runner(dirs)
-        dirs.runtime.mkdir(parents=True)
         planted = runner.config.admin_socket_path
+        planted.parent.mkdir(parents=True)
         planted.write_text("not a socket\n")
         with pytest.raises(SocketInUseError, match="not a socket"):
             await runner.start()
@@ -781,9 +781,9 @@ def test_regular_file_at_the_socket_path_is_refused_and_kept(dirs: Dirs) -> None
 
 def test_stale_socket_is_replaced(dirs: Dirs) -> None:
     async def body() -> None:
-        dirs.runtime.mkdir(parents=True)
         cfg = make_config(dirs)
         for path in (cfg.admin_socket_path, cfg.engine_socket_path):
+            path.parent.mkdir(parents=True, exist_ok=True)
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.bind(str(path))  # closed without unlinking: a daemon that died
             assert stat.S_ISSOCK(os.lstat(path).st_mode)

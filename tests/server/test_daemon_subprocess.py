@@ -55,7 +55,7 @@ class DaemonProcess:
 
     @property
     def admin_socket(self) -> Path:
-        return self.runtime_dir / "admin.sock"
+        return self.runtime_dir / "admin" / "admin.sock"
 
     @property
     def engine_socket(self) -> Path:

@@ -19,7 +19,7 @@ def test_defaults_without_file(tmp_path):
     cfg = load_config(env={}, config_path=write(tmp_path, ""))
     assert cfg.backend == "nvml" and cfg.mode == "enforce" and cfg.metrics_address == "127.0.0.1"
     assert cfg.metrics_port == 9400 and cfg.period_s == 0.5 and cfg.budget_w is None
-    assert str(cfg.admin_socket_path) == "/run/pals/admin.sock"
+    assert str(cfg.admin_socket_path) == "/run/pals/admin/admin.sock"
 
 
 def test_file_then_env_then_flags(tmp_path):
@@ -62,6 +62,12 @@ def test_budget_none_and_gpu_list_from_env(tmp_path):
 def test_same_socket_twice_refused(tmp_path):
     with pytest.raises(ConfigError, match="must differ"):
         load_config(env={}, config_path=write(tmp_path, 'admin_socket = "/x.sock"\nengine_socket = "/x.sock"\n'))
+
+
+def test_sockets_in_one_directory_refused(tmp_path):
+    # The directory's mode is part of each socket's policy: one directory cannot be both 0700 and 0750.
+    with pytest.raises(ConfigError, match="different directories"):
+        load_config(env={}, config_path=write(tmp_path, 'admin_socket = "/r/a.sock"\nengine_socket = "/r/e.sock"\n'))
 
 
 def test_ttl_shorter_than_two_periods_refused(tmp_path):
