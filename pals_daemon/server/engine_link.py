@@ -22,7 +22,13 @@ import grpc
 from pals_daemon.api import pals_pb2, pals_pb2_grpc
 from pals_daemon.errors import InvalidRequestError
 from pals_daemon.server import validate
-from pals_daemon.server.engines import EngineRegistration, EngineRegistry, EngineSession, ReportRateLimit
+from pals_daemon.server.engines import (
+    EngineRegistration,
+    EngineRegistry,
+    EngineSession,
+    ReportRateLimit,
+    expert_load_tokens,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +163,18 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
         this daemon does not manage, or carrying bad numbers, ends the stream with INVALID_ARGUMENT.
         """
         ack = pals_pb2.ExpertLoadAck()
+        # One GPU's worker: the same flood bound as a one-GPU engine's session.
+        limit = ReportRateLimit.for_engine(1, self.report_interval_s, self.now())
         async for report in request_iterator:
+            if not limit.allow(self.now()):
+                self.floods += 1
+                log.warning("an expert-load stream flooded (over %.0f messages/s); ending it", limit.rate_hz)
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"more than {limit.rate_hz:.0f} messages/s; stream ended"
+                )
             try:
-                uuids = [report.gpu_uuid] if report.gpu_uuid else []
+                expert_load_tokens(report)  # a bad report is refused even when no engine would take it
+                uuids = validate.gpu_uuids([report.gpu_uuid], "gpu_uuid") if report.gpu_uuid else []
                 (gpu,) = self.resolve_gpus(uuids, [] if uuids else [report.gpu_index])
                 session = self.registry.engine_of_gpu(gpu)
                 if session is None:

@@ -56,6 +56,15 @@ class ReportRateLimit:
         return True
 
 
+def expert_load_tokens(report: pals_pb2.ExpertLoadReport) -> int:
+    """The tokens an expert-load report counts, validated (InvalidRequestError naming the field)."""
+    validate.finite(report.window_s, "window_s", 0.0, 3600.0)
+    if len(report.layers) > validate.MAX_EXPERT_LAYERS:
+        raise InvalidRequestError(f"layers: at most {validate.MAX_EXPERT_LAYERS}, got {len(report.layers)}")
+    tokens = sum(sum(layer.tokens_per_expert) for layer in report.layers)
+    return validate.count(tokens, "tokens_per_expert (sum)", validate.MAX_TOKENS_PER_REPORT)
+
+
 @dataclass(frozen=True)
 class EngineRegistration:
     """Who the engine is and what it runs on (validated)."""
@@ -137,11 +146,7 @@ class EngineSession:
 
     def add_expert_load(self, report: pals_pb2.ExpertLoadReport, gpu_index: int) -> None:
         """Fold an expert-load report of one of this engine's GPUs into the window."""
-        validate.finite(report.window_s, "window_s", 0.0, 3600.0)
-        if len(report.layers) > validate.MAX_EXPERT_LAYERS:
-            raise InvalidRequestError(f"layers: at most {validate.MAX_EXPERT_LAYERS}, got {len(report.layers)}")
-        tokens = sum(sum(layer.tokens_per_expert) for layer in report.layers)
-        validate.count(tokens, "tokens_per_expert (sum)", validate.MAX_TOKENS_PER_REPORT)
+        tokens = expert_load_tokens(report)
         self.expert_load.tokens_by_gpu[gpu_index] = self.expert_load.tokens_by_gpu.get(gpu_index, 0) + tokens
 
     def take_observation(self, elapsed_s: float) -> EngineObservation:

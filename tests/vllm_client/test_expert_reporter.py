@@ -151,3 +151,44 @@ def test_absent_daemon_only_costs_retries(short_tmp: Path) -> None:
 def test_needs_a_gpu_identity() -> None:
     with pytest.raises(ValueError, match="UUID or index"):
         ExpertLoadReporter("/nonexistent", "", lambda: [])
+
+
+def raw_expert_stream(d: DaemonThread, reports: list[Any]) -> Any:
+    import grpc
+
+    from pals_daemon.api import pals_pb2_grpc
+
+    with grpc.insecure_channel(f"unix:{d.socket_path}") as channel:
+        try:
+            return pals_pb2_grpc.EngineLinkStub(channel).ReportExpertLoad(iter(reports), timeout=10)
+        except grpc.RpcError as exc:
+            return exc
+
+
+def test_bad_or_flooding_expert_streams_are_refused(dirs: tuple[Path, Path]) -> None:
+    import grpc
+
+    from pals_daemon.api import pals_pb2
+
+    def report(**kw: Any) -> Any:
+        values: dict[str, Any] = {"gpu_uuid": d.uuids[1], "window_s": 1.0}
+        values.update(kw)
+        rep = pals_pb2.ExpertLoadReport(**values)
+        rep.layers.add(layer=0, tokens_per_expert=[5, 7])
+        return rep
+
+    with daemon(dirs) as d:
+        # Refused even with no engine to attribute it to, naming the field; nothing is counted.
+        err = raw_expert_stream(d, [report(), report(window_s=float("nan"))])
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "window_s" in err.details()
+        too_many = report()
+        too_many.layers.add(layer=1, tokens_per_expert=[2**40])
+        err = raw_expert_stream(d, [too_many])
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "tokens_per_expert" in err.details()
+        # A flood far beyond any report interval ends the stream.
+        err = raw_expert_stream(d, [report() for _ in range(5000)])
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+        assert d.call(lambda: d.runner.engine_link.floods) >= 1
+        # An honest stream still works afterwards.
+        ack = raw_expert_stream(d, [report(), report()])
+        assert (ack.accepted, ack.unattributed) == (0, 2)
