@@ -266,13 +266,16 @@ class Daemon:
     async def run(self, watchdog: Callable[[], None] | None = None) -> None:
         """Tick every period until request_stop(); a budget change wakes it at once."""
         while not self._stop.is_set():
+            # Cleared before the tick: a wake during it (a GPU failed, new targets) runs the next one at once.
+            self._wake.clear()
             await self.tick()
             if watchdog is not None:
                 watchdog()
             if self._stop.is_set():
                 break
-            self._wake.clear()
-            sleeper = asyncio.ensure_future(self.clock.sleep(self.config.period_s))
+            # Ticks start a period apart (a slow tick does not stretch the period), never closer than now.
+            delay_s = max(0.0, self.last_tick_s + self.config.period_s - self.clock.now())
+            sleeper = asyncio.ensure_future(self.clock.sleep(delay_s))
             waker = asyncio.ensure_future(self._wake.wait())
             await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
             sleeper.cancel()
@@ -339,6 +342,7 @@ class Daemon:
                     g.accounted_limit_mw(),
                     exc,
                 )
+                self._wake.set()  # re-plan the others around it at once, not a period later
             g.controlled = False
             g.fault = g.fault or str(exc)
         elif g.controlled:
@@ -460,11 +464,45 @@ class Daemon:
                 g.requested_limit_mw = mw
                 g.reading = _with_enforced(g.reading, int(result), mw)
                 self._check_drift(g, now_s)
-            if failed and batch is decreases and increases:
-                # The increases were sized on these decreases: skip them; next tick decides afresh, counting
-                # the GPU that refused at its enforced limit.
-                log.warning("a decrease failed: %d increase(s) deferred to the next tick", len(increases))
+            if failed and batch is decreases:
+                # The increases were sized on these decreases: skip them, and lower the others now if the
+                # GPU that refused leaves the node over budget (the next tick re-plans around it).
+                if increases:
+                    log.warning("a decrease failed: %d increase(s) deferred to the next tick", len(increases))
+                await self._repair_budget(now_s)
                 return
+
+    async def _repair_budget(self, now_s: float) -> None:
+        """Lower controlled GPUs (largest headroom first) until the limits in force fit the budget again."""
+        budget_w = self.budget.effective_w(now_s)
+        if budget_w is None:
+            return
+        excess_mw = sum(g.requested_limit_mw if g.controlled else g.accounted_limit_mw() for g in self.gpus)
+        excess_mw -= w_to_mw(budget_w)
+        cuts = []
+        for g in sorted(
+            (g for g in self.gpus if g.controlled),
+            key=lambda g: g.requested_limit_mw - g.constraints.min_limit_mw,
+            reverse=True,
+        ):
+            if excess_mw <= 0:
+                break
+            new_mw = max(g.constraints.min_limit_mw, g.requested_limit_mw - excess_mw)
+            if new_mw < g.requested_limit_mw:
+                cuts.append((g, new_mw))
+                excess_mw -= g.requested_limit_mw - new_mw
+        if not cuts:
+            return
+        log.warning("budget repair after a failed decrease: lowering %d GPU(s)", len(cuts))
+        results = await asyncio.gather(*(g.worker.set_power_limit_mw(mw) for g, mw in cuts), return_exceptions=True)
+        for (g, mw), result in zip(cuts, results, strict=True):
+            if isinstance(result, BaseException):
+                self._gpu_failed(g, result)
+                continue
+            g.requested_limit_mw = mw
+            g.decided_limit_w = mw_to_w(mw)
+            g.reading = _with_enforced(g.reading, int(result), mw)
+            self._check_drift(g, now_s)
 
     def _send_directives(self, decision: Decision) -> None:
         # Relative, in the daemon's clock: the simulated engines run on the same (scaled) clock.
