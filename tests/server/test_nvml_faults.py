@@ -27,6 +27,7 @@ from pals_daemon.config import DaemonConfig
 from pals_daemon.errors import GpuError
 from pals_daemon.gpu.nvml import NvmlBackend
 from pals_daemon.model.profile import load_profiles
+from pals_daemon.server import daemon as daemon_module
 from pals_daemon.server.daemon import default_profiles_dir
 from pals_daemon.server.runner import Runner
 
@@ -244,3 +245,51 @@ def test_a_hung_gpu_is_dropped_within_the_timeout_and_does_not_stall_the_others(
             assert durations and max(durations) < timeout_s
 
     async_helpers.drive(body(), TEST_TIMEOUT_S)
+
+
+def test_external_cap_is_rechecked_and_a_foreign_write_is_set_back(
+    env: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake, run_dir, state_dir = env
+    caplog.set_level(logging.INFO, logger="pals_daemon")
+    # Recheck the cap after 0.5 s instead of 30 s, to see the whole cycle in a short test.
+    monkeypatch.setattr(daemon_module, "EXTERNAL_CAP_RECHECK_S", 0.5)
+
+    async def status(admin: pals_pb2_grpc.PowerAdminStub) -> pals_pb2.NodeStatus:
+        return await admin.GetStatus(pals_pb2.GetStatusRequest())
+
+    async def body() -> None:
+        async with running(config(run_dir, state_dir, budget_w=1200.0)) as (runner, admin):
+            await async_helpers.eventually(lambda: enforced_mw(fake) == [300_000] * 4, 5.0)
+            state = fake.read_state()
+            state.gpus[2].external_limit_mw = 200_000
+            fake.write_state(state)
+            await async_helpers.eventually(lambda: runner.daemon.gpus[2].requested_limit_mw <= 200_000, 5.0)
+            writes_capped = len(fake.set_limit_calls())
+            # Capped and held under the cap: no write every tick, and the budget holds.
+            await asyncio.sleep(0.3)
+            assert len(fake.set_limit_calls()) == writes_capped
+            assert sum(enforced_mw(fake)) <= 1_200_000
+            # The cap goes; after the recheck interval GPU 2 is asked above the old cap and gets it.
+            state = fake.read_state()
+            state.gpus[2].external_limit_mw = None
+            fake.write_state(state)
+
+            async def lifted() -> bool:
+                s = await status(admin)
+                return not s.gpus[2].limit_drift and s.gpus[2].enforced_limit_w > 200.0
+
+            await async_helpers.eventually(lifted, 5.0)
+            assert sum(enforced_mw(fake)) <= 1_200_000
+
+            # Someone overwrites GPU 3's management limit with 400 W (over the budget): set back in a tick.
+            state = fake.read_state()
+            state.gpus[3].limit_mw = 400_000
+            fake.write_state(state)
+            await async_helpers.eventually(lambda: sum(enforced_mw(fake)) <= 1_200_000, 5.0)
+            assert (await status(admin)).gpus[3].controlled
+
+    async_helpers.drive(body(), TEST_TIMEOUT_S)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("GPU 2: the external cap of 200000 mW is gone" in m for m in messages) == 1
+    assert sum("GPU 3: power limit changed to 400000 mW by someone else" in m for m in messages) == 1
