@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# bench/ too: client processes are spawned and import this module by name (``load_engines``).
+for _path in (REPO, REPO / "bench"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import grpc  # noqa: E402
 
@@ -203,10 +205,11 @@ async def _measure(
     duration_s: float,
     procs: int,
     model: str,
+    lead_s: float,
 ) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    start_at = time.time() + 2.0  # time for the client processes to import and connect
+    start_at = time.time() + lead_s  # time for the client processes to import and connect
     stop_at = start_at + duration_s
     groups = [list(range(engines))[k::procs] for k in range(procs)]
     clients = [
@@ -296,7 +299,12 @@ async def _measure(
 
 
 def run_load(
-    engines: int = 64, rate_hz: float = 100.0, duration_s: float = 60.0, procs: int = 4, model: str = MODEL
+    engines: int = 64,
+    rate_hz: float = 100.0,
+    duration_s: float = 60.0,
+    procs: int = 4,
+    model: str = MODEL,
+    lead_s: float = 2.0,
 ) -> dict[str, Any]:
     """Start a daemon, drive it with ``engines`` engines, stop it; returns the figures (see module doc)."""
     work = Path(tempfile.mkdtemp(prefix="pals-load-", dir="/tmp"))
@@ -347,6 +355,7 @@ def run_load(
                 duration_s,
                 procs,
                 model,
+                lead_s,
             )
         )
         proc.send_signal(signal.SIGTERM)
