@@ -17,7 +17,14 @@ import async_helpers
 import grpc
 import pytest
 from fake_nvml import FakeNvmlEnv, FakeNvmlState
-from fake_nvml.state import NVML_ERROR_GPU_IS_LOST, NVML_ERROR_NO_PERMISSION, NVML_ERROR_UNKNOWN
+from fake_nvml.state import (
+    NVML_ERROR_GPU_IS_LOST,
+    NVML_ERROR_NO_PERMISSION,
+    NVML_ERROR_NOT_SUPPORTED,
+    NVML_ERROR_RESET_REQUIRED,
+    NVML_ERROR_TIMEOUT,
+    NVML_ERROR_UNKNOWN,
+)
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,7 +35,7 @@ from pals_daemon.errors import GpuError
 from pals_daemon.gpu.nvml import NvmlBackend
 from pals_daemon.model.profile import load_profiles
 from pals_daemon.server import daemon as daemon_module
-from pals_daemon.server.daemon import default_profiles_dir
+from pals_daemon.server.daemon import Daemon, default_profiles_dir
 from pals_daemon.server.runner import Runner
 
 PROFILES = load_profiles(default_profiles_dir())
@@ -294,3 +301,57 @@ def test_external_cap_is_rechecked_and_a_foreign_write_is_set_back(
     messages = [r.getMessage() for r in caplog.records]
     assert sum("GPU 2: the external cap of 200000 mW is gone" in m for m in messages) == 1
     assert sum("GPU 3: power limit changed to 400000 mW by someone else" in m for m in messages) == 1
+
+
+@pytest.mark.parametrize(
+    "code,name",
+    [
+        (NVML_ERROR_GPU_IS_LOST, "GPU_IS_LOST"),
+        (NVML_ERROR_RESET_REQUIRED, "RESET_REQUIRED"),
+        (NVML_ERROR_NO_PERMISSION, "NO_PERMISSION"),
+        (NVML_ERROR_NOT_SUPPORTED, "NOT_SUPPORTED"),
+    ],
+)
+def test_each_fatal_code_fails_only_its_gpu(env: Any, code: int, name: str) -> None:
+    fake, _, state_dir = env
+    cfg = config(Path("/nonexistent"), state_dir, budget_w=1000.0)
+
+    async def body() -> None:
+        daemon = Daemon(cfg, NvmlBackend(), PROFILES, MonotonicClock())
+        await daemon.start()
+        try:
+            await daemon.tick()
+            state = fake.read_state()
+            state.inject("nvmlDeviceGetEnforcedPowerLimit", code, gpu=2)
+            fake.write_state(state)
+            await daemon.tick()
+            assert [g.controlled for g in daemon.gpus] == [True, True, False, True]
+            assert name in daemon.gpus[2].fault
+            # The failed GPU stays at its enforced 250 W and is budgeted there; the others take the cut.
+            await daemon.set_budget(700.0)
+            limits = enforced_mw(fake)
+            assert limits[2] == 250_000 and sum(limits) <= 700_000
+        finally:
+            await daemon.close()
+
+    async_helpers.drive(body(), TEST_TIMEOUT_S)
+
+
+def test_a_transient_error_is_retried_not_fatal(env: Any) -> None:
+    fake, _, state_dir = env
+    cfg = config(Path("/nonexistent"), state_dir, budget_w=1000.0)
+
+    async def body() -> None:
+        daemon = Daemon(cfg, NvmlBackend(), PROFILES, MonotonicClock())
+        await daemon.start()
+        try:
+            state = fake.read_state()
+            state.inject("nvmlDeviceGetPowerUsage", NVML_ERROR_TIMEOUT, gpu=2, times=2)
+            fake.write_state(state)
+            for _ in range(4):
+                await daemon.tick()
+            assert all(g.controlled for g in daemon.gpus) and daemon.gpus[2].fault == ""
+        finally:
+            await daemon.close()
+
+    async_helpers.drive(body(), TEST_TIMEOUT_S)
