@@ -150,6 +150,9 @@ async def _client(
 def _client_process(
     socket_path: str, indices: list[int], model: str, rate_hz: float, start_at: float, stop_at: float, queue: Any
 ) -> None:
+    # The load generator yields the CPU to the daemon: on a node, engines run on their own cores, while here
+    # four client processes share two cores with the daemon they measure.
+    os.nice(10)
     try:
         import uvloop
 
