@@ -361,6 +361,8 @@ class Daemon:
         cannot push the node over budget.
         """
         r, index = g.reading, g.identity.index
+        if not self.enforcing:
+            g.requested_limit_mw = r.requested_limit_mw  # advise mode writes nothing: the driver's value stands
         if r.requested_limit_mw != g.requested_limit_mw:
             if g.foreign_limit_mw != r.requested_limit_mw:
                 log.warning(

@@ -355,3 +355,31 @@ def test_a_transient_error_is_retried_not_fatal(env: Any) -> None:
             await daemon.close()
 
     async_helpers.drive(body(), TEST_TIMEOUT_S)
+
+
+def test_advise_mode_follows_a_foreign_limit_and_reports_an_external_cap(
+    env: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake, _, state_dir = env
+    caplog.set_level(logging.INFO, logger="pals_daemon")
+    cfg = config(Path("/nonexistent"), state_dir, mode="advise", budget_w=1000.0)
+
+    async def body() -> None:
+        daemon = Daemon(cfg, NvmlBackend(), PROFILES, MonotonicClock())
+        await daemon.start()
+        try:
+            state = fake.read_state()
+            state.gpus[0].limit_mw = 300_000  # someone runs nvidia-smi -pl 300
+            state.gpus[1].external_limit_mw = 200_000  # an out-of-band cap
+            fake.write_state(state)
+            await daemon.tick()
+            await daemon.tick()
+            g0, g1 = daemon.build_status().gpus[:2]
+            assert g0.requested_limit_w == 300.0 and not g0.limit_drift
+            assert g1.limit_drift and g1.external_limit_w == 200.0
+        finally:
+            await daemon.close()
+
+    async_helpers.drive(body(), TEST_TIMEOUT_S)
+    assert fake.set_limit_calls() == []  # advise mode never writes
+    assert not any("setting it back" in r.getMessage() for r in caplog.records)
