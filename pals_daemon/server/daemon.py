@@ -189,6 +189,7 @@ class Daemon:
             for g in self.gpus:
                 g.worker.close()
             self.gpus.clear()
+            self.backend.close()
             raise first_error
         if self.controller.config.gpu_kind is None and self.gpus:
             # Only profiles measured on this node's kind of GPU apply (an H100 profile would mislead on A100s).

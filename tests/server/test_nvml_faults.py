@@ -226,6 +226,8 @@ def test_start_up_fails_only_when_every_gpu_fails(env: Any) -> None:
 
     async_helpers.drive(body(), TEST_TIMEOUT_S)
     assert fake.set_limit_calls() == []
+    # NVML was shut down again on the way out.
+    assert [e.function for e in fake.log()] == ["nvmlInitWithFlags", "nvmlShutdown"]
 
 
 def test_a_hung_gpu_is_dropped_within_the_timeout_and_does_not_stall_the_others(env: Any) -> None:
