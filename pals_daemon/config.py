@@ -64,6 +64,10 @@ class DaemonConfig:
     budget_w: float | None = None
     # GPU indices to control; empty: all.
     gpus: tuple[int, ...] = ()
+    # An NVML call slower than this marks its GPU wedged, then failed (no longer controlled); it also bounds
+    # how long one hung GPU can hold up a tick. Chosen value: healthy calls take milliseconds, and 3 such
+    # waits in one tick (read, decrease, increase) stay far under the unit's WatchdogSec=10s.
+    gpu_timeout_s: float = 1.0
     log_level: str = "info"
     sim_gpu_kind: str = "A100-SXM4"
     sim_gpu_count: int = 4
@@ -157,7 +161,7 @@ def _validate(cfg: DaemonConfig) -> list[str]:
         problems.append(f"mode: {cfg.mode!r} is not one of {', '.join(MODES)}")
     if cfg.log_level not in LOG_LEVELS:
         problems.append(f"log_level: {cfg.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
-    for name in ("period_s", "directive_ttl_s", "qos_window_s", "sim_speed"):
+    for name in ("period_s", "directive_ttl_s", "qos_window_s", "sim_speed", "gpu_timeout_s"):
         value = getattr(cfg, name)
         if not math.isfinite(value) or value <= 0:
             problems.append(f"{name}: must be a finite number > 0, got {value!r}")

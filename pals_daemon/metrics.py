@@ -55,6 +55,9 @@ class StatusCollector(Collector):
         clock = gauge("pals_gpu_sm_clock_hertz", "SM clock")
         capped = gauge("pals_gpu_power_capped", "1 when the software power cap holds the clocks down")
         controlled = gauge("pals_gpu_controlled", "0 once a fatal error stopped the daemon controlling the GPU")
+        failed = gauge("pals_gpu_failed", "1 once a fatal NVML error (lost, reset, permission, unsupported, hung)")
+        drift = gauge("pals_gpu_power_limit_drift", "1 while someone else caps the GPU below the daemon's request")
+        external = gauge("pals_gpu_power_limit_external_watts", "The cap someone else set (only while one is known)")
         for g in s.gpus:
             key = [str(g.index), g.uuid]
             power.add_metric(key, g.power_w)
@@ -69,6 +72,10 @@ class StatusCollector(Collector):
             clock.add_metric(key, g.sm_clock_mhz * HZ_PER_MHZ)
             capped.add_metric(key, float(g.power_capped))
             controlled.add_metric(key, float(g.controlled))
+            failed.add_metric(key, float(bool(g.fault)))
+            drift.add_metric(key, float(g.limit_drift))
+            if g.HasField("external_limit_w"):
+                external.add_metric(key, g.external_limit_w)
         yield from (
             power,
             instant,
@@ -81,6 +88,9 @@ class StatusCollector(Collector):
             clock,
             capped,
             controlled,
+            failed,
+            drift,
+            external,
         )
 
     def _node_metrics(self, s: pals_pb2.NodeStatus) -> Iterator[Metric]:

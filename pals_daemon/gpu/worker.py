@@ -28,6 +28,11 @@ class GpuWorker:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gpu{self.index}")
         self._wedged = False
 
+    @property
+    def wedged(self) -> bool:
+        """True once a call timed out: the thread may still be stuck in the driver, so nothing more is sent."""
+        return self._wedged
+
     async def _call(self, fn: Callable[[], T]) -> T:
         if self._wedged:
             raise GpuFatalError("a previous call never returned; GPU no longer used", self.index)

@@ -43,6 +43,14 @@ log = logging.getLogger(__name__)
 
 # Ticks over which an engine's tokens/J is measured (10 s at the default 0.5 s period).
 EFFICIENCY_WINDOW_TICKS = 20
+# An enforced limit this far below the daemon's request is someone else's cap, not rounding (chosen value:
+# NVML limits are whole milliwatts; drivers enforce the requested value exactly when nothing else caps).
+DRIFT_TOLERANCE_MW = 1000
+# How long an external cap is kept as the GPU's ceiling without being seen again. The daemon then lets the
+# controller ask above it once: if the cap is still there the enforced limit shows it again (and the
+# ceiling returns), if it was lifted the GPU gets the watts back. Chosen value: rare enough not to fight
+# the other tool, short enough not to strand watts for long after a cap is lifted.
+EXTERNAL_CAP_RECHECK_S = 30.0
 
 
 @dataclass
@@ -61,6 +69,26 @@ class GpuSlot:
     # Energy counter at the previous tick, for per-tick energy deltas.
     last_energy_mj: int = 0
     tick_energy_j: float = 0.0
+    # False while no read ever succeeded (the GPU failed at start-up): the reading is a placeholder.
+    has_reading: bool = True
+    # A cap someone else set (the enforced limit was seen below the daemon's request), and when it was
+    # last seen (daemon clock); None when none is known. The controller keeps the GPU at or under it.
+    external_cap_mw: int | None = None
+    external_cap_seen_s: float = 0.0
+    # A management limit someone else wrote over the daemon's (logged once per value).
+    foreign_limit_mw: int | None = None
+
+    def accounted_limit_mw(self) -> int:
+        """What this GPU may draw when the daemon does not control it: its enforced limit, or its maximum
+        when it was never read."""
+        return self.reading.enforced_limit_mw if self.has_reading else self.constraints.max_limit_mw
+
+    def ceiling_mw(self, now_s: float) -> int:
+        """The highest limit worth asking for: the maximum, or a recently seen external cap below it."""
+        c = self.constraints
+        if self.external_cap_mw is not None and now_s - self.external_cap_seen_s < EXTERNAL_CAP_RECHECK_S:
+            return max(c.min_limit_mw, min(c.max_limit_mw, self.external_cap_mw))
+        return c.max_limit_mw
 
 
 @dataclass
@@ -109,6 +137,7 @@ class Daemon:
         self.decisions_changed = 0
         self.last_tick_duration_s = 0.0
         self.last_tick_s = 0.0
+        self.last_tick_started_unix_s = 0.0
         self.status: pals_pb2.NodeStatus = pals_pb2.NodeStatus()
         self._status_event = asyncio.Event()
         self._wake = asyncio.Event()
@@ -131,12 +160,21 @@ class Daemon:
         self.state = self.store.load()
         devices: Sequence[GpuDevice] = self.backend.open()
         wanted = set(self.config.gpus)
+        first_error: GpuError | None = None
         for device in devices:
             if wanted and device.identity.index not in wanted:
                 continue
-            worker = GpuWorker(device)
-            constraints = await worker.constraints()
-            reading = await worker.read()
+            worker = GpuWorker(device, self.config.gpu_timeout_s)
+            constraints: PowerConstraints | None = None
+            try:
+                constraints = await worker.constraints()
+                reading = await worker.read()
+            except GpuError as exc:
+                # Dropped and reported, not fatal: the other GPUs still need their budget enforced.
+                log.error("GPU %d failed at start-up and is not controlled: %s", device.identity.index, exc)
+                first_error = first_error or exc
+                self.gpus.append(_failed_slot(worker, device.identity, exc, constraints))
+                continue
             self.gpus.append(
                 GpuSlot(
                     worker,
@@ -150,6 +188,12 @@ class Daemon:
         missing = wanted - {g.identity.index for g in self.gpus}
         if missing:
             raise InvalidRequestError(f"configured GPU indices {sorted(missing)} do not exist")
+        if first_error is not None and not any(g.controlled for g in self.gpus):
+            for g in self.gpus:
+                g.worker.close()
+            self.gpus.clear()
+            self.backend.close()
+            raise first_error
         if self.controller.config.gpu_kind is None and self.gpus:
             # Only profiles measured on this node's kind of GPU apply (an H100 profile would mislead on A100s).
             kind = self.gpus[0].identity.name
@@ -159,7 +203,7 @@ class Daemon:
         if self.enforcing:
             # Records left by a run that did not stop cleanly: put those GPUs back before control starts.
             await self._restore_recorded_limits()
-            for g in self.gpus:
+            for g in (g for g in self.gpus if g.has_reading):
                 # First one wins: a record left by a crashed run keeps the limit found before that run.
                 self.state = self.state.with_original(g.identity.uuid, self._original_of(g))
         elif self.state.original_limits:
@@ -289,13 +333,16 @@ class Daemon:
     async def run(self, watchdog: Callable[[], None] | None = None) -> None:
         """Tick every period until request_stop(); a budget change wakes it at once."""
         while not self._stop.is_set():
-            self._wake.clear()  # before the tick: a wake() during it (an engine left) runs another at once
+            # Cleared before the tick: a wake during it (a GPU failed, new targets) runs the next one at once.
+            self._wake.clear()
             await self.tick()
             if watchdog is not None:
                 watchdog()
             if self._stop.is_set():
                 break
-            sleeper = asyncio.ensure_future(self.clock.sleep(self.config.period_s))
+            # Ticks start a period apart (a slow tick does not stretch the period), never closer than now.
+            delay_s = max(0.0, self.last_tick_s + self.config.period_s - self.clock.now())
+            sleeper = asyncio.ensure_future(self.clock.sleep(delay_s))
             waker = asyncio.ensure_future(self._wake.wait())
             await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
             sleeper.cancel()
@@ -305,15 +352,16 @@ class Daemon:
         """One control period: observe, decide, apply (enforce mode), publish."""
         async with self._tick_lock:
             started = time.perf_counter()
+            self.last_tick_started_unix_s = time.time()
             now = self.clock.now()
             elapsed = max(now - self.last_tick_s, 1e-6)
             self.last_tick_s = now
-            await self._read_gpus()
+            await self._read_gpus(now)
             observations = self._observe_engines(elapsed)
             inp = ControllerInput(
                 now_s=now,
                 budget_w=self.budget.effective_w(now),
-                gpus=tuple(self._gpu_observation(g) for g in self.gpus),
+                gpus=tuple(self._gpu_observation(g, now) for g in self.gpus),
                 engines=observations,
                 targets=dict(self.state.targets),
             )
@@ -321,7 +369,7 @@ class Daemon:
             for g in self.gpus:
                 g.decided_limit_w = decision.gpu_limits_w.get(g.identity.index, mw_to_w(g.requested_limit_mw))
             if self.enforcing:
-                await self._apply_limits(decision)
+                await self._apply_limits(decision, now)
                 self._send_directives(decision)
             self._account(observations, decision)
             self.profiler.after_tick(now, observations)
@@ -336,36 +384,95 @@ class Daemon:
             self._status_event = asyncio.Event()
             return decision
 
-    async def _read_gpus(self) -> None:
+    async def _read_gpus(self, now_s: float) -> None:
+        # Concurrent, one worker each: a hung GPU holds the tick up for at most gpu_timeout_s.
         results = await asyncio.gather(*(g.worker.read() for g in self.gpus), return_exceptions=True)
         for g, result in zip(self.gpus, results, strict=True):
             if isinstance(result, GpuReading):
-                g.tick_energy_j = mj_to_j(max(0, result.energy_mj - g.last_energy_mj))
+                g.tick_energy_j = mj_to_j(max(0, result.energy_mj - g.last_energy_mj)) if g.has_reading else 0.0
                 g.last_energy_mj = result.energy_mj
                 g.reading = result
+                g.has_reading = True
+                if g.controlled:
+                    self._check_drift(g, now_s)
             else:
                 g.tick_energy_j = 0.0
                 self._gpu_failed(g, result)
 
     def _gpu_failed(self, g: GpuSlot, exc: BaseException) -> None:
-        if isinstance(exc, GpuFatalError):
+        # A call that timed out leaves the worker wedged: every later call is refused, so stop now.
+        if isinstance(exc, GpuFatalError) or g.worker.wedged:
             if g.controlled:
-                log.error("GPU %d no longer controlled: %s", g.identity.index, exc)
+                log.error(
+                    "GPU %d no longer controlled (counted at %d mW in the budget): %s",
+                    g.identity.index,
+                    g.accounted_limit_mw(),
+                    exc,
+                )
+                self._wake.set()  # re-plan the others around it at once, not a period later
             g.controlled = False
-            g.fault = str(exc)
-        else:
+            g.fault = g.fault or str(exc)
+        elif g.controlled:
             log.warning("GPU %d: %s (retrying next tick)", g.identity.index, exc)
+        else:
+            log.debug("GPU %d (not controlled): %s", g.identity.index, exc)
 
-    def _gpu_observation(self, g: GpuSlot) -> GpuObservation:
+    def _check_drift(self, g: GpuSlot, now_s: float) -> None:
+        """Notice a limit someone else set, from the latest reading; log once per new value.
+
+        Two cases. Someone wrote the management limit itself (the value read back is not the daemon's): the
+        daemon owns that setting while it runs, as the budget is a hard limit, so _apply_limits writes its
+        own value back. The enforced limit is below the daemon's request (another tool's or an out-of-band
+        cap): the daemon does not fight it; the GPU's ceiling becomes that cap, so the controller gives the
+        watts it cannot draw to the other GPUs, and the request stays under the cap, so lifting the cap
+        cannot push the node over budget.
+        """
+        r, index = g.reading, g.identity.index
+        if not self.enforcing:
+            g.requested_limit_mw = r.requested_limit_mw  # advise mode writes nothing: the driver's value stands
+        if r.requested_limit_mw != g.requested_limit_mw:
+            if g.foreign_limit_mw != r.requested_limit_mw:
+                log.warning(
+                    "GPU %d: power limit changed to %d mW by someone else (the daemon set %d mW); setting it back",
+                    index,
+                    r.requested_limit_mw,
+                    g.requested_limit_mw,
+                )
+                g.foreign_limit_mw = r.requested_limit_mw
+            return
+        g.foreign_limit_mw = None
+        if r.enforced_limit_mw < g.requested_limit_mw - DRIFT_TOLERANCE_MW:
+            if g.external_cap_mw != r.enforced_limit_mw:
+                log.warning(
+                    "GPU %d: enforced limit %d mW is below the requested %d mW: capped by someone else; "
+                    "the daemon keeps this GPU at or under that cap and budgets it there",
+                    index,
+                    r.enforced_limit_mw,
+                    g.requested_limit_mw,
+                )
+            g.external_cap_mw = r.enforced_limit_mw
+            g.external_cap_seen_s = now_s
+        elif g.external_cap_mw is not None and g.requested_limit_mw > g.external_cap_mw + DRIFT_TOLERANCE_MW:
+            log.info(
+                "GPU %d: the external cap of %d mW is gone (enforced %d mW follows the request again)",
+                index,
+                g.external_cap_mw,
+                r.enforced_limit_mw,
+            )
+            g.external_cap_mw = None
+
+    def _gpu_observation(self, g: GpuSlot, now_s: float) -> GpuObservation:
         r, c = g.reading, g.constraints
         return GpuObservation(
             index=g.identity.index,
             uuid=g.identity.uuid,
             min_limit_w=mw_to_w(c.min_limit_mw),
-            max_limit_w=mw_to_w(c.max_limit_mw),
+            # A GPU capped by someone else cannot use more: the controller gives those watts to the others.
+            max_limit_w=mw_to_w(g.ceiling_mw(now_s)),
             default_limit_w=mw_to_w(c.default_limit_mw),
             requested_limit_w=mw_to_w(g.requested_limit_mw),
-            enforced_limit_w=mw_to_w(r.enforced_limit_mw),
+            # The controller counts uncontrolled GPUs at this value.
+            enforced_limit_w=mw_to_w(r.enforced_limit_mw if g.controlled else g.accounted_limit_mw()),
             power_avg_w=mw_to_w(r.power_avg_mw),
             power_instant_w=None if r.power_instant_mw is None else mw_to_w(r.power_instant_mw),
             energy_j=mj_to_j(r.energy_mj),
@@ -384,15 +491,19 @@ class Daemon:
                 out.append(obs)
         return tuple(out)
 
-    async def _apply_limits(self, decision: Decision) -> None:
-        """Set the decided limits: every decrease first, then the increases, so the sum stays in budget."""
+    async def _apply_limits(self, decision: Decision, now_s: float) -> None:
+        """Set the decided limits: every decrease first, then the increases, so the sum stays in budget.
+
+        An enforced limit below the request (someone else's cap) is no reason to write: only a new decision
+        or a management limit overwritten by someone else is.
+        """
         changes = []
         for g in self.gpus:
             if not g.controlled or g.identity.index not in decision.gpu_limits_w:
                 continue
             target_mw = w_to_mw(decision.gpu_limits_w[g.identity.index])
-            target_mw = min(max(target_mw, g.constraints.min_limit_mw), g.constraints.max_limit_mw)
-            if target_mw != g.requested_limit_mw or target_mw != g.reading.enforced_limit_mw:
+            target_mw = min(max(target_mw, g.constraints.min_limit_mw), g.ceiling_mw(now_s))
+            if target_mw != g.requested_limit_mw or g.reading.requested_limit_mw != g.requested_limit_mw:
                 changes.append((g, target_mw))
         if not changes:
             return
@@ -401,18 +512,64 @@ class Daemon:
             for g, _ in changes:
                 self.state = self.state.with_original(g.identity.uuid, self._original_of(g))
             self.store.save(self.state)
-        decreases = [(g, mw) for g, mw in changes if mw < g.requested_limit_mw or mw < g.reading.enforced_limit_mw]
+        decreases = [
+            (g, mw)
+            for g, mw in changes
+            if mw < max(g.requested_limit_mw, g.reading.requested_limit_mw, g.reading.enforced_limit_mw)
+        ]
         increases = [(g, mw) for g, mw in changes if (g, mw) not in decreases]
         for batch in (decreases, increases):
             results = await asyncio.gather(
                 *(g.worker.set_power_limit_mw(mw) for g, mw in batch), return_exceptions=True
             )
+            failed = False
             for (g, mw), result in zip(batch, results, strict=True):
                 if isinstance(result, BaseException):
                     self._gpu_failed(g, result)
+                    failed = True
                     continue
                 g.requested_limit_mw = mw
                 g.reading = _with_enforced(g.reading, int(result), mw)
+                self._check_drift(g, now_s)
+            if failed and batch is decreases:
+                # The increases were sized on these decreases: skip them, and lower the others now if the
+                # GPU that refused leaves the node over budget (the next tick re-plans around it).
+                if increases:
+                    log.warning("a decrease failed: %d increase(s) deferred to the next tick", len(increases))
+                await self._repair_budget(now_s)
+                return
+
+    async def _repair_budget(self, now_s: float) -> None:
+        """Lower controlled GPUs (largest headroom first) until the limits in force fit the budget again."""
+        budget_w = self.budget.effective_w(now_s)
+        if budget_w is None:
+            return
+        excess_mw = sum(g.requested_limit_mw if g.controlled else g.accounted_limit_mw() for g in self.gpus)
+        excess_mw -= w_to_mw(budget_w)
+        cuts = []
+        for g in sorted(
+            (g for g in self.gpus if g.controlled),
+            key=lambda g: g.requested_limit_mw - g.constraints.min_limit_mw,
+            reverse=True,
+        ):
+            if excess_mw <= 0:
+                break
+            new_mw = max(g.constraints.min_limit_mw, g.requested_limit_mw - excess_mw)
+            if new_mw < g.requested_limit_mw:
+                cuts.append((g, new_mw))
+                excess_mw -= g.requested_limit_mw - new_mw
+        if not cuts:
+            return
+        log.warning("budget repair after a failed decrease: lowering %d GPU(s)", len(cuts))
+        results = await asyncio.gather(*(g.worker.set_power_limit_mw(mw) for g, mw in cuts), return_exceptions=True)
+        for (g, mw), result in zip(cuts, results, strict=True):
+            if isinstance(result, BaseException):
+                self._gpu_failed(g, result)
+                continue
+            g.requested_limit_mw = mw
+            g.decided_limit_w = mw_to_w(mw)
+            g.reading = _with_enforced(g.reading, int(result), mw)
+            self._check_drift(g, now_s)
 
     def _send_directives(self, decision: Decision) -> None:
         # Relative, in the daemon's clock: the simulated engines run on the same (scaled) clock.
@@ -452,9 +609,7 @@ class Daemon:
 
     def min_budget_w(self) -> float:
         """The smallest budget the node can honour: minimum limits, plus what uncontrolled GPUs enforce."""
-        return sum(
-            mw_to_w(g.constraints.min_limit_mw if g.controlled else g.reading.enforced_limit_mw) for g in self.gpus
-        )
+        return sum(mw_to_w(g.constraints.min_limit_mw if g.controlled else g.accounted_limit_mw()) for g in self.gpus)
 
     def max_budget_w(self) -> float:
         """The sum of the GPUs' maximum limits (a budget at or above it never binds)."""
@@ -599,7 +754,10 @@ class Daemon:
                 fault=g.fault,
                 engine_id=session.registration.engine_id if session else "",
                 decided_limit_w=g.decided_limit_w,
+                limit_drift=g.external_cap_mw is not None,
             )
+            if g.external_cap_mw is not None:
+                gs.external_limit_w = mw_to_w(g.external_cap_mw)
             if r.power_instant_mw is not None:
                 gs.power_instant_w = mw_to_w(r.power_instant_mw)
             status.gpus.append(gs)
@@ -616,6 +774,7 @@ class Daemon:
                 decisions_changed=self.decisions_changed,
                 last_tick_duration_s=self.last_tick_duration_s,
                 last_reason=self.last_decision.reason if self.last_decision else "",
+                last_tick_started_unix_s=self.last_tick_started_unix_s,
             )
         )
         return status
@@ -630,6 +789,18 @@ def _targets_proto(t: EngineTargets) -> pals_pb2.EngineTargets:
     if t.tpot_ms is not None:
         out.tpot_ms = t.tpot_ms
     return out
+
+
+def _failed_slot(
+    worker: GpuWorker, identity: GpuIdentity, exc: GpuError, constraints: PowerConstraints | None
+) -> GpuSlot:
+    """A GPU that failed at start-up: kept for status and budget accounting, never controlled.
+
+    With its constraints known it is counted at its maximum limit (it may draw that much), else at 0 W.
+    """
+    constraints = constraints or PowerConstraints(0, 0, 0)
+    reading = GpuReading(0, None, 0, 0, 0, 0, 0)
+    return GpuSlot(worker, identity, constraints, reading, 0, controlled=False, fault=str(exc), has_reading=False)
 
 
 def _with_enforced(reading: GpuReading, enforced_mw: int, requested_mw: int) -> GpuReading:

@@ -29,7 +29,7 @@ from pals_daemon.model.profile import ProfileRegistry
 from pals_daemon.server.admin import PowerAdminServicer
 from pals_daemon.server.daemon import Daemon
 from pals_daemon.server.engine_link import EngineLinkServicer
-from pals_daemon.server.sdnotify import SystemdNotifier
+from pals_daemon.server.sdnotify import SystemdNotifier, watchdog_interval_s
 from pals_daemon.server.sockets import SocketPath
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,12 @@ class Runner:
         """Run the control loop until SIGTERM/SIGINT or request_stop(), then shut down."""
         loop = asyncio.get_running_loop()
         self._install_signal_handlers()
+        interval_s = watchdog_interval_s()
+        if self.notifier and interval_s is not None and self.config.period_s > interval_s:
+            # The watchdog is fed once per tick: a period this long lets systemd kill a healthy daemon.
+            log.warning(
+                "period_s %g s exceeds half of WatchdogSec (%g s): raise WatchdogSec", self.config.period_s, interval_s
+            )
         try:
             await self.daemon.run(watchdog=self.notifier.watchdog if self.notifier else None)
         finally:

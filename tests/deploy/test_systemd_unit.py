@@ -37,6 +37,7 @@ TOP_LEVEL_KEYS = {
     "qos_window_s",
     "budget_w",
     "gpus",
+    "gpu_timeout_s",
     "log_level",
 }
 SIM_KEYS = {"gpu_kind", "gpu_count", "speed"}

@@ -14,6 +14,9 @@
  *                                            external_limit_mw|none power_mw instant_power_mw|none energy_mj
  *                                            energy_step_mj sm_clock_mhz clock_event_reasons
  *     gpu <i> fail <function> <code> [times] as above, for GPU i only
+ *     delay <function> <ms>                  every call of <function> first sleeps <ms> (a slow or hung
+ *                                            driver); the sleep holds no lock, so other GPUs' calls go on
+ *     gpu <i> delay <function> <ms>          as above, for GPU i only (overrides a global delay)
  * Model: enforced limit = min(limit_mw, external_limit_mw); reported average power = min(power_mw, enforced)
  * and the SW-power-cap reason bit is added while power_mw > enforced; each energy read returns energy_mj and
  * then advances it by energy_step_mj.
@@ -34,6 +37,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 /* nvmlReturn_t values (nvml.h). */
@@ -85,6 +89,7 @@ typedef struct {
 
 #define MAX_GPUS 16
 #define MAX_FAULTS 64
+#define MAX_DELAYS 32
 #define TEXT_LEN 96
 #define FILE_MAX 65536
 #define NONE (-1LL)
@@ -97,6 +102,12 @@ typedef struct {
     int code;
     int times; /* 0: forever */
 } fault_t;
+
+typedef struct {
+    char fn[64];
+    int gpu; /* -1: global */
+    long long ms;
+} delay_t;
 
 typedef struct {
     char name[TEXT_LEN];
@@ -116,6 +127,8 @@ typedef struct {
     gpu_t gpus[MAX_GPUS];
     int nfaults;
     fault_t faults[MAX_FAULTS];
+    int ndelays;
+    delay_t delays[MAX_DELAYS];
 } state_t;
 
 /* Every function the fake implements: a fault may only name one of these (a typo fails loudly). */
@@ -216,6 +229,30 @@ static int parse_fault(char **tok, int ntok, int gpu, int lineno) {
     return 0;
 }
 
+static int parse_delay(char **tok, int ntok, int gpu, int lineno) {
+    long long ms;
+    if (ntok != 2 || parse_ll(tok[1], &ms) || ms < 0 || !is_implemented(tok[0]) || S.ndelays >= MAX_DELAYS) {
+        complain("%s:%d: expected 'delay <implemented function> <ms>' (at most %d)", g_state_path, lineno,
+                 MAX_DELAYS);
+        return -1;
+    }
+    snprintf(S.delays[S.ndelays].fn, sizeof S.delays[0].fn, "%s", tok[0]);
+    S.delays[S.ndelays].gpu = gpu;
+    S.delays[S.ndelays++].ms = ms;
+    return 0;
+}
+
+/* The delay for (fn, gpu): a per-GPU entry wins over a global one; 0 when none. */
+static long long delay_ms(const char *fn, int gpu) {
+    long long global = 0;
+    for (int i = 0; i < S.ndelays; i++) {
+        if (strcmp(S.delays[i].fn, fn) != 0) continue;
+        if (gpu >= 0 && S.delays[i].gpu == gpu) return S.delays[i].ms;
+        if (S.delays[i].gpu < 0) global = S.delays[i].ms;
+    }
+    return global;
+}
+
 static int set_text(char *dst, const char *value, int lineno) {
     if (strlen(value) >= TEXT_LEN) {
         complain("%s:%d: value longer than %d characters", g_state_path, lineno, TEXT_LEN - 1);
@@ -312,6 +349,8 @@ static int parse_state(char *text) {
             if (set_text(S.driver_version, tok[1], lineno)) return -1;
         } else if (strcmp(tok[0], "fail") == 0) {
             if (parse_fault(tok + 1, n - 1, -1, lineno)) return -1;
+        } else if (strcmp(tok[0], "delay") == 0) {
+            if (parse_delay(tok + 1, n - 1, -1, lineno)) return -1;
         } else if (strcmp(tok[0], "gpu") == 0) {
             if (n != 4 || parse_ll(tok[1], &value) || value < 0 || value >= MAX_GPUS) {
                 complain("%s:%d: expected 'gpu <index> <key> <value>'", g_state_path, lineno);
@@ -321,6 +360,9 @@ static int parse_state(char *text) {
                 char *ftok[4];
                 int fn = split(tok[3], ftok, 4);
                 if (parse_fault(ftok, fn, (int)value, lineno)) return -1;
+            } else if (strcmp(tok[2], "delay") == 0) {
+                char *dtok[3];
+                if (parse_delay(dtok, split(tok[3], dtok, 3), (int)value, lineno)) return -1;
             } else if (parse_gpu_key(&S.gpus[value], tok[2], tok[3], lineno)) {
                 return -1;
             }
@@ -337,6 +379,12 @@ static int parse_state(char *text) {
     for (int i = 0; i < S.count; i++) {
         if ((S.gpus[i].seen & K_REQUIRED) != K_REQUIRED) {
             complain("%s: GPU %d lacks one of name, uuid, min_mw, max_mw, default_mw, limit_mw", g_state_path, i);
+            return -1;
+        }
+    }
+    for (int i = 0; i < S.ndelays; i++) {
+        if (S.delays[i].gpu >= S.count) {
+            complain("%s: delay for GPU %d, but count is %d", g_state_path, S.delays[i].gpu, S.count);
             return -1;
         }
     }
@@ -369,6 +417,10 @@ static int write_state(int fd) {
         const fault_t *f = &S.faults[i];
         if (f->gpu >= 0) continue;
         EMIT(f->times ? "fail %s %d %d\n" : "fail %s %d\n", f->fn, f->code, f->times);
+    }
+    for (int i = 0; i < S.ndelays; i++) {
+        if (S.delays[i].gpu < 0) EMIT("delay %s %lld\n", S.delays[i].fn, S.delays[i].ms);
+        else EMIT("gpu %d delay %s %lld\n", S.delays[i].gpu, S.delays[i].fn, S.delays[i].ms);
     }
     for (int i = 0; i < S.count; i++) {
         const gpu_t *g = &S.gpus[i];
@@ -443,9 +495,10 @@ static nvmlReturn_t take_fault(session_t *s, const char *fn, int gpu) {
     return NVML_SUCCESS;
 }
 
-/* Start of every call: lock, check init, load state, resolve the device, apply faults. */
+/* Start of every call: lock, check init, load state, resolve the device, sleep any delay, apply faults. */
 static nvmlReturn_t enter(session_t *s, const char *fn, nvmlDevice_t device, int *index) {
     nvmlReturn_t rc;
+    long long ms;
     s->fd = -1;
     s->dirty = 0;
     s->locked = 1;
@@ -457,6 +510,19 @@ static nvmlReturn_t enter(session_t *s, const char *fn, nvmlDevice_t device, int
         if (device < g_handles || device >= g_handles + MAX_GPUS || (int)device->index >= S.count)
             return NVML_ERROR_INVALID_ARGUMENT;
         *index = (int)device->index;
+    }
+    if ((ms = delay_ms(fn, *index)) > 0) {
+        /* Sleep unlocked (a hung GPU must not block the others), then take the state afresh. */
+        close(s->fd);
+        s->fd = -1;
+        pthread_mutex_unlock(&g_mutex);
+        struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+        }
+        pthread_mutex_lock(&g_mutex);
+        if (g_init_count == 0) return NVML_ERROR_UNINITIALIZED;
+        if ((rc = load(s)) != NVML_SUCCESS) return rc;
+        if (*index >= S.count) return NVML_ERROR_INVALID_ARGUMENT;
     }
     return take_fault(s, fn, *index);
 }

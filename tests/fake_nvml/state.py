@@ -57,6 +57,8 @@ class FakeGpu:
     external_limit_mw: int | None = None
     # Function name -> fault, for this GPU only.
     faults: dict[str, Fault] = field(default_factory=dict)
+    # Function name -> ms every call sleeps first (a slow or hung GPU), for this GPU only.
+    delays: dict[str, int] = field(default_factory=dict)
 
     @property
     def enforced_mw(self) -> int:
@@ -104,7 +106,7 @@ def fake_uuid(index: int) -> str:
 def make_gpu(profile: str, index: int, **overrides: object) -> FakeGpu:
     """A fresh FakeGpu from a named profile ("H100-SXM5", "A100-SXM4"), with field overrides."""
     base = _PROFILES[profile]
-    gpu = replace(base, uuid=fake_uuid(index), faults={})
+    gpu = replace(base, uuid=fake_uuid(index), faults={}, delays={})
     return replace(gpu, **overrides)  # type: ignore[arg-type]
 
 
@@ -118,6 +120,8 @@ class FakeNvmlState:
     faults: dict[str, Fault] = field(default_factory=dict)
     # nvmlSystemGetDriverVersion's answer.
     driver_version: str = DEFAULT_DRIVER_VERSION
+    # Function name -> ms every call sleeps first, on every GPU (a GPU's own entry wins).
+    delays: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, *profiles: str) -> FakeNvmlState:
@@ -128,6 +132,11 @@ class FakeNvmlState:
         """Make ``function`` return ``code`` (for one GPU, or globally when ``gpu`` is None)."""
         target = self.faults if gpu is None else self.gpus[gpu].faults
         target[function] = Fault(code, times)
+
+    def slow(self, function: str, delay_ms: int, gpu: int | None = None) -> None:
+        """Make every call of ``function`` sleep ``delay_ms`` first (one GPU, or all when ``gpu`` is None)."""
+        target = self.delays if gpu is None else self.gpus[gpu].delays
+        target[function] = delay_ms
 
     def to_text(self) -> str:
         """Serialise in the fake's format."""
@@ -140,6 +149,7 @@ class FakeNvmlState:
             raise ValueError(f"driver_version must be one word of at most 95 characters: {self.driver_version!r}")
         lines.append(f"driver_version {self.driver_version}")
         lines += [_fault_line("fail", fn, f) for fn, f in self.faults.items()]
+        lines += [f"delay {fn} {ms}" for fn, ms in self.delays.items()]
         for i, g in enumerate(self.gpus):
             for text in (g.name, g.uuid):
                 if not text or "\n" in text or text != text.strip():
@@ -161,6 +171,7 @@ class FakeNvmlState:
             }
             lines += [f"gpu {i} {key} {value}" for key, value in values.items()]
             lines += [_fault_line(f"gpu {i} fail", fn, f) for fn, f in g.faults.items()]
+            lines += [f"gpu {i} delay {fn} {ms}" for fn, ms in g.delays.items()]
         return "\n".join(lines) + "\n"
 
     @classmethod
@@ -172,6 +183,8 @@ class FakeNvmlState:
         faults: dict[str, Fault] = {}
         raw: dict[int, dict[str, str]] = {}
         gpu_faults: dict[int, dict[str, Fault]] = {}
+        delays: dict[str, int] = {}
+        gpu_delays: dict[int, dict[str, int]] = {}
         for lineno, line in enumerate(text.splitlines(), 1):
             tok = line.split(maxsplit=3)
             if not tok or tok[0].startswith("#"):
@@ -184,11 +197,16 @@ class FakeNvmlState:
                 driver_version = tok[1]
             elif tok[0] == "fail":
                 faults[tok[1]] = Fault(*(int(t) for t in tok[2:]))
+            elif tok[0] == "delay":
+                delays[tok[1]] = int(tok[2])
             elif tok[0] == "gpu" and len(tok) == 4:
                 index = int(tok[1])
                 if tok[2] == "fail":
                     fn, *nums = tok[3].split()
                     gpu_faults.setdefault(index, {})[fn] = Fault(*(int(t) for t in nums))
+                elif tok[2] == "delay":
+                    fn, ms = tok[3].split()
+                    gpu_delays.setdefault(index, {})[fn] = int(ms)
                 else:
                     raw.setdefault(index, {})[tok[2]] = tok[3].strip()
             else:
@@ -214,9 +232,10 @@ class FakeNvmlState:
                     clock_event_reasons=int(r.get("clock_event_reasons", "0"), 0),
                     external_limit_mw=_parse_opt(r.get("external_limit_mw", "none")),
                     faults=gpu_faults.get(i, {}),
+                    delays=gpu_delays.get(i, {}),
                 )
             )
-        return cls(gpus=gpus, nonroot=nonroot, faults=faults, driver_version=driver_version)
+        return cls(gpus=gpus, nonroot=nonroot, faults=faults, driver_version=driver_version, delays=delays)
 
     def write(self, path: Path) -> None:
         """Write to ``path`` under the same flock the fake takes, so a running fake never sees half a file."""

@@ -1,0 +1,65 @@
+"""The controller's budget DP (Controller._solve_budget) against exhaustive search on small random cases.
+
+The DP runs on numpy with back-pointers (64 engines must fit well inside a 0.5 s tick); it must still find a
+combination of per-engine options with the best summed score whose summed cost fits the budget.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from pals_daemon.control.core import Controller
+
+Option = tuple[float, float, tuple[int, int]]
+
+
+def solve(plans: list[list[Option]], budget_w: float) -> list[tuple[int, int]]:
+    controller = object.__new__(Controller)  # only _options and _pick are used, both replaced here
+    controller._options = lambda p: p  # type: ignore[method-assign,assignment,return-value]
+    controller._pick = lambda q, rows: (-1, -1)  # type: ignore[method-assign,assignment]
+    return controller._solve_budget(plans, budget_w)  # type: ignore[arg-type]
+
+
+def best_by_search(plans: list[list[Option]], budget_w: float) -> float | None:
+    best = None
+    for combo in itertools.product(*plans):
+        if sum(o[0] for o in combo) <= budget_w + 1e-6:
+            score = sum(o[1] for o in combo)
+            best = score if best is None else max(best, score)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_dp_finds_the_best_combination_within_budget(seed: int) -> None:
+    rng = random.Random(seed)
+    plans = []
+    for _ in range(rng.randint(1, 4)):
+        plans.append(
+            [
+                (float(rng.choice([100, 150, 200, 250, 300, 400]) * rng.randint(1, 2)), rng.random() * 1e3, (i, 0))
+                for i in range(rng.randint(1, 5))
+            ]
+        )
+    budget_w = rng.uniform(100, 900 * len(plans))
+    picks = solve(plans, budget_w)
+    best = best_by_search(plans, budget_w)
+    if best is None:
+        assert picks == [(-1, -1)] * len(plans)  # nothing fits: every engine at its minimum
+        return
+    chosen = [next(o for o in opts if o[2] == ij) for opts, ij in zip(plans, picks, strict=True)]
+    assert sum(o[0] for o in chosen) <= budget_w + 1e-6
+    assert sum(o[1] for o in chosen) == pytest.approx(best, abs=1e-6)
+
+
+def test_dp_on_64_engines_stays_within_budget() -> None:
+    rng = random.Random(7)
+    plans = [
+        [(float(c), float(c) / 10 + rng.random(), (i, 0)) for i, c in enumerate(range(100, 401, 25))] for _ in range(64)
+    ]
+    picks = solve(plans, 64 * 250.0)
+    costs = [float(100 + 25 * i) for i, _ in picks]
+    assert len(picks) == 64 and sum(costs) <= 64 * 250.0
+    assert sum(costs) > 64 * 250.0 - 25  # the budget is used, not left idle
