@@ -347,11 +347,11 @@ def run_load(
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         _wait_for_socket(work / "run" / "engine.sock", proc, 30.0)
-        _wait_for_socket(work / "run" / "admin.sock", proc, 30.0)
+        _wait_for_socket(work / "run" / "admin" / "admin.sock", proc, 30.0)
         figures = asyncio.run(
             _measure(
                 proc,
-                str(work / "run" / "admin.sock"),
+                str(work / "run" / "admin" / "admin.sock"),
                 str(work / "run" / "engine.sock"),
                 engines,
                 rate_hz,
