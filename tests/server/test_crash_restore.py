@@ -293,8 +293,16 @@ def test_sigterm_during_start_up_still_restores(
     The handler is installed at the start of start-up, not when the control loop begins; before that, a
     SIGTERM in this window killed the daemon (exit -15) with the GPUs left capped until ExecStopPost.
     """
-    flags = ("--backend", "nvml", "--mode", "enforce", "--budget-w", str(BUDGET_W), *QUIET_FLAGS)
-    daemon = start_daemon(*flags, env=two_a100.env)  # returns once the admin socket answers
+    # Slow setters (a chosen 0.8 s, under the raised worker timeout) hold the start-up tick open, so the SIGTERM
+    # surely lands in it: before the fix this test saw exit -15 every time.
+    state = two_a100.read_state()
+    state.slow("nvmlDeviceSetPowerManagementLimit", 800)
+    two_a100.write_state(state)
+    flags = ("--backend", "nvml", "--mode", "enforce", "--budget-w", str(BUDGET_W), "--gpu-timeout-s", "5")
+    daemon = start_daemon(*flags, *QUIET_FLAGS, env=two_a100.env)  # returns once the admin socket answers
+    with grpc.insecure_channel(f"unix:{daemon.admin_socket}") as channel:
+        status = pals_pb2_grpc.PowerAdminStub(channel).GetStatus(pals_pb2.GetStatusRequest(), timeout=5)
+    assert status.controller.ticks == 0  # still in the start-up tick
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(STOP_TIMEOUT_S) == 0, daemon.log()
     assert fake_limits(two_a100) == [A100_ORIGINAL_MW, A100_ORIGINAL_MW]
