@@ -69,7 +69,9 @@ class DaemonState:
         return replace(self, budget_w=budget_w)
 
     def with_targets(self, engine_id: str, targets: EngineTargets) -> DaemonState:
-        """A copy with one engine's targets replaced."""
+        """A copy with one engine's targets replaced; empty targets remove the engine's entry."""
+        if targets == EngineTargets():
+            return replace(self, targets={k: v for k, v in self.targets.items() if k != engine_id})
         return replace(self, targets={**self.targets, engine_id: targets})
 
     def with_original(self, uuid: str, original: OriginalLimit) -> DaemonState:

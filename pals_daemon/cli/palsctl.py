@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget_set.add_argument("--ramp", type=_finite_float, default=0.0, metavar="S", help="reach it linearly over S s")
     target = sub.add_parser("target", help="engine targets")
     target_sub = target.add_subparsers(dest="target_command", required=True)
-    target_set = target_sub.add_parser("set", help="replace an engine's targets (unset ones are cleared)")
+    target_set = target_sub.add_parser(
+        "set", help="replace an engine's targets (unset ones are cleared; none at all removes the entry)"
+    )
     target_set.add_argument("engine")
     target_set.add_argument("--tokens-per-s", type=_finite_float, help="throughput target, output tokens/s")
     target_set.add_argument("--ttft-ms", type=_finite_float, help="time-to-first-token SLO, ms")

@@ -637,8 +637,18 @@ class Daemon:
         await self.tick()
 
     def set_targets(self, engine_id: str, targets: EngineTargets) -> None:
-        """Replace an engine's targets (the engine need not be connected yet)."""
+        """Replace an engine's targets (the engine need not be connected yet); empty targets clear them.
+
+        InvalidRequestError (nothing changed) for a new engine id once MAX_TARGET_ENGINES ids have targets: each
+        is kept in the state file and the status, so their number must be bounded.
+        """
         validate.engine_id(engine_id)
+        adding = engine_id not in self.state.targets and targets != EngineTargets()
+        if adding and len(self.state.targets) >= validate.MAX_TARGET_ENGINES:
+            raise InvalidRequestError(
+                f"targets are kept for at most {validate.MAX_TARGET_ENGINES} engines; clear an unused engine's "
+                "targets (set them with no target) first"
+            )
         new_state = self.state.with_targets(engine_id, targets)
         self.store.save(new_state)
         self.state = new_state

@@ -31,6 +31,9 @@ MAX_CLIENT_VERSION_CHARS = 128
 # NVML UUIDs are "GPU-" + 36 characters (MIG: "MIG-" + 36); the rest is a guard.
 MAX_GPU_UUID_CHARS = 96
 MAX_GPUS_PER_ENGINE = 64
+# Engine ids with targets (persisted and in every status): chosen as 16x the engines of the largest node (64 GPUs,
+# one engine each), leaving room for ids of engines that came and went.
+MAX_TARGET_ENGINES = 1024
 # Error messages quote at most this much of a bad value: gRPC clients refuse trailing metadata over 16 KiB,
 # so echoing a 1 MiB field would turn a clear INVALID_ARGUMENT into an opaque RESOURCE_EXHAUSTED.
 MAX_QUOTED_CHARS = 80

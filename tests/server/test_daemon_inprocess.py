@@ -27,6 +27,7 @@ from pals_daemon.clock import MonotonicClock
 from pals_daemon.config import DaemonConfig
 from pals_daemon.errors import SocketInUseError
 from pals_daemon.model.profile import load_profiles
+from pals_daemon.server import validate
 from pals_daemon.server.daemon import default_profiles_dir
 from pals_daemon.server.runner import Runner
 from pals_daemon.sim.gpu import SET_POWER_LIMIT, SimBackend, SimGpu, make_sim_gpus
@@ -348,6 +349,34 @@ def test_set_engine_targets_validates_and_persists(dirs: Dirs) -> None:
             status = await node.admin.GetStatus(pals_pb2.GetStatusRequest())
             (engine,) = status.engines
             assert not engine.targets.HasField("tokens_per_s")
+
+    drive(body())
+
+
+def test_targets_are_bounded_in_number_and_cleared_by_empty_targets(
+    dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(validate, "MAX_TARGET_ENGINES", 3)  # the real bound (1024) works the same, slower
+
+    async def body() -> None:
+        async with running(dirs) as node:
+            t = pals_pb2.EngineTargets
+
+            async def set_targets(engine_id: str, targets: Any) -> Any:
+                request = pals_pb2.SetEngineTargetsRequest(engine_id=engine_id, targets=targets)
+                return await node.admin.SetEngineTargets(request)
+
+            for i in range(3):
+                await set_targets(f"e{i}", t(tokens_per_s=100 + i))
+            await expect_rpc_error(
+                set_targets("e3", t(tokens_per_s=100)), grpc.StatusCode.INVALID_ARGUMENT, "at most 3 engines"
+            )
+            assert sorted(node.state_file()["targets"]) == ["e0", "e1", "e2"]  # nothing changed
+            await set_targets("e1", t(tpot_ms=80))  # replacing a known engine's targets is always allowed
+            await set_targets("e0", t())  # empty: the entry goes, and its place with it
+            assert sorted(node.state_file()["targets"]) == ["e1", "e2"]
+            await set_targets("e3", t(tokens_per_s=100))
+            assert sorted(node.state_file()["targets"]) == ["e1", "e2", "e3"]
 
     drive(body())
 
