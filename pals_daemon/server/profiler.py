@@ -420,6 +420,17 @@ class Profiler:
         cap_w, batch = job.point
         if job.phase is Phase.DRAINING:
             wanted = [_clamped_mw(slots[i], cap_w) for i in job.gpu_indices]
+            for i, mw in zip(job.gpu_indices, wanted, strict=True):
+                ceiling_mw = slots[i].ceiling_mw(now_s)
+                if ceiling_mw < mw:
+                    # Someone else caps this GPU below the point: measuring would label the wrong cap.
+                    job.finish(
+                        JobState.FAILED,
+                        now_s,
+                        f"GPU {i} is capped at {mw_to_w(ceiling_mw):g} W by someone else; "
+                        f"the point at {cap_w:g} W cannot be measured",
+                    )
+                    return
             enforced = all(
                 slots[i].requested_limit_mw == mw and slots[i].reading.enforced_limit_mw == mw
                 for i, mw in zip(job.gpu_indices, wanted, strict=True)

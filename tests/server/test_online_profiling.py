@@ -275,6 +275,21 @@ def test_cancel_gives_the_engine_back_to_the_controller(dirs: tuple[Path, Path])
     drive(body())
 
 
+def test_a_gpu_capped_by_someone_else_below_a_point_fails_the_job_clearly(dirs: tuple[Path, Path]) -> None:
+    """An external cap under a point's cap: the job fails naming the GPU, instead of measuring the wrong cap."""
+
+    async def body() -> None:
+        async with sim_node(dirs) as node:
+            node.gpus[2].set_external_limit_w(200.0)  # another tool caps GPU 2 at 200 W
+            await eventually(lambda: node.runner.daemon.gpus[2].external_cap_mw is not None)
+            await node.admin.StartProfile(request(caps_w=[300.0, 350.0]))
+            job = await node.wait_job(FAILED)
+            assert "GPU 2 is capped at 200 W by someone else" in job.error and "300 W" in job.error
+            assert job.points_done == 0
+
+    drive(body())
+
+
 def test_stop_during_a_sweep_restores_the_original_limits(dirs: tuple[Path, Path]) -> None:
     async def body() -> None:
         async with sim_node(dirs) as node:
