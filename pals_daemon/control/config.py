@@ -70,6 +70,14 @@ class ControllerConfig:
     # loaded GPU at the engine's chosen cap and lower the others as far as they can go without becoming the
     # straggler (Controller._per_gpu_limits; only ever lowers). False: every GPU of an engine at one cap.
     routing_aware_caps: bool = True
+    # Budget drops are judged by a meter's running average (pals_daemon/control/meter.py): for one window after a
+    # drop the limits are held lower, so the average is back under the new budget one window after it. The
+    # window is NVML's power averaging (GetPowerUsage: 1 s on Ampere and newer, pals_daemon/gpu/backend.py);
+    # 0 turns the undershoot off.
+    meter_window_s: float = 1.0
+    # Time for a new cap to act on the board's power. NVIDIA does not document it: modelled, the same 0.2 s
+    # as the simulated GPUs (pals_daemon/sim/gpu.py DEFAULT_CAP_DELAY_S).
+    cap_settle_s: float = 0.2
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -101,6 +109,8 @@ class ControllerConfig:
         fraction("ttft_boost_step", hi=10.0)
         fraction("saturation_busy_fraction")
         fraction("saturation_running_fraction")
+        fraction("meter_window_s", hi=60.0)
+        fraction("cap_settle_s", hi=60.0)
         positive("demand_headroom")
         if not problems:
             if self.demand_headroom < 1.0:

@@ -28,6 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pals_daemon.control.config import ControllerConfig
+from pals_daemon.control.meter import MeterCompensation, lower_to
 from pals_daemon.control.types import (
     ControllerInput,
     Decision,
@@ -175,6 +176,7 @@ class Controller:
         self._pred_cache: dict[tuple[int, bytes, bytes], tuple[FloatArray, FloatArray]] = {}
         self._prev_limits: dict[int, float] | None = None
         self._prev_batches: dict[str, tuple[int, int]] = {}
+        self._meter = MeterCompensation(self.config.meter_window_s, self.config.cap_settle_s)
 
     # ----------------------------------------------------------------------------------------------
     # public
@@ -195,6 +197,7 @@ class Controller:
 
     def reset(self) -> None:
         """Forget all feedback state and the previous decision."""
+        self._meter = MeterCompensation(self.config.meter_window_s, self.config.cap_settle_s)
         self._states.clear()
         self._prev_limits = None
         self._prev_batches.clear()
@@ -209,6 +212,8 @@ class Controller:
         gpus = {g.index: g for g in inp.gpus}
         ctrl_gpus = [g for g in inp.gpus if g.controlled]
         fixed_w = sum(g.enforced_limit_w for g in inp.gpus if not g.controlled)
+        measured_w = sum(max(g.power_avg_w, g.power_instant_w or 0.0) for g in inp.gpus)
+        meter_ceiling_w = self._meter.ceiling_w(budget, inp.now_s, measured_w)
 
         # Each GPU belongs to the first engine that lists it.
         owner: dict[int, str] = {}
@@ -287,6 +292,12 @@ class Controller:
         self._prev_limits = dict(limits)
         self._prev_batches = {eid: (d.max_num_seqs, d.max_num_batched_tokens) for eid, d in engine_decisions.items()}
         reason = self._reason(changed, causes, notes, plans, prof_ids)
+        if budget is not None and meter_ceiling_w is not None and meter_ceiling_w < budget:
+            # Only what is handed out is lowered: the plan (and its hysteresis) stays the budget's.
+            min_w = {g.index: g.min_limit_w for g in ctrl_gpus}
+            limits = lower_to(limits, min_w, fixed_w, meter_ceiling_w)
+            changed = True
+            reason += f"; limits held to {meter_ceiling_w:.0f} W for the meter's window after the budget drop"
         return Decision(gpu_limits_w=limits, engines=engine_decisions, changed=changed, reason=reason)
 
     def _allocate(

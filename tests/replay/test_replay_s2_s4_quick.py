@@ -12,6 +12,7 @@ from types import ModuleType
 
 import pytest
 
+from pals_daemon.control.config import ControllerConfig
 from pals_daemon.model.profile import load_profiles
 from pals_daemon.replay.scenario import Budget, Scenario
 from pals_daemon.replay.simulate import prepare, run_policy
@@ -71,3 +72,22 @@ def test_s4_day_signal_maps_the_load_shape_into_the_range() -> None:
     assert min(vals) == pytest.approx(S4.DAY_RANGE_W[0])
     assert max(vals) == pytest.approx(S4.DAY_RANGE_W[1])
     assert isinstance(budget, Budget) and budget.interpolate
+
+
+def test_s4_quick_meter_undershoot_shortens_the_reactive_excursion() -> None:
+    """Holding the limits lower for one meter window after a drop ends the meter's excursion sooner, at a small
+    cost in tokens (the same replay with the undershoot off, side by side)."""
+    hold = 30.0
+    signal = S4.step_budget(hold)
+    duration = len(S4.STEP_LEVELS_W) * hold
+    sc = Scenario("s4-quick-meter", (S4.engine(),), duration, signal, warmup_s=5.0)
+    prep = prepare(sc)
+    with_meter = run_policy(sc, "pals", REGISTRY, prep)
+    without = run_policy(sc, "pals", REGISTRY, prep, config=ControllerConfig(meter_window_s=0.0))
+    over_with, longest_with = S4.judge(with_meter, signal)
+    over_without, longest_without = S4.judge(without, signal)
+    assert longest_with < longest_without and longest_with <= 1.0
+    assert over_with < over_without
+    assert with_meter.limit_over_budget_ticks == 0
+    tokens = [r.engines[0].output_tokens for r in (with_meter, without)]
+    assert tokens[0] >= 0.98 * tokens[1]

@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pals_daemon.api import pals_pb2, pals_pb2_grpc
 from pals_daemon.clock import MonotonicClock
 from pals_daemon.config import DaemonConfig
+from pals_daemon.control.config import ControllerConfig
 from pals_daemon.errors import GpuError
 from pals_daemon.gpu.nvml import NvmlBackend
 from pals_daemon.model.profile import load_profiles
@@ -136,7 +137,8 @@ def test_lost_gpu_permission_denied_and_external_cap_mid_run(env: Any, caplog: p
                 return [g.controlled for g in s.gpus] == [False, False, True, True] and s.gpus[2].limit_drift
 
             await async_helpers.eventually(settled, 5.0)
-            await asyncio.sleep(5 * PERIOD_S)
+            # Past the meter window after the budget drop (limits are held lower for it: control/meter.py).
+            await asyncio.sleep(ControllerConfig().meter_window_s + 5 * PERIOD_S)
             status = await admin.GetStatus(pals_pb2.GetStatusRequest())
             g0, g1, g2, g3 = status.gpus
             assert "GPU_IS_LOST" in g0.fault and "NO_PERMISSION" in g1.fault
