@@ -1,12 +1,13 @@
 """A real daemon in this process for the access, session and fuzz tests: Runner on four simulated A100s,
-enforce mode, real gRPC over real Unix sockets, clients on both sockets (the same build as
-test_daemon_inprocess.py, kept here so those three files share one copy).
+enforce mode, real gRPC over real Unix sockets, clients on both sockets (shared by the in-process daemon,
+access, session and fuzz tests).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
@@ -101,8 +102,20 @@ class Node:
     def calls(self) -> list[list[tuple[str, int]]]:
         return [list(g.calls) for g in self.gpus]
 
+    @property
+    def state_path(self) -> Path:
+        return Path(self.config.state_dir) / "state.json"
+
     def state_bytes(self) -> bytes:
-        return (Path(self.config.state_dir) / "state.json").read_bytes()
+        return self.state_path.read_bytes()
+
+    def state_file(self) -> dict[str, Any]:
+        return json.loads(self.state_path.read_text())
+
+    async def stop(self) -> None:
+        """What SIGTERM does: request_stop(), then run() shuts everything down."""
+        self.runner.daemon.request_stop()
+        await asyncio.wait_for(self.run_task, 10.0)
 
 
 @contextlib.asynccontextmanager

@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - the dirs fixture is imported from daemon_harness and requested by name
 """Access control, tested rather than assumed: who can reach which socket, and what each socket offers.
 
 The other-uid clients run under setpriv as uid 65534 with an explicit group list, and connect with a raw
@@ -21,10 +20,9 @@ from typing import Any
 
 import grpc
 import pytest
-from daemon_harness import (  # noqa: F401 - dirs is a fixture
+from daemon_harness import (
     ORIGINAL_MW,
     Dirs,
-    dirs,
     drive,
     make_config,
     make_runner,

@@ -6,148 +6,49 @@ No pytest-asyncio: every test is a sync function running one coroutine with ``dr
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import math
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 import async_helpers
 import grpc
 import pytest
+from daemon_harness import (
+    MODEL,
+    ORIGINAL_MW,
+    PERIOD_S,
+    Dirs,
+    Node,
+    make_config,
+    make_runner,
+    running,
+)
+from daemon_harness import drive as harness_drive
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pals_daemon.api import pals_pb2, pals_pb2_grpc
-from pals_daemon.clock import MonotonicClock
-from pals_daemon.config import DaemonConfig
+from pals_daemon.api import pals_pb2
 from pals_daemon.errors import SocketInUseError
-from pals_daemon.model.profile import load_profiles
 from pals_daemon.server import validate
-from pals_daemon.server.daemon import default_profiles_dir
-from pals_daemon.server.runner import Runner
-from pals_daemon.sim.gpu import SET_POWER_LIMIT, SimBackend, SimGpu, make_sim_gpus
+from pals_daemon.sim.gpu import SET_POWER_LIMIT
 
 T = TypeVar("T")
 
-PROFILES = load_profiles(default_profiles_dir())
-# A model with a profile for 4x A100-SXM4 (profiles/mixtral-8x7b-instruct.a100-sxm4.tp4.json).
-MODEL = "mixtral-8x7b-instruct"
-ORIGINAL_MW = 400_000
-PERIOD_S = 0.1
+# Shared build of the daemon under test (tests/server/daemon_harness.py); this file's own timeouts below.
 TEST_TIMEOUT_S = 30.0
 
 
 def drive(coro: Coroutine[Any, Any, T]) -> T:
     """Run one test coroutine with this file's hard timeout."""
-    return async_helpers.drive(coro, TEST_TIMEOUT_S)
+    return harness_drive(coro, TEST_TIMEOUT_S)
 
 
 async def eventually(predicate: Callable[[], Awaitable[bool] | bool], timeout_s: float = 3.0) -> None:
     """Poll ``predicate`` until it holds (this file's default patience)."""
     await async_helpers.eventually(predicate, timeout_s)
-
-
-@dataclass(frozen=True)
-class Dirs:
-    runtime: Path
-    state: Path
-
-
-@pytest.fixture
-def dirs(short_tmp: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Dirs]:
-    """Runtime dir (short, for the sockets) and state dir; no systemd; the process umask put back afterwards."""
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    yield Dirs(runtime=short_tmp / "run", state=tmp_path / "state")
-    os.umask(umask)  # Runner.start sets 0077 for the whole process
-
-
-def make_config(dirs: Dirs, **overrides: Any) -> DaemonConfig:
-    values: dict[str, Any] = {
-        "backend": "sim",
-        "runtime_dir": str(dirs.runtime),
-        "state_dir": str(dirs.state),
-        "engine_socket_group": "",
-        "metrics_port": 0,
-        "period_s": PERIOD_S,
-        "directive_ttl_s": 1.0,
-    }
-    values.update(overrides)
-    return DaemonConfig(**values)
-
-
-def make_runner(dirs: Dirs, **overrides: Any) -> tuple[Runner, list[SimGpu]]:
-    clock = MonotonicClock()
-    gpus = make_sim_gpus("A100-SXM4", 4, clock.now)
-    return Runner(make_config(dirs, **overrides), SimBackend(gpus), PROFILES, clock), gpus
-
-
-@dataclass
-class Node:
-    """A started Runner whose run() is a task, with clients on both sockets."""
-
-    runner: Runner
-    gpus: list[SimGpu]
-    admin: pals_pb2_grpc.PowerAdminStub
-    engine: pals_pb2_grpc.EngineLinkStub
-    admin_channel: grpc.aio.Channel
-    engine_channel: grpc.aio.Channel
-    run_task: asyncio.Task[None]
-
-    @property
-    def config(self) -> DaemonConfig:
-        return self.runner.config
-
-    @property
-    def state_path(self) -> Path:
-        return Path(self.config.state_dir) / "state.json"
-
-    def state_file(self) -> dict[str, Any]:
-        return json.loads(self.state_path.read_text())
-
-    def enforced_mw(self) -> list[int]:
-        """What the simulated drivers enforce now (ground truth, not the daemon's view)."""
-        return [g.read().enforced_limit_mw for g in self.gpus]
-
-    def calls(self) -> list[list[tuple[str, int]]]:
-        return [list(g.calls) for g in self.gpus]
-
-    async def stop(self) -> None:
-        """What SIGTERM does: request_stop(), then run() shuts everything down."""
-        self.runner.daemon.request_stop()
-        await asyncio.wait_for(self.run_task, 10.0)
-
-
-@contextlib.asynccontextmanager
-async def running(dirs: Dirs, **overrides: Any) -> AsyncIterator[Node]:
-    runner, gpus = make_runner(dirs, **overrides)
-    await runner.start()
-    task = asyncio.create_task(runner.run())
-    cfg = runner.config
-    try:
-        async with (
-            grpc.aio.insecure_channel(f"unix:{cfg.admin_socket_path}") as admin_channel,
-            grpc.aio.insecure_channel(f"unix:{cfg.engine_socket_path}") as engine_channel,
-        ):
-            yield Node(
-                runner,
-                gpus,
-                pals_pb2_grpc.PowerAdminStub(admin_channel),
-                pals_pb2_grpc.EngineLinkStub(engine_channel),
-                admin_channel,
-                engine_channel,
-                task,
-            )
-    finally:
-        runner.daemon.request_stop()
-        await asyncio.wait_for(task, 10.0)
 
 
 async def expect_rpc_error(awaitable: Awaitable[Any], code: grpc.StatusCode, *fragments: str) -> str:

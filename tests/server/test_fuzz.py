@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - the dirs fixture is imported from daemon_harness and requested by name
 """Bad input over both services: explicit cases (fields, oversized messages, floods), then property-based fuzz.
 
 The fuzz runs hypothesis-generated messages (NaN, Inf, huge, negative, garbage strings) against one real
@@ -32,7 +31,6 @@ from daemon_harness import (
     ORIGINAL_MW,
     PERIOD_S,
     Dirs,
-    dirs,  # noqa: F401 - a fixture
     drain,
     drive,
     make_runner,

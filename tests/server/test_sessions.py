@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - the dirs fixture is imported from daemon_harness and requested by name
 """Engine sessions end cleanly: a disconnect or a crash is noticed at once, the engine's GPUs get their idle
 allocation in a tick that runs right away (not at the end of the period), and the engine can come back.
 
@@ -23,7 +22,6 @@ from daemon_harness import (
     ORIGINAL_MW,
     Dirs,
     Node,
-    dirs,  # noqa: F401 - a fixture
     drain,
     drive,
     read_message,
