@@ -238,9 +238,16 @@ class EngineLinkClient:
         arrived_requests: int = 0,
         finished: tuple[FinishedTuple, ...] = (),
     ) -> None:
-        """Queue one step with its outputs uncounted (needs ``set_step_source``); never blocks."""
+        """Queue one step with its outputs uncounted (needs ``set_step_source``); never blocks.
+
+        Only while registered: a step queued without a session belongs to no window the daemon will see (the
+        queue is cleared at registration), and each holds a step's whole outputs object, which must not pile
+        up for the seconds a reconnect backoff lasts.
+        """
         if self._owner_pid != _pid[0]:
             self._ensure_started()
+        if not self.connected:
+            return
         steps = self._steps
         if len(steps) >= self.max_queued_steps:
             self.dropped_steps += 1

@@ -365,6 +365,7 @@ def test_telemetry_counts_tokens_and_finished_requests(model_dir: Path, short_tm
     """What one step queues for the client: scheduled prefill, generated tokens, finished TTFT/TPOT."""
     client = EngineLinkClient(str(short_tmp / "none.sock"), "e", "m", ["GPU-x"], MAX_SEQS, MAX_TOKENS)
     client._owner_pid = os.getpid()  # no thread: the test reads the queue itself
+    client.connected = True  # as if registered: steps are queued only during a session
     sched = build(Selector, model_dir, False, pals_client=client)
     client.close()
     client._steps.clear()

@@ -369,6 +369,9 @@ def test_deferred_steps_are_counted_on_the_client_thread() -> None:
         return len(outputs)  # type: ignore[arg-type]
 
     c.set_step_source(decode_of, lambda: gauges[0])
+    c.record_scheduler_step(0.01, 100, ["dropped"], 1)  # no session: nothing is queued (nor held)
+    assert len(c._steps) == 0
+    c.connected = True  # as if registered
     c.record_scheduler_step(0.01, 100, ["a", "b", "c"], 2)
     c.record_scheduler_step(0.02, 5, ["d"] * 5, 0, ((40.0, 8.0, 90, 6),))
     assert counted == []  # nothing counted in the step
