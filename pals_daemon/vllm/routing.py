@@ -51,9 +51,11 @@ class ExpertLoadCounter:
             raise ValueError("no MoE layer to count")
         self.layers = tuple(layers)
         self.device = torch.device(device)
-        width = max(layer.num_experts for layer in self.layers)
-        # int64: scatter_add_ needs the index dtype anyway, and it never wraps (2^63 tokens).
-        self.counts = torch.zeros((len(self.layers), width), dtype=torch.int64, device=self.device)
+        self._width = max(layer.num_experts for layer in self.layers)
+        # int64: scatter_add_ needs the index dtype anyway, and it never wraps (2^63 tokens). One column more
+        # than experts: an id out of range (a router's padding or sentinel) lands there instead of tripping a
+        # device-side assert that would take the worker, and serving, down.
+        self.counts = torch.zeros((len(self.layers), self._width + 1), dtype=torch.int64, device=self.device)
         on_cuda = self.device.type == "cuda"
         self._host = torch.zeros_like(self.counts, device="cpu").pin_memory() if on_cuda else None
         self._copy_stream = torch.cuda.Stream(device=self.device) if on_cuda else None
@@ -65,9 +67,11 @@ class ExpertLoadCounter:
     def capture_fn(self, slot: int) -> Callable[[Any], None]:
         """The callback for the layer at ``slot``: adds a batch's top-k ids (any shape) to its counters."""
         row = self.counts[slot]
+        overflow = self._width
 
         def capture(topk_ids: Any) -> None:
-            ids = topk_ids.reshape(-1).long()
+            # Out of range (negative or >= experts) -> the overflow column: clamp to [-1, width], then -1 -> width.
+            ids = topk_ids.reshape(-1).long().clamp_(-1, overflow).remainder_(overflow + 1)
             row.scatter_add_(0, ids, ids.new_ones(ids.shape))
 
         return capture

@@ -33,7 +33,13 @@ from vllm_client.test_engine_client import client, daemon, eventually  # noqa: E
 from vllm_client.test_expert_reporter import record_shares  # noqa: E402
 
 from pals_daemon.vllm.expert_reporter import ExpertLoadReporter  # noqa: E402
-from pals_daemon.vllm.routing import RoutingTelemetryExtension, attach, find_routed_layers  # noqa: E402
+from pals_daemon.vllm.routing import (  # noqa: E402
+    ExpertLoadCounter,
+    RoutedLayer,
+    RoutingTelemetryExtension,
+    attach,
+    find_routed_layers,
+)
 
 NUM_EXPERTS = 8
 TOP_K = 2
@@ -251,3 +257,11 @@ def test_expert_parallel_skew_reaches_the_daemon_per_gpu(dirs: tuple[Path, Path]
         assert truth[0] > 0.4  # the case is skewed
         for g in range(4):
             assert mean[g] == pytest.approx(truth[g], abs=0.06), (mean, truth)
+
+
+def test_out_of_range_ids_are_not_counted_and_never_fault() -> None:
+    """A router's padding or sentinel id (negative, or past the experts) must not become an index error (on a
+    GPU a device-side assert that would take serving down): it goes to a column no report includes."""
+    counter = ExpertLoadCounter([RoutedLayer(5, NUM_EXPERTS, None)], "cpu")
+    counter.capture_fn(0)(torch.tensor([[0, 1], [-1, 7], [NUM_EXPERTS, 1000]], dtype=torch.int32))
+    assert counter.snapshot() == [(5, [1, 1, 0, 0, 0, 0, 0, 1])]
