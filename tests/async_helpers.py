@@ -6,6 +6,9 @@ import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+import grpc
+import pytest
+
 T = TypeVar("T")
 
 
@@ -26,3 +29,14 @@ async def eventually(predicate: Callable[[], Awaitable[bool] | bool], timeout_s:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s")
         await asyncio.sleep(0.02)
+
+
+async def expect_rpc_error(awaitable: Awaitable[Any], code: grpc.StatusCode, *fragments: str) -> str:
+    """Await a unary call that must fail with ``code``; the details must contain every fragment."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await awaitable
+    assert info.value.code() == code, info.value.details()
+    details = info.value.details() or ""
+    for fragment in fragments:
+        assert fragment in details, details
+    return details

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -45,3 +46,15 @@ def short_tmp() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def dirs(short_tmp: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
+    """(runtime dir for a daemon's sockets, its state dir); no systemd; the process umask put back afterwards
+    (Runner.start sets 0077 for the whole process). tests/server overrides it with its harness's ``Dirs``."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    yield short_tmp / "run", tmp_path / "state"
+    os.umask(umask)

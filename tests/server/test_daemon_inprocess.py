@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import async_helpers
 import grpc
 import pytest
+from async_helpers import expect_rpc_error
 from daemon_harness import (
     MODEL,
     ORIGINAL_MW,
@@ -49,17 +50,6 @@ def drive(coro: Coroutine[Any, Any, T]) -> T:
 async def eventually(predicate: Callable[[], Awaitable[bool] | bool], timeout_s: float = 3.0) -> None:
     """Poll ``predicate`` until it holds (this file's default patience)."""
     await async_helpers.eventually(predicate, timeout_s)
-
-
-async def expect_rpc_error(awaitable: Awaitable[Any], code: grpc.StatusCode, *fragments: str) -> str:
-    """Await a unary call that must fail with ``code``; the details must contain every fragment."""
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await awaitable
-    assert info.value.code() == code, info.value.details()
-    details = info.value.details() or ""
-    for fragment in fragments:
-        assert fragment in details, details
-    return details
 
 
 # ------------------------------------------------------------------------------------------ PowerAdmin

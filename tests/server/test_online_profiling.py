@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import async_helpers
 import grpc
 import pytest
+from async_helpers import expect_rpc_error
 
 from pals_daemon.api import pals_pb2, pals_pb2_grpc
 from pals_daemon.cli import palsctl
@@ -183,16 +184,6 @@ def request(**overrides: Any) -> pals_pb2.StartProfileRequest:
     }
     values.update(overrides)
     return pals_pb2.StartProfileRequest(**values)
-
-
-async def expect_rpc_error(awaitable: Awaitable[Any], code: grpc.StatusCode, *fragments: str) -> str:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await awaitable
-    assert info.value.code() == code, info.value.details()
-    details = info.value.details() or ""
-    for fragment in fragments:
-        assert fragment in details, details
-    return details
 
 
 # ------------------------------------------------------------------------------------------ the sweep

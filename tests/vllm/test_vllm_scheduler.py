@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 import socket
 import statistics
@@ -53,28 +52,6 @@ ENGINE_ID = "vllm-test"
 FORCED = (3, 256)  # what the daemon's controller is made to decide in these tests
 
 _ids = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A local dummy model: only a config.json (the scheduler never loads weights)."""
-    path = tmp_path_factory.mktemp("dummy-llama")
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "num_hidden_layers": 2,
-        "vocab_size": 1000,
-        "max_position_embeddings": 4096,
-        "torch_dtype": "float32",
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    }
-    (path / "config.json").write_text(json.dumps(config))
-    return path
 
 
 def make_vllm_config(model_dir: Path, async_scheduling: bool) -> VllmConfig:
@@ -158,16 +135,6 @@ def drain(sched: Any, max_steps: int = 200) -> None:
             return
         step(sched)
     raise AssertionError("requests did not finish")
-
-
-@pytest.fixture
-def dirs(short_tmp: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    yield short_tmp / "run", tmp_path / "state"
-    os.umask(umask)
 
 
 def force_decision(d: DaemonThread, limits: tuple[int, int] | None) -> None:

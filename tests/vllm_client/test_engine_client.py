@@ -126,17 +126,6 @@ def eventually(predicate: Callable[[], Any], timeout_s: float = 5.0, what: str =
         time.sleep(0.01)
 
 
-@pytest.fixture
-def dirs(short_tmp: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
-    """(runtime dir for the sockets, state dir); no systemd; the umask Runner.start changes is put back."""
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    yield short_tmp / "run", tmp_path / "state"
-    os.umask(umask)
-
-
 @contextlib.contextmanager
 def daemon(dirs: tuple[Path, Path], **overrides: Any) -> Iterator[DaemonThread]:
     d = DaemonThread(*dirs, **overrides).start()

@@ -8,7 +8,6 @@ runs on the report's GPU, and the controller sees the per-GPU shares in that eng
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +38,6 @@ class GrowingCounts:
         with self.lock:
             self.calls += 1
             return [(3, list(self.layers[0])), (7, list(self.layers[1]))]
-
-
-@pytest.fixture
-def dirs(short_tmp: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
-    yield short_tmp / "run", tmp_path / "state"
 
 
 def record_shares(d: DaemonThread) -> list[dict[int, float]]:
