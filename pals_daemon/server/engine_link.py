@@ -173,22 +173,26 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
                     grpc.StatusCode.RESOURCE_EXHAUSTED, f"more than {limit.rate_hz:.0f} messages/s; stream ended"
                 )
             try:
-                expert_load_tokens(report)  # a bad report is refused even when no engine would take it
-                uuids = validate.gpu_uuids([report.gpu_uuid], "gpu_uuid") if report.gpu_uuid else []
-                (gpu,) = self.resolve_gpus(uuids, [] if uuids else [report.gpu_index])
+                tokens = expert_load_tokens(report)  # a bad report is refused even when no engine would take it
+                gpu = self._report_gpu(report)
                 session = self.registry.engine_of_gpu(gpu)
                 if session is None:
                     ack.unattributed += 1
                     continue
-                session.add_expert_load(report, gpu)
+                session.add_expert_tokens(gpu, tokens)
                 ack.accepted += 1
             except InvalidRequestError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return ack
 
-    def _expert_gpu(self, report: pals_pb2.ExpertLoadReport, session: EngineSession) -> int:
+    def _report_gpu(self, report: pals_pb2.ExpertLoadReport) -> int:
+        """The managed GPU an expert-load report names (by UUID, else index); InvalidRequestError if none."""
         uuids = validate.gpu_uuids([report.gpu_uuid], "gpu_uuid") if report.gpu_uuid else []
         (gpu,) = self.resolve_gpus(uuids, [] if uuids else [report.gpu_index])
+        return gpu
+
+    def _expert_gpu(self, report: pals_pb2.ExpertLoadReport, session: EngineSession) -> int:
+        gpu = self._report_gpu(report)
         if gpu not in session.registration.gpu_indices:
             raise InvalidRequestError(f"GPU {gpu} does not belong to engine {session.registration.engine_id}")
         return gpu

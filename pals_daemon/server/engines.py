@@ -146,7 +146,10 @@ class EngineSession:
 
     def add_expert_load(self, report: pals_pb2.ExpertLoadReport, gpu_index: int) -> None:
         """Fold an expert-load report of one of this engine's GPUs into the window."""
-        tokens = expert_load_tokens(report)
+        self.add_expert_tokens(gpu_index, expert_load_tokens(report))
+
+    def add_expert_tokens(self, gpu_index: int, tokens: int) -> None:
+        """Add already validated routed tokens of one of this engine's GPUs to the window."""
         self.expert_load.tokens_by_gpu[gpu_index] = self.expert_load.tokens_by_gpu.get(gpu_index, 0) + tokens
 
     def take_observation(self, elapsed_s: float) -> EngineObservation:
