@@ -67,6 +67,19 @@ class _Limits:
     expires_at: float
 
 
+def engine_socket_from_env() -> str:
+    """``PALS_ENGINE_SOCKET``, else the systemd deployment's engine socket."""
+    return os.environ.get("PALS_ENGINE_SOCKET", DEFAULT_SOCKET)
+
+
+def interval_from_env(name: str, default_s: float, min_s: float, max_s: float = 60.0) -> float:
+    """Seconds from environment variable ``name`` (``default_s`` when unset); ValueError outside [min_s, max_s]."""
+    interval = float(os.environ.get(name, str(default_s)))
+    if not min_s <= interval <= max_s:
+        raise ValueError(f"{name} must be within [{min_s:g}, {max_s:g}], got {interval}")
+    return interval
+
+
 def default_engine_id(engine_index: int | None = None) -> str:
     """``PALS_ENGINE_ID`` or hostname plus vLLM's engine index (stable across restarts) or the pid."""
     env = os.environ.get("PALS_ENGINE_ID")
@@ -183,11 +196,9 @@ class EngineLinkClient:
         gpu_indices: Sequence[int] = (),
     ) -> EngineLinkClient:
         """A client configured from PALS_ENGINE_SOCKET, PALS_ENGINE_ID and PALS_REPORT_INTERVAL_S."""
-        interval = float(os.environ.get("PALS_REPORT_INTERVAL_S", "0.1"))
-        if not 0.001 <= interval <= 60.0:
-            raise ValueError(f"PALS_REPORT_INTERVAL_S must be within [0.001, 60], got {interval}")
+        interval = interval_from_env("PALS_REPORT_INTERVAL_S", 0.1, 0.001)
         return cls(
-            socket_path=os.environ.get("PALS_ENGINE_SOCKET", DEFAULT_SOCKET),
+            socket_path=engine_socket_from_env(),
             engine_id=default_engine_id(engine_index),
             model=model,
             gpu_uuids=gpu_uuids,

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from pals_daemon.vllm.client import DEFAULT_SOCKET, run_with_backoff
+from pals_daemon.vllm.client import engine_socket_from_env, interval_from_env, run_with_backoff
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +87,8 @@ class ExpertLoadReporter:
     @classmethod
     def from_env(cls, gpu_uuid: str, snapshot: Snapshot, gpu_index: int | None = None) -> ExpertLoadReporter:
         """Configured from PALS_ENGINE_SOCKET and PALS_EXPERT_REPORT_INTERVAL_S (default 1 s)."""
-        import os  # noqa: PLC0415
-
-        interval = float(os.environ.get("PALS_EXPERT_REPORT_INTERVAL_S", "1.0"))
-        if not 0.01 <= interval <= 60.0:
-            raise ValueError(f"PALS_EXPERT_REPORT_INTERVAL_S must be within [0.01, 60], got {interval}")
-        return cls(
-            os.environ.get("PALS_ENGINE_SOCKET", DEFAULT_SOCKET),
-            gpu_uuid,
-            snapshot,
-            interval,
-            gpu_index=gpu_index,
-        )
+        interval = interval_from_env("PALS_EXPERT_REPORT_INTERVAL_S", 1.0, 0.01)
+        return cls(engine_socket_from_env(), gpu_uuid, snapshot, interval, gpu_index=gpu_index)
 
     def start(self) -> None:
         """Start the reporter thread (idempotent)."""
