@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
+from pals_daemon.control.allocate import Option, solve_budget
 from pals_daemon.control.config import ControllerConfig
 from pals_daemon.control.meter import MeterCompensation, lower_to
 from pals_daemon.control.types import (
@@ -640,47 +641,13 @@ class Controller:
         return opts
 
     def _solve_budget(self, plans: list[_Plan], budget_w: float) -> list[tuple[int, int]]:
-        """DP over engines: the per-engine options that fit ``budget_w`` with the best summed score.
-
-        States are (cost, score) pairs, one per cost (rounded to mW), Pareto-pruned so that score strictly
-        rises with cost; each layer is computed with numpy and keeps back-pointers instead of pick tuples
-        (64 engines: milliseconds, where a per-state Python loop took most of a 0.5 s period).
-        """
-        costs = np.zeros(1)
-        scores = np.zeros(1)
-        layers: list[tuple[NDArray[np.int64], NDArray[np.int64], list[tuple[int, int]]]] = []
-        for p in plans:
-            opts = self._options(p)
-            oc = np.array([o[0] for o in opts])
-            os_ = np.array([o[1] for o in opts])
-            # Candidates in the order the states x options are visited: state-major, option-minor.
-            c = (costs[:, None] + oc[None, :]).ravel()
-            sc = (scores[:, None] + os_[None, :]).ravel()
-            order = np.flatnonzero(c <= budget_w + _EPS_W)
-            if order.size == 0:
-                # Cannot happen when the budget covers every minimum; fall back to each engine's minimum.
-                return [self._pick(q, rows=slice(0, 1)) for q in plans]
-            c, sc = c[order], sc[order]
-            keys = np.round(c, 3)
-            # Per cost key the best score, the earliest candidate among equals.
-            rank = np.lexsort((order, -sc, keys))
-            first = np.ones(rank.size, dtype=bool)
-            first[1:] = keys[rank][1:] != keys[rank][:-1]
-            win = rank[first]
-            # By cost, keeping only the states whose score beats every cheaper one.
-            win = win[np.argsort(c[win], kind="stable")]
-            ws = sc[win]
-            prev_best = np.maximum.accumulate(np.concatenate(([-np.inf], ws[:-1])))
-            keep = win[ws > prev_best + 1e-9]
-            costs, scores = c[keep], sc[keep]
-            n_opts = len(opts)
-            layers.append((order[keep] // n_opts, order[keep] % n_opts, [o[2] for o in opts]))
-        picks: list[tuple[int, int]] = []
-        state = len(costs) - 1
-        for parents, options, ijs in reversed(layers):
-            picks.append(ijs[int(options[state])])
-            state = int(parents[state])
-        return picks[::-1]
+        """The per-engine options that fit ``budget_w`` with the best summed score (control/allocate.py)."""
+        options = [[Option(cost_w, score, ij) for cost_w, score, ij in self._options(p)] for p in plans]
+        picks = solve_budget(options, budget_w)
+        if picks is None:
+            # Cannot happen when the budget covers every minimum; fall back to each engine's minimum.
+            return [self._pick(q, rows=slice(0, 1)) for q in plans]
+        return [tuple(ij) for ij in picks]  # type: ignore[misc]
 
     def _per_gpu_limits(self, p: _Plan, row: int, col: int | None = None) -> FloatArray:
         """The engine's per-GPU limits for the chosen cap row (and batch column).

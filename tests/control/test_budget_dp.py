@@ -1,4 +1,4 @@
-"""The controller's budget DP (Controller._solve_budget) against exhaustive search on small random cases.
+"""The budget DP (control/allocate.solve_budget, used by Controller._solve_budget) against exhaustive search.
 
 The DP runs on numpy with back-pointers (64 engines must fit well inside a 0.5 s tick); it must still find a
 combination of per-engine options with the best summed score whose summed cost fits the budget.
@@ -11,16 +11,17 @@ import random
 
 import pytest
 
-from pals_daemon.control.core import Controller
+from pals_daemon.control.allocate import Option as AllocOption
+from pals_daemon.control.allocate import solve_budget
 
 Option = tuple[float, float, tuple[int, int]]
 
 
 def solve(plans: list[list[Option]], budget_w: float) -> list[tuple[int, int]]:
-    controller = object.__new__(Controller)  # only _options and _pick are used, both replaced here
-    controller._options = lambda p: p  # type: ignore[method-assign,assignment,return-value]
-    controller._pick = lambda q, rows: (-1, -1)  # type: ignore[method-assign,assignment]
-    return controller._solve_budget(plans, budget_w)  # type: ignore[arg-type]
+    picks = solve_budget([[AllocOption(*o) for o in opts] for opts in plans], budget_w)
+    if picks is None:
+        return [(-1, -1)] * len(plans)  # the controller's fallback: every engine at its minimum
+    return picks  # type: ignore[return-value]
 
 
 def best_by_search(plans: list[list[Option]], budget_w: float) -> float | None:
