@@ -42,19 +42,23 @@ def _repo_path(path: Path) -> str:
         return path.name
 
 
+def _source(csv: Path, origin: str, rows: str) -> dict[str, str]:
+    """Where a fit's data came from: the CSV (repository path and SHA-256), its origin, and the rows used."""
+    return {"csv": _repo_path(csv), "sha256": _sha256(csv), "origin": origin, "rows": rows}
+
+
 def fitted_documents(
     a100_fits: dict[str, DecodePhysics], h100_fits: dict[tuple[str, int], DecodePhysics], fitted_on: str
 ) -> tuple[dict[str, object], dict[str, object]]:
     """The A100 and H100 fitted-physics files for these fits: provenance, constants, residuals of the physics."""
     a100_csv = Path(a100.DEFAULT_SWEEP_CSV)
     a100_doc = fitted.fitted_document(
-        source={
-            "csv": _repo_path(a100_csv),
-            "sha256": _sha256(a100_csv),
-            "origin": "mrhankendi/AI_LLM moe_summary_tp4.xlsx (see data/README.md)",
-            "rows": "the rows whose model column is the entry's model: every (cap_w, batch) point, 30 per model; "
+        source=_source(
+            a100_csv,
+            "mrhankendi/AI_LLM moe_summary_tp4.xlsx (see data/README.md)",
+            "the rows whose model column is the entry's model: every (cap_w, batch) point, 30 per model; "
             "step time = batch / avg_Tokens_per_s, power = avg_gpu_power",
-        },
+        ),
         fit={
             "function": "pals_daemon.sim.a100.fit_a100_physics",
             "method": "least squares on log step time and log power (pals_daemon.sim.physics.fit_decode_physics, "
@@ -86,14 +90,13 @@ def fitted_documents(
             }
         )
     h100_doc = fitted.fitted_document(
-        source={
-            "csv": _repo_path(h100_csv),
-            "sha256": _sha256(h100_csv),
-            "origin": "ML.ENERGY Benchmark v3, ml-energy/leaderboard, Apache-2.0 (see data/README.md)",
-            "rows": "gpu_model H100, task in lm-arena-chat / gpqa / sourcegraph-fim, the entry's model_id and "
-            "num_gpus; rows with equal max_num_seqs averaged (points); step time = median_itl_ms, power = "
-            "avg_power_watts / num_gpus, batch = avg_batch_size, all at the 700 W default limit",
-        },
+        source=_source(
+            h100_csv,
+            "ML.ENERGY Benchmark v3, ml-energy/leaderboard, Apache-2.0 (see data/README.md)",
+            "gpu_model H100, task in lm-arena-chat / gpqa / sourcegraph-fim, the entry's model_id and num_gpus; "
+            "rows with equal max_num_seqs averaged (points); step time = median_itl_ms, power = avg_power_watts / "
+            "num_gpus, batch = avg_batch_size, all at the 700 W default limit",
+        ),
         fit={
             "function": "pals_daemon.sim.h100.fit_h100_physics",
             "method": "least squares on log ITL and log power (pals_daemon.sim.physics.fit_decode_physics, "

@@ -22,37 +22,19 @@ import numpy as np
 
 from pals_daemon.sim.catalogue import canonical_model_name, h100_arch, model_spec
 from pals_daemon.sim.hardware import A100_SXM4, H100_SXM5
-from pals_daemon.sim.physics import DecodePhysics
+from pals_daemon.sim.physics import DecodePhysics, physics_fields
 
 FITTED_DIR = Path(__file__).resolve().parent / "data" / "fitted"
 A100_FITTED_JSON = FITTED_DIR / "a100_physics.json"
 H100_FITTED_JSON = FITTED_DIR / "h100_physics.json"
 # Bumped when the layout of the files changes.
 SCHEMA = 1
-# The DecodePhysics fields each file holds per entry (the rest are cited or transferred, see the module).
-A100_FITTED_FIELDS = (
-    "t_fixed_s",
-    "t_expert_s",
-    "t_token_mem_s",
-    "t_clk0_s",
-    "t_clk_token_s",
-    "p_mem_w",
-    "p_sm_w",
-    "alpha",
-    "f_knee",
-    "routing_factor",
-    "f_min",
-)
-H100_FITTED_FIELDS = (
-    "t_fixed_s",
-    "t_expert_s",
-    "t_token_mem_s",
-    "t_clk0_s",
-    "t_clk_token_s",
-    "p_mem_w",
-    "p_sm_w",
-    "routing_factor",
-)
+# The DecodePhysics fields each file holds per entry: all but the cited ones (hardware profile, catalogue), and for
+# H100 also not those transferred from the A100 fits or modelled (see the module).
+_CITED = ("idle_w", "num_experts", "top_k")
+_H100_NOT_FITTED = ("alpha", "f_knee", "f_min")
+A100_FITTED_FIELDS = tuple(n for n in physics_fields() if n not in _CITED)
+H100_FITTED_FIELDS = tuple(n for n in A100_FITTED_FIELDS if n not in _H100_NOT_FITTED)
 H100_F_MIN = 0.17  # modelled: about 345 of 1980 MHz
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
+from pathlib import Path
+
 import pytest
 
 from pals_daemon.sim.a100 import load_a100_truth
@@ -54,3 +58,23 @@ def test_no_fitted_physics_means_no_decode_prior() -> None:
     assert bare.prefill_s_per_token(400.0) > 0
     with pytest.raises(ValueError, match="no fitted decode physics"):
         bare.decode_step_s(400.0, 8)
+
+
+def _our_imports(module: str) -> set[str]:
+    tree = ast.parse(Path(importlib.import_module(module).__file__ or "").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    return {m for m in imported if m.startswith("pals_daemon")}
+
+
+def test_the_prior_reads_no_simulated_truth() -> None:
+    """A controller may read the prior on a real GPU: it must not reach the truth, its mismatch or its loaders."""
+    allowed = {
+        "pals_daemon.sim.catalogue",
+        "pals_daemon.sim.fitted",
+        "pals_daemon.sim.hardware",
+        "pals_daemon.sim.physics",
+    }
+    assert _our_imports("pals_daemon.sim.prior") == allowed
+    for module in allowed:
+        assert _our_imports(module) <= allowed | {"pals_daemon.errors"}, module
