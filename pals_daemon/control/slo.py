@@ -35,12 +35,14 @@ FloatArray = NDArray[np.float64]
 # Modelled: per-GPU power while prefilling (compute-bound) is the cap, up to this fraction of the GPU's
 # maximum limit (prefill draws near TDP uncapped; GreenLLM, arXiv 2508.16449).
 PREFILL_POWER_FRACTION = 0.9
-# Load forecast: a rate smoothed over a few seconds (EWMA weight per window), and the forecast is its peak
-# over the last ``slo_forecast_window_s``: bursty traffic is planned for at the bursts of the recent past, so
-# the cap stays up while bursts recur and comes down after a quiet stretch (a steady load is planned at its
-# mean). The slow EWMA (~10 s at 0.5 s windows) gives the mean prompt and output length per request.
+# Load forecast from ARRIVALS (what is processed lags demand under overload): the request rate smoothed over a
+# few seconds (EWMA weight per window), and the forecast is its peak over the last ``slo_forecast_window_s``:
+# bursty traffic is planned for at the bursts of the recent past, so the cap stays up while bursts recur and
+# comes down after a quiet stretch (a steady load is planned at its mean). Mean prompt and output tokens per
+# request are long-run ratios of processed tokens to arrivals (sums decaying by SIZE_DECAY per window, a
+# memory of ~4 minutes at 0.5 s windows), which equal the arrivals' sizes over time.
 FAST_ALPHA = 0.1
-SLOW_ALPHA = 0.05
+SIZE_DECAY = 0.998
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,10 @@ class SloEngine:
     def __init__(self, latency: LatencyModel, config: ControllerConfig) -> None:
         self.latency = latency
         self.config = config
-        self.lam_d_fast = self.lam_d_slow = 0.0
-        self.lam_p_fast = self.lam_p_slow = 0.0
-        self.arrivals_slow = 0.0
+        self.requests_fast = 0.0
+        self._sum_arrived = self._sum_prefill = self._sum_decode = 0.0
         self.prompt_tokens = 0.0
+        self.output_tokens = 0.0
         self.margin = config.slo_margin
         self.last_waiting = 0
         self.breach = False
@@ -70,6 +72,7 @@ class SloEngine:
         # (time s, smoothed decode tokens/s, smoothed prefill tokens/s) over the forecast window.
         self._history: deque[tuple[float, float, float]] = deque()
         self._clock_s = 0.0
+        self._last_breach_s = -math.inf
 
     # ---- per-window learning ------------------------------------------------------------------------------
     def observe(
@@ -82,20 +85,18 @@ class SloEngine:
         if eng.window_s <= 0:
             return
         span = eng.window_s
-        d, p = eng.decode_tokens / span, eng.prefill_tokens / span
-        a_f, a_s = FAST_ALPHA, SLOW_ALPHA
-        self.lam_d_fast = (1 - a_f) * self.lam_d_fast + a_f * d
-        self.lam_d_slow = (1 - a_s) * self.lam_d_slow + a_s * d
-        self.lam_p_fast = (1 - a_f) * self.lam_p_fast + a_f * p
-        self.lam_p_slow = (1 - a_s) * self.lam_p_slow + a_s * p
-        self.arrivals_slow = (1 - a_s) * self.arrivals_slow + a_s * eng.arrived_requests / span
+        self.requests_fast = (1 - FAST_ALPHA) * self.requests_fast + FAST_ALPHA * eng.arrived_requests / span
+        self._sum_arrived = SIZE_DECAY * self._sum_arrived + eng.arrived_requests
+        self._sum_prefill = SIZE_DECAY * self._sum_prefill + eng.prefill_tokens
+        self._sum_decode = SIZE_DECAY * self._sum_decode + eng.decode_tokens
+        if self._sum_arrived >= 1.0:
+            self.prompt_tokens = self._sum_prefill / self._sum_arrived
+            self.output_tokens = self._sum_decode / self._sum_arrived
         self._clock_s += span
         hist = self._history
-        hist.append((self._clock_s, self.lam_d_fast, self.lam_p_fast))
+        hist.append((self._clock_s, self.requests_fast, 0.0))
         while hist and hist[0][0] < self._clock_s - self.config.slo_forecast_window_s:
             hist.popleft()
-        if self.arrivals_slow > 1e-9 and self.lam_p_slow > 0:
-            self.prompt_tokens = self.lam_p_slow / self.arrivals_slow
         busy_s = eng.busy_fraction * span
         if eng.busy_fraction < 0.02 and gpu_power_w > 0:
             self.idle_w = gpu_power_w if self.idle_w is None else 0.8 * self.idle_w + 0.2 * gpu_power_w
@@ -119,6 +120,7 @@ class SloEngine:
         cfg = self.config
         if ratio > 1.0:
             self.breach = True
+            self._last_breach_s = self._clock_s
             if not at_top:  # anti-windup: at the top cap a larger margin cannot help
                 self.margin = min(cfg.slo_margin_max, self.margin + cfg.slo_margin_gain * (ratio - 1.0))
         elif ratio < 1.0 - self.margin:
@@ -127,9 +129,8 @@ class SloEngine:
     # ---- per-tick planning --------------------------------------------------------------------------------
     def forecast(self) -> tuple[float, float]:
         """(decode tokens/s, prefill tokens/s) expected over the next seconds."""
-        if not self._history:
-            return self.lam_d_fast, self.lam_p_fast
-        return max(h[1] for h in self._history), max(h[2] for h in self._history)
+        rate = max((h[1] for h in self._history), default=self.requests_fast)
+        return rate * self.output_tokens, rate * self.prompt_tokens
 
     def plan(
         self,
@@ -144,9 +145,8 @@ class SloEngine:
         """(prediction, predicted engine power W, feasible, energy per output token J) at each cap."""
         lam_d, lam_p = self.forecast()
         backlog = num_waiting * self.prompt_tokens
-        out_per_request = self.lam_d_slow / self.arrivals_slow if self.arrivals_slow > 1e-9 else 0.0
         pred = self.latency.predict(
-            eff_caps_w, lam_d, lam_p, batch_limit, self.prompt_tokens, backlog, num_waiting * out_per_request
+            eff_caps_w, lam_d, lam_p, batch_limit, self.prompt_tokens, backlog, num_waiting * self.output_tokens
         )
         self.prediction = pred
         model = self.latency.model
@@ -184,10 +184,15 @@ class SloEngine:
             cause = "slo-energy"
         else:
             want, cause = top, "slo-infeasible"
+        first = incumbent is None
         if incumbent is None:
-            return SloChoice(want, "first")
+            incumbent = top  # a new engine starts from the top cap and comes down at the rate limit
         row = want
-        if want < incumbent:
+        recent_breach = self._clock_s - self._last_breach_s < cfg.slo_forecast_window_s
+        if want < incumbent and recent_breach:
+            # No descent within a forecast window of a measured breach: the load that caused it may recur.
+            row, cause = incumbent, "hold"
+        elif want < incumbent:
             floor_w = caps_w[incumbent] - cfg.slo_step_down_w
             lowest = int(np.searchsorted(caps_w, floor_w - 1e-9))
             row = max(want, min(lowest, incumbent))
@@ -201,7 +206,7 @@ class SloEngine:
             up = int(np.searchsorted(caps_w, caps_w[incumbent] + cfg.slo_release_w - 1e-9))
             row = max(row, min(up, top))
             cause = "slo-release"
-        return SloChoice(row, cause)
+        return SloChoice(row, "first" if first else cause)
 
 
 def _slo_ratio(eng: EngineObservation, target: EngineTargets, percentile: int) -> float | None:
