@@ -33,9 +33,9 @@ def _candidates(spec: cc.ControllerKey) -> list[Any]:
     if spec.kind == "bool":
         return [not d]
     if spec.kind == "float":
-        return [] if d is None else [d * 0.9, d * 1.1, d + 1.0, d - 0.5]
-    if spec.kind == "int":
-        return [] if d is None else [d + 1, d - 1, d * 2]
+        return [0.5, 1.0] if d is None else [d * 0.9, d * 1.1, d + 1.0, d - 0.5, d * 0.5, d * 2, 0.0]
+    if spec.kind == "int":  # near values first, then every value up to twice the default (e.g. a set {90, 99})
+        return [1, 2] if d is None else [d + 1, d - 1, *range(2 * abs(d) + 2)]
     if spec.kind == "str":
         return ["H100-SXM5" if d is None else d + "x"]
     if spec.kind == "choice":
