@@ -138,6 +138,7 @@ class SloEngine:
         n_gpus: int,
         max_limit_w: float,
         batch_limit: int,
+        batched_tokens_limit: int,
         num_waiting: int,
         power_ratio: float,
         target: EngineTargets,
@@ -146,7 +147,15 @@ class SloEngine:
         lam_d, lam_p = self.forecast()
         backlog = num_waiting * self.prompt_tokens
         pred = self.latency.predict(
-            eff_caps_w, lam_d, lam_p, batch_limit, self.prompt_tokens, backlog, num_waiting * self.output_tokens
+            eff_caps_w,
+            lam_d,
+            lam_p,
+            batch_limit,
+            self.prompt_tokens,
+            backlog,
+            num_waiting * self.output_tokens,
+            # A step's prompt chunk: the token budget, or less when prompts are short (modelled: two prompts).
+            chunk_tokens=min(float(batched_tokens_limit), 2.0 * self.prompt_tokens),
         )
         self.prediction = pred
         model = self.latency.model
