@@ -101,3 +101,5 @@ class Decision:
     changed: bool
     # One short line on why (budget cut, target missed, better efficiency, hold).
     reason: str
+    # Per-GPU SM clock ceiling in MHz (the locked-clock actuator); absent or None: leave the clock unlocked.
+    gpu_locked_clocks_mhz: Mapping[int, int | None] = field(default_factory=dict)

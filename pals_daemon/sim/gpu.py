@@ -177,7 +177,8 @@ class SimGpu:
             info = self._clock_info()
             for value in (min_mhz, max_mhz):
                 if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                    raise GpuInvalidArgumentError(f"clock must be an integer of MHz, got {value!r}", self.identity.index)
+                    index = self.identity.index
+                    raise GpuInvalidArgumentError(f"clock must be an integer of MHz, got {value!r}", index)
             if not info.min_mhz <= min_mhz <= max_mhz <= info.max_mhz:
                 raise GpuInvalidArgumentError(
                     f"locked clocks [{min_mhz}, {max_mhz}] MHz not an ordered range within "
