@@ -574,6 +574,7 @@ class Daemon:
             )
             if g.external_cap_mw is not None:
                 gs.external_limit_w = mw_to_w(g.external_cap_mw)
+            self._clock_status(g, gs)
             if r.power_instant_mw is not None:
                 gs.power_instant_w = mw_to_w(r.power_instant_mw)
             status.gpus.append(gs)
@@ -594,6 +595,20 @@ class Daemon:
             )
         )
         return status
+
+
+    def _clock_status(self, g: GpuSlot, gs: pals_pb2.GpuStatus) -> None:
+        """The clock knob's part of a GPU's status."""
+        st = self.clocks.of(g.identity.index)
+        gs.clock_control = st.controllable and g.controlled
+        gs.clock_control_note = st.note
+        gs.clock_external = st.external
+        if st.info is not None:
+            gs.min_clock_mhz, gs.max_clock_mhz = st.info.min_mhz, st.info.max_mhz
+        if st.requested_max_mhz is not None:
+            gs.locked_clock_requested_mhz = st.requested_max_mhz
+        if st.decided_max_mhz is not None:
+            gs.locked_clock_decided_mhz = st.decided_max_mhz
 
 
 def _targets_proto(t: EngineTargets) -> pals_pb2.EngineTargets:
