@@ -395,7 +395,13 @@ class Profiler:
                 changed = True
                 notes.append("profile abandoned: budget")
         reason = "; ".join([*notes, decision.reason]) if decision.reason else "; ".join(notes)
-        return Decision(gpu_limits_w=limits, engines=engines, changed=changed, reason=reason)
+        # A profile is measured at the driver's default clocks: the profiled GPUs are unlocked, the others keep
+        # the controller's clock ceilings.
+        pinned = {i for job in jobs for i in job.gpu_indices}
+        clocks = {i: mhz for i, mhz in decision.gpu_locked_clocks_mhz.items() if i not in pinned}
+        return Decision(
+            gpu_limits_w=limits, engines=engines, changed=changed, reason=reason, gpu_locked_clocks_mhz=clocks
+        )
 
     def after_tick(self, now_s: float, observations: Sequence[EngineObservation]) -> None:
         """Advance every running job by one tick (GPU readings and limits are this tick's)."""
