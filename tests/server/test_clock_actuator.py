@@ -65,7 +65,7 @@ def run(body: Any) -> None:
     async_helpers.drive(body(), TEST_TIMEOUT_S)
 
 
-def test_lock_is_recorded_first_read_back_changed_unlocked_and_reset_on_close(fake: FakeNvmlEnv, tmp_path: Path) -> None:
+def test_lock_recorded_first_read_back_changed_unlocked_and_reset_on_close(fake: FakeNvmlEnv, tmp_path: Path) -> None:
     async def body() -> None:
         daemon = Daemon(config(tmp_path), NvmlBackend(), PROFILES, MonotonicClock())
         await daemon.start()
