@@ -41,6 +41,7 @@ TOP_LEVEL_KEYS = {
     "log_level",
 }
 SIM_KEYS = {"gpu_kind", "gpu_count", "speed"}
+CLOCKS_KEYS = {"enabled"}
 # TOML has no null: keys whose default is "unset" appear only as a commented-out line.
 UNSET_BY_DEFAULT = {"budget_w"}
 
@@ -164,9 +165,10 @@ def test_example_config_parses_with_exactly_the_daemon_keys() -> None:
     text = EXAMPLE.read_text()
     doc = tomllib.loads(text)
     top = {k for k, v in doc.items() if not isinstance(v, dict)}
-    assert set(doc) - top == {"sim"}
+    assert set(doc) - top == {"sim", "clocks"}
     assert top == TOP_LEVEL_KEYS - UNSET_BY_DEFAULT
     assert set(doc["sim"]) == SIM_KEYS
+    assert set(doc["clocks"]) == CLOCKS_KEYS
     for key in UNSET_BY_DEFAULT:
         assert re.search(rf"^# {key} = ", text, re.MULTILINE), f"{key} should be shown commented out"
 
