@@ -349,6 +349,7 @@ class Daemon:
 
     def _gpu_observation(self, g: GpuSlot, now_s: float) -> GpuObservation:
         r, c = g.reading, g.constraints
+        clock = self.clocks.of(g.identity.index)
         return GpuObservation(
             index=g.identity.index,
             uuid=g.identity.uuid,
@@ -365,6 +366,10 @@ class Daemon:
             sm_clock_mhz=r.sm_clock_mhz,
             power_capped=r.power_capped,
             controlled=g.controlled,
+            clock_control=clock.controllable and g.controlled,
+            min_clock_mhz=clock.info.min_mhz if clock.info else 0,
+            max_clock_mhz=clock.info.max_mhz if clock.info else 0,
+            locked_clock_mhz=clock.requested_max_mhz,
         )
 
     def _observe_engines(self, elapsed_s: float) -> tuple[EngineObservation, ...]:

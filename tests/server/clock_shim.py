@@ -20,11 +20,16 @@ from pals_daemon.control.types import ControllerInput, Decision
 ENV = "TEST_LOCK_MHZ"
 
 
-def lock_clocks(controller: Controller, plan: dict[int, int | None]) -> dict[int, int | None]:
-    """Make ``controller.step`` add ``plan`` (GPU index -> ceiling MHz, None unlocked) to every decision."""
+def lock_clocks(
+    controller: Controller, plan: dict[int, int | None], seen: list[ControllerInput] | None = None
+) -> dict[int, int | None]:
+    """Make ``controller.step`` add ``plan`` (GPU index -> ceiling MHz, None unlocked) to every decision; each
+    input the controller got is appended to ``seen``."""
     step = controller.step
 
     def step_with_clocks(inp: ControllerInput, *args: Any, **kwargs: Any) -> Decision:
+        if seen is not None:
+            seen.append(inp)
         decision = step(inp, *args, **kwargs)
         return dataclasses.replace(decision, gpu_locked_clocks_mhz=dict(plan))
 

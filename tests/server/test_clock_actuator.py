@@ -69,7 +69,8 @@ def test_lock_recorded_first_read_back_changed_unlocked_and_reset_on_close(fake:
     async def body() -> None:
         daemon = Daemon(config(tmp_path), NvmlBackend(), PROFILES, MonotonicClock())
         await daemon.start()
-        plan = lock_clocks(daemon.controller, {0: 1500, 1: 1507})
+        seen: list[Any] = []
+        plan = lock_clocks(daemon.controller, {0: 1500, 1: 1507}, seen)
         try:
             # No lock yet: nothing recorded (a record exists only for a GPU about to be locked).
             assert clock_records(tmp_path) == {}
@@ -84,6 +85,14 @@ def test_lock_recorded_first_read_back_changed_unlocked_and_reset_on_close(fake:
                 (1500, 1500, True),
             ]
             assert (gpus[0].min_clock_mhz, gpus[0].max_clock_mhz) == (H100_MIN_MHZ, 1980)
+            # The controller sees the knob: available, its range, the ceiling in force.
+            g0 = seen[-1].gpus[0]
+            assert (g0.clock_control, g0.min_clock_mhz, g0.max_clock_mhz, g0.locked_clock_mhz) == (
+                True,
+                H100_MIN_MHZ,
+                1980,
+                1500,
+            )
             plan[0] = 1200
             plan[1] = None  # unlocked: reset, and its record goes
             await daemon.tick()
