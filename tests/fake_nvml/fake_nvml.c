@@ -924,18 +924,21 @@ nvmlReturn_t nvmlDeviceGetSupportedGraphicsClocks(nvmlDevice_t device, unsigned 
     return leave(&s, rc);
 }
 
+/* What a locked-clock setter checks first: root (nvml.h: "Requires root/admin permissions"), then support. */
+static nvmlReturn_t clock_setter_allowed(const gpu_t *g) {
+    if (S.nonroot) return NVML_ERROR_NO_PERMISSION;
+    if (g->max_sm_clock_mhz <= 0) return NVML_ERROR_NOT_SUPPORTED;
+    return NVML_SUCCESS;
+}
+
 nvmlReturn_t nvmlDeviceSetGpuLockedClocks(nvmlDevice_t device, unsigned int min_mhz, unsigned int max_mhz) {
     session_t s;
     int i = -1;
     nvmlReturn_t rc = enter(&s, __func__, device, &i);
-    if (rc == NVML_SUCCESS) {
+    if (rc == NVML_SUCCESS && (rc = clock_setter_allowed(&S.gpus[i])) == NVML_SUCCESS) {
         gpu_t *g = &S.gpus[i];
-        if (S.nonroot) {
-            rc = NVML_ERROR_NO_PERMISSION;
-        } else if (g->max_sm_clock_mhz <= 0) {
-            rc = NVML_ERROR_NOT_SUPPORTED;
-        } else if (min_mhz > max_mhz || (long long)min_mhz < g->min_sm_clock_mhz ||
-                   (long long)max_mhz > g->max_sm_clock_mhz) {
+        if (min_mhz > max_mhz || (long long)min_mhz < g->min_sm_clock_mhz ||
+            (long long)max_mhz > g->max_sm_clock_mhz) {
             rc = NVML_ERROR_INVALID_ARGUMENT;
         } else {
             g->locked_min_mhz = min_mhz;
@@ -953,17 +956,10 @@ nvmlReturn_t nvmlDeviceResetGpuLockedClocks(nvmlDevice_t device) {
     session_t s;
     int i = -1;
     nvmlReturn_t rc = enter(&s, __func__, device, &i);
-    if (rc == NVML_SUCCESS) {
-        gpu_t *g = &S.gpus[i];
-        if (S.nonroot) {
-            rc = NVML_ERROR_NO_PERMISSION;
-        } else if (g->max_sm_clock_mhz <= 0) {
-            rc = NVML_ERROR_NOT_SUPPORTED;
-        } else {
-            g->locked_min_mhz = NONE;
-            g->locked_max_mhz = NONE;
-            s.dirty = 1;
-        }
+    if (rc == NVML_SUCCESS && (rc = clock_setter_allowed(&S.gpus[i])) == NVML_SUCCESS) {
+        S.gpus[i].locked_min_mhz = NONE;
+        S.gpus[i].locked_max_mhz = NONE;
+        s.dirty = 1;
     }
     rc = leave(&s, rc);
     if (i >= 0) log_call("nvmlDeviceResetGpuLockedClocks %d rc=%d", i, rc);

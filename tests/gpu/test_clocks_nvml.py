@@ -15,6 +15,7 @@ from fake_nvml.state import (
     NVML_ERROR_NOT_FOUND,
     NVML_ERROR_NOT_SUPPORTED,
 )
+from test_fake_nvml import nvml  # noqa: F401  (fixture: pynvml on the fake, shut down afterwards)
 
 from pals_daemon.errors import GpuInvalidArgumentError, GpuNotSupportedError, GpuPermissionError
 from pals_daemon.gpu.nvml import NvmlBackend, NvmlDevice
@@ -23,15 +24,6 @@ from pals_daemon.gpu.nvml import NvmlBackend, NvmlDevice
 NVML_ERROR_INSUFFICIENT_SIZE = 7
 # H100-SXM5 profile of the fake (tests/fake_nvml/state.py): 1980 down to 345 MHz in 15 MHz steps at 2619 MHz.
 H100_CLOCKS = tuple(range(1980, 344, -15))
-
-
-@pytest.fixture
-def nvml(fake_pynvml: FakeNvmlEnv):  # type: ignore[no-untyped-def]
-    yield fake_pynvml
-    try:
-        pynvml.nvmlShutdown()
-    except pynvml.NVMLError:
-        pass
 
 
 def open_one(fake: FakeNvmlEnv, state: FakeNvmlState) -> list[NvmlDevice]:
@@ -75,7 +67,7 @@ def test_c_signatures_of_the_clock_calls(fake_pynvml: FakeNvmlEnv) -> None:
     ]
 
 
-def test_pynvml_clock_calls_and_range_checks(nvml: FakeNvmlEnv) -> None:
+def test_pynvml_clock_calls_and_range_checks(nvml: FakeNvmlEnv) -> None:  # noqa: F811
     nvml.write_state(FakeNvmlState.of("H100-SXM5"))
     pynvml.nvmlInit()
     h = pynvml.nvmlDeviceGetHandleByIndex(0)
@@ -95,7 +87,7 @@ def test_pynvml_clock_calls_and_range_checks(nvml: FakeNvmlEnv) -> None:
     assert nvml.read_state().gpus[0].locked_max_mhz == 1200
 
 
-def test_non_root_cannot_lock_or_reset(nvml: FakeNvmlEnv) -> None:
+def test_non_root_cannot_lock_or_reset(nvml: FakeNvmlEnv) -> None:  # noqa: F811
     state = FakeNvmlState.of("H100-SXM5")
     state.nonroot = True
     state.gpus[0].locked_min_mhz, state.gpus[0].locked_max_mhz = 345, 1500  # an operator's lock

@@ -5,9 +5,10 @@ tests/server/clock_shim.py (the SLO-driven controller that will choose clocks is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +66,31 @@ def run(body: Any) -> None:
     async_helpers.drive(body(), TEST_TIMEOUT_S)
 
 
+@contextlib.asynccontextmanager
+async def running(
+    tmp_path: Path, plan: dict[int, int | None], seen: list[Any] | None = None, **overrides: Any
+) -> AsyncIterator[Daemon]:
+    """A started daemon whose controller asks for the clock ceilings in ``plan``; closed afterwards."""
+    daemon = Daemon(config(tmp_path, **overrides), NvmlBackend(), PROFILES, MonotonicClock())
+    await daemon.start()
+    lock_clocks(daemon.controller, plan, seen)
+    try:
+        yield daemon
+    finally:
+        await daemon.close()
+
+
+def inject(fake: FakeNvmlEnv, function: str, code: int, gpu: int) -> None:
+    state = fake.read_state()
+    state.inject(function, code, gpu=gpu)
+    fake.write_state(state)
+
+
 def test_lock_recorded_first_read_back_changed_unlocked_and_reset_on_close(fake: FakeNvmlEnv, tmp_path: Path) -> None:
     async def body() -> None:
-        daemon = Daemon(config(tmp_path), NvmlBackend(), PROFILES, MonotonicClock())
-        await daemon.start()
         seen: list[Any] = []
-        plan = lock_clocks(daemon.controller, {0: 1500, 1: 1507}, seen)
-        try:
+        plan = {0: 1500, 1: 1507}
+        async with running(tmp_path, plan, seen) as daemon:
             # No lock yet: nothing recorded (a record exists only for a GPU about to be locked).
             assert clock_records(tmp_path) == {}
             await daemon.tick()
@@ -103,8 +122,6 @@ def test_lock_recorded_first_read_back_changed_unlocked_and_reset_on_close(fake:
             calls = len(fake.clock_calls())
             await daemon.tick()
             assert len(fake.clock_calls()) == calls
-        finally:
-            await daemon.close()
         assert locks(fake) == [(None, None), (None, None)]
         assert clock_records(tmp_path) == {}
         calls = fake.clock_calls()
@@ -118,14 +135,9 @@ def test_lock_recorded_first_read_back_changed_unlocked_and_reset_on_close(fake:
 
 def test_a_ceiling_at_or_above_the_top_clock_is_no_lock(fake: FakeNvmlEnv, tmp_path: Path) -> None:
     async def body() -> None:
-        daemon = Daemon(config(tmp_path), NvmlBackend(), PROFILES, MonotonicClock())
-        await daemon.start()
-        lock_clocks(daemon.controller, {0: 1980, 1: 5000})
-        try:
+        async with running(tmp_path, {0: 1980, 1: 5000}) as daemon:
             await daemon.tick()
             await daemon.tick()
-        finally:
-            await daemon.close()
         assert fake.clock_calls() == []
 
     run(body)
@@ -133,18 +145,13 @@ def test_a_ceiling_at_or_above_the_top_clock_is_no_lock(fake: FakeNvmlEnv, tmp_p
 
 def test_advise_mode_never_calls_a_setter(fake: FakeNvmlEnv, tmp_path: Path) -> None:
     async def body() -> None:
-        daemon = Daemon(config(tmp_path, mode="advise", budget_w=600.0), NvmlBackend(), PROFILES, MonotonicClock())
-        await daemon.start()
-        lock_clocks(daemon.controller, {0: 1200, 1: 1000})
-        try:
+        async with running(tmp_path, {0: 1200, 1: 1000}, mode="advise", budget_w=600.0) as daemon:
             for _ in range(3):
                 await daemon.tick()
             gpus = daemon.build_status().gpus
             # The choice is shown (1000 snapped down to the supported 990), not applied.
             assert [g.locked_clock_decided_mhz for g in gpus] == [1200, 990]
             assert not any(g.HasField("locked_clock_requested_mhz") for g in gpus)
-        finally:
-            await daemon.close()
         setters = [e for e in fake.log() if e.function.startswith("nvmlDeviceSet") or e.function == RESET]
         assert setters == []
 
@@ -152,15 +159,10 @@ def test_advise_mode_never_calls_a_setter(fake: FakeNvmlEnv, tmp_path: Path) -> 
 
 
 def test_not_supported_leaves_that_gpu_on_cap_only_control(fake: FakeNvmlEnv, tmp_path: Path) -> None:
-    state = fake.read_state()
-    state.inject(LOCK, NVML_ERROR_NOT_SUPPORTED, gpu=1)
-    fake.write_state(state)
+    inject(fake, LOCK, NVML_ERROR_NOT_SUPPORTED, gpu=1)
 
     async def body() -> None:
-        daemon = Daemon(config(tmp_path, budget_w=600.0), NvmlBackend(), PROFILES, MonotonicClock())
-        await daemon.start()
-        lock_clocks(daemon.controller, {0: 1410, 1: 1410})
-        try:
+        async with running(tmp_path, {0: 1410, 1: 1410}, budget_w=600.0) as daemon:
             for _ in range(3):
                 await daemon.tick()
             g0, g1 = daemon.build_status().gpus
@@ -172,8 +174,6 @@ def test_not_supported_leaves_that_gpu_on_cap_only_control(fake: FakeNvmlEnv, tm
             # Nothing was locked on GPU 1, so nothing is recorded for it; one refusal, never retried.
             assert set(clock_records(tmp_path)) == {fake_uuid(0)}
             assert sorted((fn, i) for fn, i, _, _ in fake.clock_calls()) == [(LOCK, 0), (LOCK, 1)]
-        finally:
-            await daemon.close()
         assert locks(fake) == [(None, None), (None, None)]
 
     run(body)
@@ -185,55 +185,36 @@ def test_a_gpu_listing_no_clocks_is_cap_only_from_the_start(fake: FakeNvmlEnv, t
     fake.write_state(state)
 
     async def body() -> None:
-        daemon = Daemon(config(tmp_path), NvmlBackend(), PROFILES, MonotonicClock())
-        await daemon.start()
-        lock_clocks(daemon.controller, {0: 1400, 1: 1400})
-        try:
+        async with running(tmp_path, {0: 1400, 1: 1400}) as daemon:
             await daemon.tick()
             g0 = daemon.build_status().gpus[0]
             assert not g0.clock_control and "supported clocks unreadable" in g0.clock_control_note
-        finally:
-            await daemon.close()
         assert [(fn, i) for fn, i, _, _ in fake.clock_calls()] == [(LOCK, 1), (RESET, 1)]
 
     run(body)
 
 
 def test_no_permission_keeps_power_control(fake: FakeNvmlEnv, tmp_path: Path) -> None:
-    state = fake.read_state()
-    state.inject(LOCK, NVML_ERROR_NO_PERMISSION, gpu=0)
-    fake.write_state(state)
+    inject(fake, LOCK, NVML_ERROR_NO_PERMISSION, gpu=0)
 
     async def body() -> None:
-        daemon = Daemon(config(tmp_path), NvmlBackend(), PROFILES, MonotonicClock())
-        await daemon.start()
-        lock_clocks(daemon.controller, {0: 1400})
-        try:
+        async with running(tmp_path, {0: 1400}) as daemon:
             await daemon.tick()
             g0 = daemon.build_status().gpus[0]
             assert g0.controlled and not g0.clock_control and "NO_PERMISSION" in g0.clock_control_note
-        finally:
-            await daemon.close()
 
     run(body)
 
 
 def test_a_lost_gpu_during_a_lock_stops_control_of_that_gpu(fake: FakeNvmlEnv, tmp_path: Path) -> None:
-    state = fake.read_state()
-    state.inject(LOCK, NVML_ERROR_GPU_IS_LOST, gpu=1)
-    fake.write_state(state)
+    inject(fake, LOCK, NVML_ERROR_GPU_IS_LOST, gpu=1)
 
     async def body() -> None:
-        daemon = Daemon(config(tmp_path), NvmlBackend(), PROFILES, MonotonicClock())
-        await daemon.start()
-        lock_clocks(daemon.controller, {0: 1400, 1: 1400})
-        try:
+        async with running(tmp_path, {0: 1400, 1: 1400}) as daemon:
             await daemon.tick()
             assert [g.controlled for g in daemon.gpus] == [True, False]
             # Its record stays: the exit path still tries to reset it.
             assert set(clock_records(tmp_path)) == {fake_uuid(0), fake_uuid(1)}
-        finally:
-            await daemon.close()
 
     run(body)
 
@@ -244,15 +225,10 @@ def test_an_operators_lock_found_at_start_is_never_touched(fake: FakeNvmlEnv, tm
     fake.write_state(state)
 
     async def body() -> None:
-        daemon = Daemon(config(tmp_path), NvmlBackend(), PROFILES, MonotonicClock())
-        await daemon.start()
-        lock_clocks(daemon.controller, {0: 1400, 1: 1400})
-        try:
+        async with running(tmp_path, {0: 1400, 1: 1400}) as daemon:
             await daemon.tick()
             g0 = daemon.build_status().gpus[0]
             assert g0.clock_external and not g0.clock_control and g0.sm_clock_mhz == 1000
-        finally:
-            await daemon.close()
         assert [(fn, i) for fn, i, _, _ in fake.clock_calls()] == [(LOCK, 1), (RESET, 1)]
         assert locks(fake)[0] == (1000, 1000)
 
@@ -265,14 +241,9 @@ def test_application_clocks_set_by_an_operator_count_as_their_setting(fake: Fake
     fake.write_state(state)
 
     async def body() -> None:
-        daemon = Daemon(config(tmp_path), NvmlBackend(), PROFILES, MonotonicClock())
-        await daemon.start()
-        lock_clocks(daemon.controller, {0: 1400, 1: 1400})
-        try:
+        async with running(tmp_path, {0: 1400, 1: 1400}) as daemon:
             await daemon.tick()
             assert "applications clock 1500 MHz" in daemon.build_status().gpus[1].clock_control_note
-        finally:
-            await daemon.close()
         assert all(i == 0 for _, i, _, _ in fake.clock_calls())
 
     run(body)
@@ -280,10 +251,7 @@ def test_application_clocks_set_by_an_operator_count_as_their_setting(fake: Fake
 
 def test_a_lock_replaced_by_an_operator_mid_run_is_respected(fake: FakeNvmlEnv, tmp_path: Path) -> None:
     async def body() -> None:
-        daemon = Daemon(config(tmp_path), NvmlBackend(), PROFILES, MonotonicClock())
-        await daemon.start()
-        lock_clocks(daemon.controller, {0: 1200, 1: 1200})
-        try:
+        async with running(tmp_path, {0: 1200, 1: 1200}) as daemon:
             await daemon.tick()
             # Someone runs nvidia-smi -rgc -i 0 and then -lgc 1600,1800: the clock runs above the daemon's lock.
             state = fake.read_state()
@@ -295,8 +263,6 @@ def test_a_lock_replaced_by_an_operator_mid_run_is_respected(fake: FakeNvmlEnv, 
             assert g0.clock_external and not g0.clock_control and g0.sm_clock_mhz == 1800
             # No record left for GPU 0: the exit path must not reset the operator's lock.
             assert set(clock_records(tmp_path)) == {fake_uuid(1)}
-        finally:
-            await daemon.close()
         assert locks(fake) == [(1600, 1800), (None, None)]
         assert sorted((fn, i) for fn, i, _, _ in fake.clock_calls()) == sorted([(LOCK, 0), (LOCK, 1), (RESET, 1)])
 
@@ -305,14 +271,9 @@ def test_a_lock_replaced_by_an_operator_mid_run_is_respected(fake: FakeNvmlEnv, 
 
 def test_clocks_disabled_by_the_operator(fake: FakeNvmlEnv, tmp_path: Path) -> None:
     async def body() -> None:
-        daemon = Daemon(config(tmp_path, clocks_enabled=False), NvmlBackend(), PROFILES, MonotonicClock())
-        await daemon.start()
-        lock_clocks(daemon.controller, {0: 1400, 1: 1400})
-        try:
+        async with running(tmp_path, {0: 1400, 1: 1400}, clocks_enabled=False) as daemon:
             await daemon.tick()
             assert all("[clocks] enabled = false" in g.clock_control_note for g in daemon.build_status().gpus)
-        finally:
-            await daemon.close()
         assert fake.clock_calls() == []
 
     run(body)
@@ -331,15 +292,11 @@ def test_clocks_left_locked_by_a_crashed_run_are_reset_at_start_even_when_disabl
     (tmp_path / "state" / "state.json").chmod(0o600)
 
     async def body() -> None:
-        daemon = Daemon(config(tmp_path, clocks_enabled=False), NvmlBackend(), PROFILES, MonotonicClock())
-        await daemon.start()
-        try:
+        async with running(tmp_path, {}, clocks_enabled=False) as daemon:
             assert locks(fake)[1] == (None, None)
             assert clock_records(tmp_path) == {}
             # Reset before control starts, so the leftover lock was not taken for an operator's.
             assert not daemon.build_status().gpus[1].clock_external
-        finally:
-            await daemon.close()
         assert fake.clock_calls() == [(RESET, 1, (), 0)]
 
     run(body)

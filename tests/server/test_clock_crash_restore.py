@@ -9,10 +9,8 @@ built yet, so the shim adds a fixed SM clock ceiling to every decision of the re
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -23,9 +21,9 @@ from fake_nvml.state import NVML_ERROR_NOT_SUPPORTED, fake_uuid
 from test_crash_restore import kill9, run_restore
 from test_daemon_subprocess import (
     DaemonProcess,
-    clean_env,
     ctl,
     empty_config,  # noqa: F401  (fixture)
+    start_daemon,  # noqa: F401  (fixture)
 )
 
 from pals_daemon.api import pals_pb2, pals_pb2_grpc
@@ -52,28 +50,13 @@ def two_h100(fake_nvml_env: FakeNvmlEnv) -> FakeNvmlEnv:
 
 
 @pytest.fixture
-def start_shim(short_tmp: Path, tmp_path: Path, empty_config: Path) -> Iterator:  # noqa: F811
-    started: list[DaemonProcess] = []
+def start_shim(start_daemon) -> Callable[..., DaemonProcess]:  # noqa: F811
+    """Start the daemon through the shim, locking every GPU at LOCK_MHZ."""
 
     def start(fake: FakeNvmlEnv, *flags: str) -> DaemonProcess:
-        runtime_dir, state_dir = short_tmp / "run", tmp_path / "state"
-        log_path = tmp_path / f"daemon{len(started)}.log"
-        argv = [sys.executable, str(SHIM), "--config", str(empty_config), "--runtime-dir", str(runtime_dir)]
-        argv += ["--state-dir", str(state_dir), "--engine-socket-group", "", *FLAGS, *flags]
-        env = clean_env(fake.env)
-        env[LOCK_ENV] = str(LOCK_MHZ)
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-        daemon = DaemonProcess(proc, runtime_dir, state_dir, log_path)
-        started.append(daemon)
-        daemon.wait_ready()
-        return daemon
+        return start_daemon(*FLAGS, *flags, env={**fake.env, LOCK_ENV: str(LOCK_MHZ)}, program=(str(SHIM),))
 
-    yield start
-    for daemon in started:
-        if daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait()
+    return start
 
 
 def gpus(fake: FakeNvmlEnv) -> list[tuple[int, int | None, int | None]]:
@@ -113,6 +96,14 @@ def assert_no_records(daemon: DaemonProcess) -> None:
     assert state["original_limits"] == {} and state["original_clocks"] == {}
 
 
+def restored(daemon: DaemonProcess, config: Path, fake: FakeNvmlEnv) -> None:
+    """``pals-daemon restore`` after the daemon died: exit 0, every GPU at its original, no record left."""
+    result = run_restore(config, daemon.state_dir, fake)
+    assert result.returncode == 0, result.stderr
+    assert gpus(fake) == ORIGINAL
+    assert_no_records(daemon)
+
+
 def test_sigterm_puts_back_clocks_and_limits(
     start_shim, two_h100: FakeNvmlEnv, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -136,12 +127,9 @@ def test_kill9_then_restore_puts_back_clocks_and_limits(
     assert all((lo, hi) == (H100_MIN_MHZ, LOCK_MHZ) for _, lo, hi in gpus(two_h100))  # nothing ran on the way out
     assert_records(daemon)
     mark = len(two_h100.log())
-    result = run_restore(empty_config, daemon.state_dir, two_h100)
-    assert result.returncode == 0, result.stderr
-    assert gpus(two_h100) == ORIGINAL
+    restored(daemon, empty_config, two_h100)
     resets = sorted(e.args[0] for e in two_h100.log()[mark:] if e.function == RESET and e.rc == 0)
     assert resets == ["0", "1"]
-    assert_no_records(daemon)
 
 
 def test_kill9_then_restart_resets_before_control_then_sigterm(
@@ -175,11 +163,8 @@ def test_two_crashes_then_restore(
     second = start_shim(two_h100)
     wait_settled(two_h100, second)
     kill9(second)
-    assert_records(second)
-    result = run_restore(empty_config, second.state_dir, two_h100)
-    assert result.returncode == 0, result.stderr
-    assert gpus(two_h100) == ORIGINAL
-    assert_no_records(second)
+    assert_records(second)  # still the state found before the FIRST run
+    restored(second, empty_config, two_h100)
 
 
 def test_unsupported_clock_call_leaves_that_gpu_cap_only_and_says_so(
