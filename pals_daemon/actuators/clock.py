@@ -123,6 +123,9 @@ class LockedClockActuator(Actuator):
                 # Left locked by a run that did not stop cleanly: reset before control starts (even when the
                 # knob is now disabled). The record goes once reset: this run records again before locking.
                 await self._reset_leftover(host, g, record)
+            elif record is not None:
+                # Advise mode writes nothing: the leftover lock stays (and is not taken for an operator's).
+                st.note = st.note or "clocks left locked by an earlier enforcing run; run 'pals-daemon restore'"
             elif st.info is not None and (reason := _external_setting(st.info, g.reading.clock_event_reasons)):
                 self._mark_external(g, st, reason)
         if not host.enforcing and host.state.original_clocks:
@@ -163,7 +166,7 @@ class LockedClockActuator(Actuator):
     def observe(self, host: ActuatorHost, g: GpuSlot, now_s: float) -> None:
         """Notice someone else's clock setting, or the daemon's lock reset or replaced."""
         st = self.gpus.get(g.identity.index)
-        if st is None or st.info is None or st.external:
+        if st is None or not st.controllable:  # off for another reason (or already marked): nothing to guard
             return
         r = g.reading
         if st.requested_max_mhz is None:

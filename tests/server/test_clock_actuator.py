@@ -23,6 +23,7 @@ from pals_daemon.config import DaemonConfig
 from pals_daemon.gpu.nvml import NvmlBackend
 from pals_daemon.model.profile import load_profiles
 from pals_daemon.server.daemon import Daemon, default_profiles_dir
+from pals_daemon.state import DaemonState, OriginalClock, StateStore
 
 PROFILES = load_profiles(default_profiles_dir())
 TEST_TIMEOUT_S = 30.0
@@ -298,5 +299,23 @@ def test_clocks_left_locked_by_a_crashed_run_are_reset_at_start_even_when_disabl
             # Reset before control starts, so the leftover lock was not taken for an operator's.
             assert not daemon.build_status().gpus[1].clock_external
         assert fake.clock_calls() == [(RESET, 1, (), 0)]
+
+    run(body)
+
+
+def test_advise_mode_leaves_a_crashed_runs_lock_and_says_so(fake: FakeNvmlEnv, tmp_path: Path) -> None:
+    state = fake.read_state()
+    state.gpus[0].locked_min_mhz, state.gpus[0].locked_max_mhz = H100_MIN_MHZ, 1200
+    fake.write_state(state)
+    store = StateStore(tmp_path / "state")
+    store.save(DaemonState().with_original_clock(fake_uuid(0), OriginalClock(0)))
+
+    async def body() -> None:
+        async with running(tmp_path, {0: 1500}, mode="advise") as daemon:
+            await daemon.tick()
+            g0 = daemon.build_status().gpus[0]
+            assert not g0.clock_external and "run 'pals-daemon restore'" in g0.clock_control_note
+        assert fake.clock_calls() == [] and locks(fake)[0] == (H100_MIN_MHZ, 1200)
+        assert set(clock_records(tmp_path)) == {fake_uuid(0)}
 
     run(body)
