@@ -73,6 +73,8 @@ class SloEngine:
         self._history: deque[tuple[float, float, float]] = deque()
         self._clock_s = 0.0
         self._last_breach_s = -math.inf
+        # Fraction of the windows with finished requests that breached, averaged over slo_regime_window_s.
+        self.breach_rate = 0.0
 
     # ---- per-window learning ------------------------------------------------------------------------------
     def observe(
@@ -118,6 +120,8 @@ class SloEngine:
         if ratio is None:
             return
         cfg = self.config
+        a = min(1.0, span / cfg.slo_regime_window_s)
+        self.breach_rate = (1 - a) * self.breach_rate + a * (1.0 if ratio > 1.0 else 0.0)
         if ratio > 1.0:
             self.breach = True
             self._last_breach_s = self._clock_s
@@ -184,7 +188,11 @@ class SloEngine:
         """The row to run next tick (see module docstring)."""
         cfg = self.config
         top = caps_w.size - 1
-        if feasible.any():
+        if self.breach_rate > cfg.slo_infeasible_breach_rate:
+            # The SLO is not being met at the caps tried: serve the most goodput (the top cap), and come back
+            # down only once breaches have become rare again.
+            want, cause = top, "slo-overload"
+        elif feasible.any():
             # The highest feasible cap within slo_min_saving of the least energy: where the cap does not
             # matter (idle, or below where it binds) a higher one costs nothing and absorbs the next burst.
             best = float(np.min(np.where(feasible, energy, np.inf)))
