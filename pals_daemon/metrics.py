@@ -170,7 +170,10 @@ class Metrics:
 
     def serve(self, address: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port (useful with port 0 in tests)."""
-        server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        try:
+            server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        except OSError as exc:  # name the address: "Address already in use" alone does not say which
+            raise OSError(exc.errno, f"metrics endpoint {address}:{port}: {exc.strerror or exc}") from exc
         self._server = server
         bound = server.server_address[1]
         log.info("metrics on http://%s:%d/metrics", address, bound)

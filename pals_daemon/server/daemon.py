@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pals_daemon import resources
 from pals_daemon.api import pals_pb2
 from pals_daemon.clock import Clock
 from pals_daemon.config import DaemonConfig
@@ -826,6 +827,5 @@ def _with_enforced(reading: GpuReading, enforced_mw: int, requested_mw: int) -> 
 
 
 def default_profiles_dir() -> pathlib.Path:
-    """profiles/ of a source checkout (editable install), else the system location."""
-    checkout = pathlib.Path(__file__).resolve().parents[2] / "profiles"
-    return checkout if checkout.is_dir() else pathlib.Path("/usr/share/pals/profiles")
+    """The profiles shipped with the package (pals_daemon/resources.py)."""
+    return resources.profiles_dir()
