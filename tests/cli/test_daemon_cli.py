@@ -11,10 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from fake_nvml import FakeNvmlEnv
 from fake_nvml.state import FakeNvmlState, fake_uuid
 
 from pals_daemon import __version__
+from pals_daemon.cli import daemon_main
 from pals_daemon.state import DaemonState, OriginalLimit, StateStore
 
 A100_ORIGINAL_MW = 400_000
@@ -34,11 +36,16 @@ def pals_daemon(*args: str, env: dict[str, str] | None = None, cwd: Path | None 
     )
 
 
-def test_version_and_help_show_defaults_and_restore() -> None:
-    result = pals_daemon("--version")
-    assert result.returncode == 0 and result.stdout.strip() == f"pals-daemon {__version__}"
-    help_text = pals_daemon("--help").stdout
-    assert help_text.startswith("usage: pals-daemon [restore] [options]")
+def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        daemon_main.main(list(args))
+    return info.value.code, capsys.readouterr().out
+
+
+def test_version_and_help_show_defaults_and_restore(capsys: pytest.CaptureFixture[str]) -> None:
+    assert in_process(capsys, "--version") == (0, f"pals-daemon {__version__}\n")
+    rc, help_text = in_process(capsys, "--help")
+    assert rc == 0 and help_text.startswith("usage: pals-daemon [restore] [options]")
     flat = " ".join(help_text.split())
     for fragment in (
         "--metrics-port PORT Prometheus /metrics port (0 disables) (default 10400; env PALS_METRICS_PORT)",
@@ -47,7 +54,7 @@ def test_version_and_help_show_defaults_and_restore() -> None:
         "(default A100-SXM4; env PALS_SIM_GPU_KIND)",
     ):
         assert fragment in flat, fragment
-    assert pals_daemon("restore", "--help").stdout.startswith("usage: pals-daemon [restore] [options]")
+    assert in_process(capsys, "restore", "--help")[1].startswith("usage: pals-daemon [restore] [options]")
 
 
 def test_config_problems_in_one_pass_exit_2_without_traceback(tmp_path: Path) -> None:
