@@ -214,6 +214,14 @@ class Daemon:
                 len(self.state.original_limits),
             )
         budget = self.state.budget_w if self.state.budget_w is not None else self.config.budget_w
+        if self.state.budget_w is not None:
+            overrides = self.config.budget_w is not None and self.config.budget_w != self.state.budget_w
+            (log.warning if overrides else log.info)(
+                "budget %g W from %s%s (`palsctl budget set` changes it)",
+                self.state.budget_w,
+                self.store.path,
+                f" overrides budget_w {self.config.budget_w:g} W of the configuration" if overrides else "",
+            )
         if budget is not None and budget < self.min_budget_w():
             log.error(
                 "saved budget %.0f W is below the node minimum %.0f W; using the minimum",

@@ -13,7 +13,10 @@ import re
 import subprocess
 import sys
 
+import grpc
 import pytest
+from google.protobuf import descriptor_pool, message_factory
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from test_daemon_subprocess import (  # the subprocess fixtures: one way to start the daemon for every test
     clean_env,
     ctl,
@@ -173,3 +176,41 @@ def test_watch_into_a_closed_pipe_ends_quietly(start_daemon) -> None:  # noqa: F
     assert len(head.stdout.splitlines()) == 2
     assert rc == palsctl.EXIT_BROKEN_PIPE
     assert watch.stderr.read() == b""
+
+
+def test_server_reflection_on_both_sockets(start_daemon) -> None:  # noqa: F811
+    """What grpcurl does: list the services by reflection, build the request from the reflected schema, call."""
+    daemon = start_daemon("--backend", "sim", "--metrics-port", "0")
+    common = {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+    for sock, service in ((daemon.admin_socket, "pals.v1.PowerAdmin"), (daemon.engine_socket, "pals.v1.EngineLink")):
+        with grpc.insecure_channel(f"unix:{sock}") as channel:
+            reflected = ProtoReflectionDescriptorDatabase(channel)
+            assert set(reflected.get_services()) == common | {service}, sock
+            pool = descriptor_pool.DescriptorPool(reflected)
+            assert pool.FindServiceByName(service).full_name == service
+    with grpc.insecure_channel(f"unix:{daemon.admin_socket}") as channel:
+        pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        method = pool.FindServiceByName("pals.v1.PowerAdmin").methods_by_name["GetStatus"]
+        request_class = message_factory.GetMessageClass(method.input_type)
+        reply_class = message_factory.GetMessageClass(method.output_type)
+        call = channel.unary_unary(
+            "/pals.v1.PowerAdmin/GetStatus",
+            request_serializer=request_class.SerializeToString,
+            response_deserializer=reply_class.FromString,
+        )
+        reply = call(request_class(), timeout=5)
+        assert len(reply.gpus) == 4 and reply.controller.backend == "sim"
+
+
+def test_persisted_budget_overriding_the_configured_one_is_logged(start_daemon, capsys) -> None:  # noqa: F811
+    first = start_daemon("--backend", "sim", "--metrics-port", "0")
+    assert ctl(capsys, first.admin_socket, "budget", "set", "1000")[0] == 0
+    assert first.terminate() == 0
+    second = start_daemon("--backend", "sim", "--metrics-port", "0", "--budget-w", "1200")
+    rc, out, _ = ctl(capsys, second.admin_socket, "budget", "get")
+    assert rc == 0 and out.startswith("budget 1000 W")
+    line = (
+        f"WARNING pals_daemon.server.daemon: budget 1000 W from {second.state_dir / 'state.json'} overrides "
+        "budget_w 1200 W of the configuration (`palsctl budget set` changes it)"
+    )
+    assert line in second.log()
