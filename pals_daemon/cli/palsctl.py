@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     command(budget_sub, "get", help="show the budget")
     budget_set = command(budget_sub, "set", help="set the budget in watts ('clear' or 'none' removes it)")
     budget_set.add_argument("watts", help="budget in watts, or 'clear' / 'none'")
-    budget_set.add_argument("--ramp", type=_finite_float, default=0.0, metavar="S", help="reach it linearly over S s")
+    budget_set.add_argument(
+        "--ramp", type=_finite_float, default=0.0, metavar="S", help="reach it linearly over S s (default 0: at once)"
+    )
     target = command(sub, "target", help="show or change engine targets")
     target_sub = target.add_subparsers(dest="target_command", required=True, metavar="{get,set}")
     target_get = command(target_sub, "get", help="show the targets of one engine, or of every engine")
@@ -124,13 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     target_set = command(
         target_sub, "set", help="replace an engine's targets (unset ones are cleared; --clear removes them all)"
     )
-    target_set.add_argument("engine")
+    target_set.add_argument("engine", help="engine id (as in palsctl status; need not be connected yet)")
     target_set.add_argument("--tokens-per-s", type=_finite_float, help="throughput target, output tokens/s")
     target_set.add_argument("--ttft-ms", type=_finite_float, help="time-to-first-token SLO, ms")
     target_set.add_argument("--tpot-ms", type=_finite_float, help="time-per-output-token SLO, ms")
     target_set.add_argument("--clear", action="store_true", help="remove every target of the engine")
     watch = command(sub, "watch", help="print a timestamped status line after every control tick")
-    watch.add_argument("--interval", type=_finite_float, default=0.0, metavar="S", help="seconds between lines")
+    watch.add_argument(
+        "--interval",
+        type=_finite_float,
+        default=0.0,
+        metavar="S",
+        help="seconds between lines (default 0: after every tick)",
+    )
     watch.add_argument("--count", type=int, default=0, help="stop after N lines (0: until interrupted)")
     watch.add_argument("--json", action="store_true", help="one JSON status object per line")
     profile = command(
@@ -140,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start an online profile sweep (the engine must serve a load that saturates the batch), "
         "or show (--status) or stop (--cancel) the engine's job.",
     )
-    profile.add_argument("engine")
+    profile.add_argument("engine", help="engine id of a connected engine")
     profile.add_argument("--caps", type=_list_of(_finite_float, "watts"), metavar="W,W,...", help="per-GPU caps, W")
     profile.add_argument(
         "--batches", type=_list_of(_positive_int, "batch sizes"), metavar="N,N,...", help="max_num_seqs values"
@@ -150,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--output", metavar="PATH", help="profile file (default <state_dir>/profiles/...)")
     profile.add_argument("--parallelism", help="the profile's parallelism field (default tp<GPUs>)")
     profile.add_argument("--wait", action="store_true", help="print progress until the job ends")
-    profile.add_argument("--poll", type=_finite_float, default=1.0, metavar="S", help="seconds between polls")
+    profile.add_argument(
+        "--poll", type=_finite_float, default=1.0, metavar="S", help="seconds between polls with --wait (default 1)"
+    )
     which = profile.add_mutually_exclusive_group()
     which.add_argument("--status", action="store_true", help="show the engine's running or last job")
     which.add_argument("--cancel", action="store_true", help="cancel the engine's running job")
