@@ -66,6 +66,8 @@ class PowerAdminServicer(pals_pb2_grpc.PowerAdminServicer):
             self.daemon.set_targets(engine_id, targets)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        # The snapshot too, so that a GetStatus right after this call (palsctl target get) shows the new targets.
+        self.daemon.status = self.daemon.build_status()
         reply = self.daemon.engine_status(engine_id)
         if not reply.connected and targets != EngineTargets():
             # Accepted (an engine may connect later), but a typo in the id would otherwise go unnoticed.
