@@ -7,8 +7,9 @@ after it ``record_step(...)``. MoE expert load goes as vLLM's GPU workers send i
 per GPU (pals_daemon/vllm/expert_reporter.py) on ``EngineLink.ReportExpertLoad``. Every simulated run
 through this adapter therefore exercises the client code that ships.
 
-The clients pace their reports on the wall clock, so the adapter is for runs at wall speed (a ScaledClock
-of speed 1 or the MonotonicClock): ``pals-simengines`` against a running daemon.
+On a ScaledClock the clients' report intervals are scaled with it (EngineLinkClient's ``time_scale``, the
+reporters' wall interval), so the daemon gets reports at the same simulated cadence at any speed; at high
+speeds the client thread's scheduling jitter is multiplied by the speed too.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class ClientSimEngine:
         self.engine = engine
         self.clock = clock
         self.step_interval_s = step_interval_s
+        speed = float(getattr(clock, "speed", 1.0))
         self.client = EngineLinkClient(
             socket_path,
             engine.engine_id,
@@ -74,6 +76,7 @@ class ClientSimEngine:
             report_interval_s,
             clock.now,
             gpu_indices=gpu_indices,
+            time_scale=speed,
         )
         # Cumulative routed tokens per GPU (one layer, one expert: the simulator has no router).
         self._expert_totals = [0] * len(engine.gpus)
@@ -83,7 +86,8 @@ class ClientSimEngine:
                     socket_path,
                     uuid,
                     (lambda i=i: [(0, [self._expert_totals[i]])]),
-                    expert_interval_s,
+                    expert_interval_s / speed,
+                    clock=clock.now,  # window_s in the daemon's (simulated) seconds
                 )
                 for i, uuid in enumerate(gpu_uuids)
             ]
