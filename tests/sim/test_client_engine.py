@@ -23,12 +23,15 @@ from pals_daemon.sim.truth import load_a100_truth
 
 MODEL = "mixtral-8x7b-instruct"
 SKEW = (0.4, 0.2, 0.2, 0.2)
-# Chosen: 20x keeps the run at ~1 s of wall time per 20 simulated seconds, with reports every 0.25 sim s.
-SPEED = 20.0
+# Chosen: 4x. The clients are threads paced on the wall clock, so their scheduling jitter (tens of ms on this
+# shared 2-core machine) is multiplied by the speed in simulated time; at 20x it made windows without
+# expert-load reports and shifted the caps in some runs.
+SPEED = 4.0
+RUN_S = 16.0  # simulated: 4 s of wall time
 
 
 def test_client_driven_engine_reports_obeys_and_skews_the_caps(tmp_path: Path) -> None:
-    async def scenario() -> tuple[ClientSimEngine, list[dict[int, float]], float]:
+    async def scenario() -> tuple[ClientSimEngine, list[dict[int, float]], int]:
         clock = ScaledClock(SPEED)
         gpus = make_sim_gpus("A100-SXM4", 4, clock.now)
         config = DaemonConfig(
@@ -45,7 +48,7 @@ def test_client_driven_engine_reports_obeys_and_skews_the_caps(tmp_path: Path) -
         runner.daemon.on_tick.append(
             lambda d: (
                 decided.append(dict(d.last_decision.gpu_limits_w))
-                if d.last_decision and d.engines.get("e") and d.last_tick_s > 10.0
+                if d.last_decision and d.engines.get("e") and d.last_tick_s > 6.0
                 else None
             )
         )
@@ -75,27 +78,30 @@ def test_client_driven_engine_reports_obeys_and_skews_the_caps(tmp_path: Path) -
         stop = asyncio.Event()
         control = asyncio.create_task(runner.run())
         task = asyncio.create_task(attached.run(stop))
-        throughput = 0.0
+        windows = 0
         try:
-            await clock.sleep(20.0)
+            await clock.sleep(RUN_S)
             status = runner.daemon.engine_status("e")
-            throughput = status.throughput_tokens_per_s
+            windows = runner.daemon.engine_stats["e"].qos.windows
             assert status.connected and status.has_profile
         finally:
             stop.set()
             await asyncio.wait_for(task, 10.0)
             runner.daemon.request_stop()
             await control
-        return attached, decided, throughput
+        return attached, decided, windows
 
-    attached, decided, throughput = uvloop.run(scenario())
+    attached, decided, windows = uvloop.run(scenario())
     client = attached.client
     assert client.registrations == 1 and client.dropped_steps == 0
-    # Reports at the daemon's cadence in simulated time: ~20 s / 0.25 s = 80 (the thread's jitter, x20, aside).
-    assert client.reports_sent >= 40, client.reports_sent
-    assert client.directives_received >= 20, client.directives_received
-    assert throughput > 0
+    # Reports at the daemon's cadence in simulated time: 16 s / 0.25 s = 64 (half of it asserted: jitter).
+    assert client.reports_sent >= 32, client.reports_sent
+    assert client.directives_received >= 16, client.directives_received
+    assert windows > 0  # QoS windows with telemetry: the daemon measured the engine
+    assert attached.engine.totals.output_tokens > 0
     assert all(r.reports_sent > 0 for r in attached.reporters)
-    # The expert load came through the reporters: the hot GPU 0 keeps a higher cap than the three cold ones.
-    skewed = [lim for lim in decided if lim[0] > lim[1] == lim[2] == lim[3]]
+    # The expert load came through the reporters: the hot GPU 0 keeps the highest cap, the cold ones go lower.
+    # (Not "the cold ones equal", as with sim/link.py's one stream: four unsynchronised reporter threads put
+    # 0-2 reports of each GPU into a tick's window, and the daemon takes the shares from that window alone.)
+    skewed = [lim for lim in decided if lim[0] >= max(lim[1], lim[2], lim[3]) and lim[0] > min(lim[1], lim[2], lim[3])]
     assert decided and len(skewed) >= len(decided) / 2, decided[-5:]
