@@ -98,7 +98,7 @@ def _add_socket(parser: argparse.ArgumentParser, default: object) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The palsctl argument parser. ``--socket`` is accepted before or after the subcommand."""
-    parser = _Parser(prog="palsctl", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="palsctl", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--version", action="version", version=f"palsctl {__version__}")
     _add_socket(parser, os.environ.get("PALS_ADMIN_SOCKET", DEFAULT_ADMIN_SOCKET))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
