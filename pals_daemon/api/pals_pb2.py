@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12pals/v1/pals.proto\x12\x07pals.v1\"\xfe\x03\n\tGpuStatus\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0bmin_limit_w\x18\x04 \x01(\x01\x12\x13\n\x0bmax_limit_w\x18\x05 \x01(\x01\x12\x17\n\x0f\x64\x65\x66\x61ult_limit_w\x18\x06 \x01(\x01\x12\x19\n\x11requested_limit_w\x18\x07 \x01(\x01\x12\x18\n\x10\x65nforced_limit_w\x18\x08 \x01(\x01\x12\x18\n\x10original_limit_w\x18\t \x01(\x01\x12\x0f\n\x07power_w\x18\n \x01(\x01\x12\x1c\n\x0fpower_instant_w\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x65nergy_j\x18\x0c \x01(\x01\x12\x14\n\x0csm_clock_mhz\x18\r \x01(\r\x12\x1b\n\x13\x63lock_event_reasons\x18\x0e \x01(\x04\x12\x14\n\x0cpower_capped\x18\x0f \x01(\x08\x12\x12\n\ncontrolled\x18\x10 \x01(\x08\x12\r\n\x05\x66\x61ult\x18\x11 \x01(\t\x12\x11\n\tengine_id\x18\x12 \x01(\t\x12\x17\n\x0f\x64\x65\x63ided_limit_w\x18\x13 \x01(\x01\x12\x13\n\x0blimit_drift\x18\x14 \x01(\x08\x12\x1d\n\x10\x65xternal_limit_w\x18\x15 \x01(\x01H\x01\x88\x01\x01\x42\x12\n\x10_power_instant_wB\x13\n\x11_external_limit_w\"\x7f\n\rEngineTargets\x12\x19\n\x0ctokens_per_s\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07ttft_ms\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07tpot_ms\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x0f\n\r_tokens_per_sB\n\n\x08_ttft_msB\n\n\x08_tpot_ms\"\x94\x04\n\x0c\x45ngineStatus\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bgpu_indices\x18\x03 \x03(\r\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x1f\n\x17\x63onfigured_max_num_seqs\x18\x05 \x01(\r\x12)\n!configured_max_num_batched_tokens\x18\x06 \x01(\r\x12\'\n\x07targets\x18\x07 \x01(\x0b\x32\x16.pals.v1.EngineTargets\x12\x1a\n\x12max_num_seqs_limit\x18\x08 \x01(\r\x12$\n\x1cmax_num_batched_tokens_limit\x18\t \x01(\r\x12\x1f\n\x17throughput_tokens_per_s\x18\n \x01(\x01\x12\x18\n\x10tokens_per_joule\x18\x0b \x01(\x01\x12\x1e\n\x16qos_violation_fraction\x18\x0c \x01(\x01\x12\x13\n\x0bnum_running\x18\r \x01(\r\x12\x13\n\x0bnum_waiting\x18\x0e \x01(\r\x12\x1e\n\x16predicted_tokens_per_s\x18\x0f \x01(\x01\x12\x19\n\x11predicted_power_w\x18\x10 \x01(\x01\x12\x13\n\x0bhas_profile\x18\x11 \x01(\x08\x12\x0f\n\x07windows\x18\x12 \x01(\x04\x12\x1d\n\x15qos_violation_windows\x18\x13 \x01(\x04\"\x85\x02\n\x0c\x42udgetStatus\x12\x15\n\x08\x62udget_w\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1f\n\x12\x65\x66\x66\x65\x63tive_budget_w\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x10ramp_remaining_s\x18\x03 \x01(\x01\x12\x14\n\x0cmin_budget_w\x18\x04 \x01(\x01\x12\x14\n\x0cmax_budget_w\x18\x05 \x01(\x01\x12\x1e\n\x16sum_requested_limits_w\x18\x06 \x01(\x01\x12\x1d\n\x15sum_enforced_limits_w\x18\x07 \x01(\x01\x12\x14\n\x0cnode_power_w\x18\x08 \x01(\x01\x42\x0b\n\t_budget_wB\x15\n\x13_effective_budget_w\"\xc2\x01\n\x10\x43ontrollerStatus\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x10\n\x08period_s\x18\x03 \x01(\x01\x12\r\n\x05ticks\x18\x04 \x01(\x04\x12\x19\n\x11\x64\x65\x63isions_changed\x18\x05 \x01(\x04\x12\x1c\n\x14last_tick_duration_s\x18\x06 \x01(\x01\x12\x13\n\x0blast_reason\x18\x07 \x01(\t\x12 \n\x18last_tick_started_unix_s\x18\x08 \x01(\x01\"\xc6\x01\n\nNodeStatus\x12\x18\n\x10timestamp_unix_s\x18\x01 \x01(\x01\x12 \n\x04gpus\x18\x02 \x03(\x0b\x32\x12.pals.v1.GpuStatus\x12&\n\x07\x65ngines\x18\x03 \x03(\x0b\x32\x15.pals.v1.EngineStatus\x12%\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x15.pals.v1.BudgetStatus\x12-\n\ncontroller\x18\x05 \x01(\x0b\x32\x19.pals.v1.ControllerStatus\"\x12\n\x10GetStatusRequest\"\x12\n\x10GetBudgetRequest\"C\n\x10SetBudgetRequest\x12\x10\n\x08\x62udget_w\x18\x01 \x01(\x01\x12\r\n\x05\x63lear\x18\x02 \x01(\x08\x12\x0e\n\x06ramp_s\x18\x03 \x01(\x01\"U\n\x17SetEngineTargetsRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\'\n\x07targets\x18\x02 \x01(\x0b\x32\x16.pals.v1.EngineTargets\"(\n\x12WatchStatusRequest\x12\x12\n\ninterval_s\x18\x01 \x01(\x01\"\xa7\x01\n\x13StartProfileRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61ps_w\x18\x02 \x03(\x01\x12\x0f\n\x07\x62\x61tches\x18\x03 \x03(\r\x12\x0e\n\x06hold_s\x18\x04 \x01(\x01\x12\x15\n\x08settle_s\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0boutput_path\x18\x06 \x01(\t\x12\x13\n\x0bparallelism\x18\x07 \x01(\tB\x0b\n\t_settle_s\"&\n\x11GetProfileRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\")\n\x14\x43\x61ncelProfileRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\"]\n\x12ProfilePointResult\x12\r\n\x05\x63\x61p_w\x18\x01 \x01(\x01\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\r\x12\x14\n\x0ctokens_per_s\x18\x03 \x01(\x01\x12\x13\n\x0bgpu_power_w\x18\x04 \x01(\x01\"\xd3\x02\n\nProfileJob\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.pals.v1.ProfileState\x12\x13\n\x0bpoints_done\x18\x03 \x01(\r\x12\x14\n\x0cpoints_total\x18\x04 \x01(\r\x12\x31\n\x07\x63urrent\x18\x05 \x01(\x0b\x32\x1b.pals.v1.ProfilePointResultH\x00\x88\x01\x01\x12\r\n\x05phase\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x13\n\x0boutput_path\x18\x08 \x01(\t\x12+\n\x06points\x18\t \x03(\x0b\x32\x1b.pals.v1.ProfilePointResult\x12\x11\n\telapsed_s\x18\n \x01(\x01\x12\x1d\n\x15\x65stimated_remaining_s\x18\x0b \x01(\x01\x12\x10\n\x08warnings\x18\x0c \x03(\tB\n\n\x08_current\"\xa2\x01\n\x08Register\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tgpu_uuids\x18\x03 \x03(\t\x12\x13\n\x0bgpu_indices\x18\x04 \x03(\r\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x06 \x01(\r\x12\x16\n\x0e\x63lient_version\x18\x07 \x01(\t\"a\n\x0f\x46inishedRequest\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x15\n\routput_tokens\x18\x04 \x01(\r\"\xf8\x01\n\nStepReport\x12\x10\n\x08window_s\x18\x01 \x01(\x01\x12\x11\n\tnum_steps\x18\x02 \x01(\r\x12\x0e\n\x06\x62usy_s\x18\x03 \x01(\x01\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\r\x12\x16\n\x0eprefill_tokens\x18\x06 \x01(\x04\x12\x15\n\rdecode_tokens\x18\x07 \x01(\x04\x12\x16\n\x0ekv_cache_usage\x18\x08 \x01(\x01\x12\x18\n\x10\x61rrived_requests\x18\t \x01(\r\x12*\n\x08\x66inished\x18\n \x03(\x0b\x32\x18.pals.v1.FinishedRequest\";\n\x0fLayerExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x19\n\x11tokens_per_expert\x18\x02 \x03(\x04\"s\n\x10\x45xpertLoadReport\x12\x10\n\x08gpu_uuid\x18\x01 \x01(\t\x12\x11\n\tgpu_index\x18\x02 \x01(\r\x12\x10\n\x08window_s\x18\x03 \x01(\x01\x12(\n\x06layers\x18\x04 \x03(\x0b\x32\x18.pals.v1.LayerExpertLoad\"\x95\x01\n\rEngineMessage\x12%\n\x08register\x18\x01 \x01(\x0b\x32\x11.pals.v1.RegisterH\x00\x12#\n\x04step\x18\x02 \x01(\x0b\x32\x13.pals.v1.StepReportH\x00\x12\x30\n\x0b\x65xpert_load\x18\x03 \x01(\x0b\x32\x19.pals.v1.ExpertLoadReportH\x00\x42\x06\n\x04\x62ody\";\n\nRegistered\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11report_interval_s\x18\x02 \x01(\x01\"c\n\tDirective\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x03 \x01(\r\x12\x0e\n\x06ttl_ms\x18\x04 \x01(\r\"7\n\rExpertLoadAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x14\n\x0cunattributed\x18\x02 \x01(\x04\"k\n\rDaemonMessage\x12)\n\nregistered\x18\x01 \x01(\x0b\x32\x13.pals.v1.RegisteredH\x00\x12\'\n\tdirective\x18\x02 \x01(\x0b\x32\x12.pals.v1.DirectiveH\x00\x42\x06\n\x04\x62ody*\x97\x01\n\x0cProfileState\x12\x1d\n\x19PROFILE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PROFILE_STATE_RUNNING\x10\x01\x12\x16\n\x12PROFILE_STATE_DONE\x10\x02\x12\x18\n\x14PROFILE_STATE_FAILED\x10\x03\x12\x1b\n\x17PROFILE_STATE_CANCELLED\x10\x04\x32\x9e\x04\n\nPowerAdmin\x12;\n\tGetStatus\x12\x19.pals.v1.GetStatusRequest\x1a\x13.pals.v1.NodeStatus\x12=\n\tGetBudget\x12\x19.pals.v1.GetBudgetRequest\x1a\x15.pals.v1.BudgetStatus\x12=\n\tSetBudget\x12\x19.pals.v1.SetBudgetRequest\x1a\x15.pals.v1.BudgetStatus\x12K\n\x10SetEngineTargets\x12 .pals.v1.SetEngineTargetsRequest\x1a\x15.pals.v1.EngineStatus\x12\x41\n\x0bWatchStatus\x12\x1b.pals.v1.WatchStatusRequest\x1a\x13.pals.v1.NodeStatus0\x01\x12\x41\n\x0cStartProfile\x12\x1c.pals.v1.StartProfileRequest\x1a\x13.pals.v1.ProfileJob\x12=\n\nGetProfile\x12\x1a.pals.v1.GetProfileRequest\x1a\x13.pals.v1.ProfileJob\x12\x43\n\rCancelProfile\x12\x1d.pals.v1.CancelProfileRequest\x1a\x13.pals.v1.ProfileJob2\x94\x01\n\nEngineLink\x12=\n\x07\x43onnect\x12\x16.pals.v1.EngineMessage\x1a\x16.pals.v1.DaemonMessage(\x01\x30\x01\x12G\n\x10ReportExpertLoad\x12\x19.pals.v1.ExpertLoadReport\x1a\x16.pals.v1.ExpertLoadAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12pals/v1/pals.proto\x12\x07pals.v1\"\xfe\x03\n\tGpuStatus\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0bmin_limit_w\x18\x04 \x01(\x01\x12\x13\n\x0bmax_limit_w\x18\x05 \x01(\x01\x12\x17\n\x0f\x64\x65\x66\x61ult_limit_w\x18\x06 \x01(\x01\x12\x19\n\x11requested_limit_w\x18\x07 \x01(\x01\x12\x18\n\x10\x65nforced_limit_w\x18\x08 \x01(\x01\x12\x18\n\x10original_limit_w\x18\t \x01(\x01\x12\x0f\n\x07power_w\x18\n \x01(\x01\x12\x1c\n\x0fpower_instant_w\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x65nergy_j\x18\x0c \x01(\x01\x12\x14\n\x0csm_clock_mhz\x18\r \x01(\r\x12\x1b\n\x13\x63lock_event_reasons\x18\x0e \x01(\x04\x12\x14\n\x0cpower_capped\x18\x0f \x01(\x08\x12\x12\n\ncontrolled\x18\x10 \x01(\x08\x12\r\n\x05\x66\x61ult\x18\x11 \x01(\t\x12\x11\n\tengine_id\x18\x12 \x01(\t\x12\x17\n\x0f\x64\x65\x63ided_limit_w\x18\x13 \x01(\x01\x12\x13\n\x0blimit_drift\x18\x14 \x01(\x08\x12\x1d\n\x10\x65xternal_limit_w\x18\x15 \x01(\x01H\x01\x88\x01\x01\x42\x12\n\x10_power_instant_wB\x13\n\x11_external_limit_w\"\x7f\n\rEngineTargets\x12\x19\n\x0ctokens_per_s\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07ttft_ms\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07tpot_ms\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x0f\n\r_tokens_per_sB\n\n\x08_ttft_msB\n\n\x08_tpot_ms\"\x94\x04\n\x0c\x45ngineStatus\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bgpu_indices\x18\x03 \x03(\r\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x1f\n\x17\x63onfigured_max_num_seqs\x18\x05 \x01(\r\x12)\n!configured_max_num_batched_tokens\x18\x06 \x01(\r\x12\'\n\x07targets\x18\x07 \x01(\x0b\x32\x16.pals.v1.EngineTargets\x12\x1a\n\x12max_num_seqs_limit\x18\x08 \x01(\r\x12$\n\x1cmax_num_batched_tokens_limit\x18\t \x01(\r\x12\x1f\n\x17throughput_tokens_per_s\x18\n \x01(\x01\x12\x18\n\x10tokens_per_joule\x18\x0b \x01(\x01\x12\x1e\n\x16qos_violation_fraction\x18\x0c \x01(\x01\x12\x13\n\x0bnum_running\x18\r \x01(\r\x12\x13\n\x0bnum_waiting\x18\x0e \x01(\r\x12\x1e\n\x16predicted_tokens_per_s\x18\x0f \x01(\x01\x12\x19\n\x11predicted_power_w\x18\x10 \x01(\x01\x12\x13\n\x0bhas_profile\x18\x11 \x01(\x08\x12\x0f\n\x07windows\x18\x12 \x01(\x04\x12\x1d\n\x15qos_violation_windows\x18\x13 \x01(\x04\"\x85\x02\n\x0c\x42udgetStatus\x12\x15\n\x08\x62udget_w\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1f\n\x12\x65\x66\x66\x65\x63tive_budget_w\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x10ramp_remaining_s\x18\x03 \x01(\x01\x12\x14\n\x0cmin_budget_w\x18\x04 \x01(\x01\x12\x14\n\x0cmax_budget_w\x18\x05 \x01(\x01\x12\x1e\n\x16sum_requested_limits_w\x18\x06 \x01(\x01\x12\x1d\n\x15sum_enforced_limits_w\x18\x07 \x01(\x01\x12\x14\n\x0cnode_power_w\x18\x08 \x01(\x01\x42\x0b\n\t_budget_wB\x15\n\x13_effective_budget_w\"\xf9\x01\n\x10\x43ontrollerStatus\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x10\n\x08period_s\x18\x03 \x01(\x01\x12\r\n\x05ticks\x18\x04 \x01(\x04\x12\x19\n\x11\x64\x65\x63isions_changed\x18\x05 \x01(\x04\x12\x1c\n\x14last_tick_duration_s\x18\x06 \x01(\x01\x12\x13\n\x0blast_reason\x18\x07 \x01(\t\x12 \n\x18last_tick_started_unix_s\x18\x08 \x01(\x01\x12\x18\n\x10state_save_error\x18\t \x01(\t\x12\x1b\n\x13state_save_failures\x18\n \x01(\x04\"\xc6\x01\n\nNodeStatus\x12\x18\n\x10timestamp_unix_s\x18\x01 \x01(\x01\x12 \n\x04gpus\x18\x02 \x03(\x0b\x32\x12.pals.v1.GpuStatus\x12&\n\x07\x65ngines\x18\x03 \x03(\x0b\x32\x15.pals.v1.EngineStatus\x12%\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x15.pals.v1.BudgetStatus\x12-\n\ncontroller\x18\x05 \x01(\x0b\x32\x19.pals.v1.ControllerStatus\"\x12\n\x10GetStatusRequest\"\x12\n\x10GetBudgetRequest\"C\n\x10SetBudgetRequest\x12\x10\n\x08\x62udget_w\x18\x01 \x01(\x01\x12\r\n\x05\x63lear\x18\x02 \x01(\x08\x12\x0e\n\x06ramp_s\x18\x03 \x01(\x01\"U\n\x17SetEngineTargetsRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\'\n\x07targets\x18\x02 \x01(\x0b\x32\x16.pals.v1.EngineTargets\"(\n\x12WatchStatusRequest\x12\x12\n\ninterval_s\x18\x01 \x01(\x01\"\xa7\x01\n\x13StartProfileRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61ps_w\x18\x02 \x03(\x01\x12\x0f\n\x07\x62\x61tches\x18\x03 \x03(\r\x12\x0e\n\x06hold_s\x18\x04 \x01(\x01\x12\x15\n\x08settle_s\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0boutput_path\x18\x06 \x01(\t\x12\x13\n\x0bparallelism\x18\x07 \x01(\tB\x0b\n\t_settle_s\"&\n\x11GetProfileRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\")\n\x14\x43\x61ncelProfileRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\"]\n\x12ProfilePointResult\x12\r\n\x05\x63\x61p_w\x18\x01 \x01(\x01\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\r\x12\x14\n\x0ctokens_per_s\x18\x03 \x01(\x01\x12\x13\n\x0bgpu_power_w\x18\x04 \x01(\x01\"\xd3\x02\n\nProfileJob\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.pals.v1.ProfileState\x12\x13\n\x0bpoints_done\x18\x03 \x01(\r\x12\x14\n\x0cpoints_total\x18\x04 \x01(\r\x12\x31\n\x07\x63urrent\x18\x05 \x01(\x0b\x32\x1b.pals.v1.ProfilePointResultH\x00\x88\x01\x01\x12\r\n\x05phase\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x13\n\x0boutput_path\x18\x08 \x01(\t\x12+\n\x06points\x18\t \x03(\x0b\x32\x1b.pals.v1.ProfilePointResult\x12\x11\n\telapsed_s\x18\n \x01(\x01\x12\x1d\n\x15\x65stimated_remaining_s\x18\x0b \x01(\x01\x12\x10\n\x08warnings\x18\x0c \x03(\tB\n\n\x08_current\"\xa2\x01\n\x08Register\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tgpu_uuids\x18\x03 \x03(\t\x12\x13\n\x0bgpu_indices\x18\x04 \x03(\r\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x06 \x01(\r\x12\x16\n\x0e\x63lient_version\x18\x07 \x01(\t\"a\n\x0f\x46inishedRequest\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x15\n\routput_tokens\x18\x04 \x01(\r\"\xf8\x01\n\nStepReport\x12\x10\n\x08window_s\x18\x01 \x01(\x01\x12\x11\n\tnum_steps\x18\x02 \x01(\r\x12\x0e\n\x06\x62usy_s\x18\x03 \x01(\x01\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\r\x12\x16\n\x0eprefill_tokens\x18\x06 \x01(\x04\x12\x15\n\rdecode_tokens\x18\x07 \x01(\x04\x12\x16\n\x0ekv_cache_usage\x18\x08 \x01(\x01\x12\x18\n\x10\x61rrived_requests\x18\t \x01(\r\x12*\n\x08\x66inished\x18\n \x03(\x0b\x32\x18.pals.v1.FinishedRequest\";\n\x0fLayerExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x19\n\x11tokens_per_expert\x18\x02 \x03(\x04\"s\n\x10\x45xpertLoadReport\x12\x10\n\x08gpu_uuid\x18\x01 \x01(\t\x12\x11\n\tgpu_index\x18\x02 \x01(\r\x12\x10\n\x08window_s\x18\x03 \x01(\x01\x12(\n\x06layers\x18\x04 \x03(\x0b\x32\x18.pals.v1.LayerExpertLoad\"\x95\x01\n\rEngineMessage\x12%\n\x08register\x18\x01 \x01(\x0b\x32\x11.pals.v1.RegisterH\x00\x12#\n\x04step\x18\x02 \x01(\x0b\x32\x13.pals.v1.StepReportH\x00\x12\x30\n\x0b\x65xpert_load\x18\x03 \x01(\x0b\x32\x19.pals.v1.ExpertLoadReportH\x00\x42\x06\n\x04\x62ody\";\n\nRegistered\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11report_interval_s\x18\x02 \x01(\x01\"c\n\tDirective\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x03 \x01(\r\x12\x0e\n\x06ttl_ms\x18\x04 \x01(\r\"7\n\rExpertLoadAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x14\n\x0cunattributed\x18\x02 \x01(\x04\"k\n\rDaemonMessage\x12)\n\nregistered\x18\x01 \x01(\x0b\x32\x13.pals.v1.RegisteredH\x00\x12\'\n\tdirective\x18\x02 \x01(\x0b\x32\x12.pals.v1.DirectiveH\x00\x42\x06\n\x04\x62ody*\x97\x01\n\x0cProfileState\x12\x1d\n\x19PROFILE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PROFILE_STATE_RUNNING\x10\x01\x12\x16\n\x12PROFILE_STATE_DONE\x10\x02\x12\x18\n\x14PROFILE_STATE_FAILED\x10\x03\x12\x1b\n\x17PROFILE_STATE_CANCELLED\x10\x04\x32\x9e\x04\n\nPowerAdmin\x12;\n\tGetStatus\x12\x19.pals.v1.GetStatusRequest\x1a\x13.pals.v1.NodeStatus\x12=\n\tGetBudget\x12\x19.pals.v1.GetBudgetRequest\x1a\x15.pals.v1.BudgetStatus\x12=\n\tSetBudget\x12\x19.pals.v1.SetBudgetRequest\x1a\x15.pals.v1.BudgetStatus\x12K\n\x10SetEngineTargets\x12 .pals.v1.SetEngineTargetsRequest\x1a\x15.pals.v1.EngineStatus\x12\x41\n\x0bWatchStatus\x12\x1b.pals.v1.WatchStatusRequest\x1a\x13.pals.v1.NodeStatus0\x01\x12\x41\n\x0cStartProfile\x12\x1c.pals.v1.StartProfileRequest\x1a\x13.pals.v1.ProfileJob\x12=\n\nGetProfile\x12\x1a.pals.v1.GetProfileRequest\x1a\x13.pals.v1.ProfileJob\x12\x43\n\rCancelProfile\x12\x1d.pals.v1.CancelProfileRequest\x1a\x13.pals.v1.ProfileJob2\x94\x01\n\nEngineLink\x12=\n\x07\x43onnect\x12\x16.pals.v1.EngineMessage\x1a\x16.pals.v1.DaemonMessage(\x01\x30\x01\x12G\n\x10ReportExpertLoad\x12\x19.pals.v1.ExpertLoadReport\x1a\x16.pals.v1.ExpertLoadAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pals.v1.pals_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROFILESTATE']._serialized_start=3972
-  _globals['_PROFILESTATE']._serialized_end=4123
+  _globals['_PROFILESTATE']._serialized_start=4027
+  _globals['_PROFILESTATE']._serialized_end=4178
   _globals['_GPUSTATUS']._serialized_start=32
   _globals['_GPUSTATUS']._serialized_end=542
   _globals['_ENGINETARGETS']._serialized_start=544
@@ -42,51 +42,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BUDGETSTATUS']._serialized_start=1209
   _globals['_BUDGETSTATUS']._serialized_end=1470
   _globals['_CONTROLLERSTATUS']._serialized_start=1473
-  _globals['_CONTROLLERSTATUS']._serialized_end=1667
-  _globals['_NODESTATUS']._serialized_start=1670
-  _globals['_NODESTATUS']._serialized_end=1868
-  _globals['_GETSTATUSREQUEST']._serialized_start=1870
-  _globals['_GETSTATUSREQUEST']._serialized_end=1888
-  _globals['_GETBUDGETREQUEST']._serialized_start=1890
-  _globals['_GETBUDGETREQUEST']._serialized_end=1908
-  _globals['_SETBUDGETREQUEST']._serialized_start=1910
-  _globals['_SETBUDGETREQUEST']._serialized_end=1977
-  _globals['_SETENGINETARGETSREQUEST']._serialized_start=1979
-  _globals['_SETENGINETARGETSREQUEST']._serialized_end=2064
-  _globals['_WATCHSTATUSREQUEST']._serialized_start=2066
-  _globals['_WATCHSTATUSREQUEST']._serialized_end=2106
-  _globals['_STARTPROFILEREQUEST']._serialized_start=2109
-  _globals['_STARTPROFILEREQUEST']._serialized_end=2276
-  _globals['_GETPROFILEREQUEST']._serialized_start=2278
-  _globals['_GETPROFILEREQUEST']._serialized_end=2316
-  _globals['_CANCELPROFILEREQUEST']._serialized_start=2318
-  _globals['_CANCELPROFILEREQUEST']._serialized_end=2359
-  _globals['_PROFILEPOINTRESULT']._serialized_start=2361
-  _globals['_PROFILEPOINTRESULT']._serialized_end=2454
-  _globals['_PROFILEJOB']._serialized_start=2457
-  _globals['_PROFILEJOB']._serialized_end=2796
-  _globals['_REGISTER']._serialized_start=2799
-  _globals['_REGISTER']._serialized_end=2961
-  _globals['_FINISHEDREQUEST']._serialized_start=2963
-  _globals['_FINISHEDREQUEST']._serialized_end=3060
-  _globals['_STEPREPORT']._serialized_start=3063
-  _globals['_STEPREPORT']._serialized_end=3311
-  _globals['_LAYEREXPERTLOAD']._serialized_start=3313
-  _globals['_LAYEREXPERTLOAD']._serialized_end=3372
-  _globals['_EXPERTLOADREPORT']._serialized_start=3374
-  _globals['_EXPERTLOADREPORT']._serialized_end=3489
-  _globals['_ENGINEMESSAGE']._serialized_start=3492
-  _globals['_ENGINEMESSAGE']._serialized_end=3641
-  _globals['_REGISTERED']._serialized_start=3643
-  _globals['_REGISTERED']._serialized_end=3702
-  _globals['_DIRECTIVE']._serialized_start=3704
-  _globals['_DIRECTIVE']._serialized_end=3803
-  _globals['_EXPERTLOADACK']._serialized_start=3805
-  _globals['_EXPERTLOADACK']._serialized_end=3860
-  _globals['_DAEMONMESSAGE']._serialized_start=3862
-  _globals['_DAEMONMESSAGE']._serialized_end=3969
-  _globals['_POWERADMIN']._serialized_start=4126
-  _globals['_POWERADMIN']._serialized_end=4668
-  _globals['_ENGINELINK']._serialized_start=4671
-  _globals['_ENGINELINK']._serialized_end=4819
+  _globals['_CONTROLLERSTATUS']._serialized_end=1722
+  _globals['_NODESTATUS']._serialized_start=1725
+  _globals['_NODESTATUS']._serialized_end=1923
+  _globals['_GETSTATUSREQUEST']._serialized_start=1925
+  _globals['_GETSTATUSREQUEST']._serialized_end=1943
+  _globals['_GETBUDGETREQUEST']._serialized_start=1945
+  _globals['_GETBUDGETREQUEST']._serialized_end=1963
+  _globals['_SETBUDGETREQUEST']._serialized_start=1965
+  _globals['_SETBUDGETREQUEST']._serialized_end=2032
+  _globals['_SETENGINETARGETSREQUEST']._serialized_start=2034
+  _globals['_SETENGINETARGETSREQUEST']._serialized_end=2119
+  _globals['_WATCHSTATUSREQUEST']._serialized_start=2121
+  _globals['_WATCHSTATUSREQUEST']._serialized_end=2161
+  _globals['_STARTPROFILEREQUEST']._serialized_start=2164
+  _globals['_STARTPROFILEREQUEST']._serialized_end=2331
+  _globals['_GETPROFILEREQUEST']._serialized_start=2333
+  _globals['_GETPROFILEREQUEST']._serialized_end=2371
+  _globals['_CANCELPROFILEREQUEST']._serialized_start=2373
+  _globals['_CANCELPROFILEREQUEST']._serialized_end=2414
+  _globals['_PROFILEPOINTRESULT']._serialized_start=2416
+  _globals['_PROFILEPOINTRESULT']._serialized_end=2509
+  _globals['_PROFILEJOB']._serialized_start=2512
+  _globals['_PROFILEJOB']._serialized_end=2851
+  _globals['_REGISTER']._serialized_start=2854
+  _globals['_REGISTER']._serialized_end=3016
+  _globals['_FINISHEDREQUEST']._serialized_start=3018
+  _globals['_FINISHEDREQUEST']._serialized_end=3115
+  _globals['_STEPREPORT']._serialized_start=3118
+  _globals['_STEPREPORT']._serialized_end=3366
+  _globals['_LAYEREXPERTLOAD']._serialized_start=3368
+  _globals['_LAYEREXPERTLOAD']._serialized_end=3427
+  _globals['_EXPERTLOADREPORT']._serialized_start=3429
+  _globals['_EXPERTLOADREPORT']._serialized_end=3544
+  _globals['_ENGINEMESSAGE']._serialized_start=3547
+  _globals['_ENGINEMESSAGE']._serialized_end=3696
+  _globals['_REGISTERED']._serialized_start=3698
+  _globals['_REGISTERED']._serialized_end=3757
+  _globals['_DIRECTIVE']._serialized_start=3759
+  _globals['_DIRECTIVE']._serialized_end=3858
+  _globals['_EXPERTLOADACK']._serialized_start=3860
+  _globals['_EXPERTLOADACK']._serialized_end=3915
+  _globals['_DAEMONMESSAGE']._serialized_start=3917
+  _globals['_DAEMONMESSAGE']._serialized_end=4024
+  _globals['_POWERADMIN']._serialized_start=4181
+  _globals['_POWERADMIN']._serialized_end=4723
+  _globals['_ENGINELINK']._serialized_start=4726
+  _globals['_ENGINELINK']._serialized_end=4874
 # @@protoc_insertion_point(module_scope)

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TypeVar
 
 import grpc
 
@@ -29,8 +30,11 @@ from pals_daemon.server.engines import (
     ReportRateLimit,
     expert_load_tokens,
 )
+from pals_daemon.server.limits import EngineLimits, ReportByteBudget
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T", pals_pb2.EngineMessage, pals_pb2.ExpertLoadReport)
 
 # Resolves (uuids, indices) from a Register into GPU indices, raising InvalidRequestError.
 GpuResolver = Callable[[Sequence[str], Sequence[int]], tuple[int, ...]]
@@ -70,7 +74,12 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
         report_interval_s: float,
         on_change: Callable[[], None] = lambda: None,
         now: Callable[[], float] = time.monotonic,
+        limits: EngineLimits | None = None,
+        budget: ReportByteBudget | None = None,
     ) -> None:
+        self.limits = limits or EngineLimits()
+        # Unbounded when none is given (unit tests of the servicer alone); the Runner always gives one.
+        self.budget = budget or ReportByteBudget(float("inf"))
         self.registry = registry
         self.resolve_gpus = resolve_gpus
         self.report_interval_s = report_interval_s
@@ -78,12 +87,24 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
         self.now = now
         # Sessions ended for flooding, since start (for tests and logs).
         self.floods = 0
+        # Streams ended for not registering / staying silent, since start.
+        self.timeouts = 0
+        # Open ReportExpertLoad streams: all, and per GPU they named.
+        self.expert_streams = 0
+        self.expert_streams_by_gpu: dict[int, int] = {}
 
     async def Connect(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pals_pb2.EngineMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pals_pb2.DaemonMessage]:
         """Run one engine session."""
-        first = await anext_or_none(request_iterator)
+        try:
+            first = await self._next(request_iterator, self.limits.first_message_timeout_s)
+        except asyncio.TimeoutError:
+            self.timeouts += 1
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no Register within {self.limits.first_message_timeout_s:g} s of opening the stream",
+            )
         if first is None or first.WhichOneof("body") != "register":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message must be a Register")
         try:
@@ -129,7 +150,16 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
         """Fold incoming reports into the session; returns (code, text) for a bad message or a flood, None at end."""
         reg = session.registration
         limit = ReportRateLimit.for_engine(len(reg.gpu_indices), self.report_interval_s, self.now())
-        async for msg in request_iterator:
+        while True:
+            try:
+                msg = await self._next(request_iterator, self.limits.silence_timeout_s)
+            except asyncio.TimeoutError:
+                self.timeouts += 1
+                silence_s = self.limits.silence_timeout_s
+                log.warning("engine %s sent nothing for %g s; ending its session", reg.engine_id, silence_s)
+                return grpc.StatusCode.DEADLINE_EXCEEDED, f"no report for {silence_s:g} s; session ended"
+            if msg is None:
+                return None
             if not limit.allow(self.now()):
                 self.floods += 1
                 log.warning(
@@ -151,21 +181,62 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
                     return grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind or 'empty'} message after registration"
             except InvalidRequestError as exc:
                 return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        return None
+
+    async def _next(self, iterator: AsyncIterator[T], timeout_s: float) -> T | None:
+        """The next message (None at the end of the stream), once the socket's report budget allows reading
+        it; asyncio.TimeoutError when none comes within ``timeout_s``."""
+        msg = await asyncio.wait_for(anext_or_none(iterator), timeout_s)
+        if msg is not None:
+            await self.budget.charge(msg.ByteSize())
+        return msg
 
     async def ReportExpertLoad(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pals_pb2.ExpertLoadReport], context: grpc.aio.ServicerContext
     ) -> pals_pb2.ExpertLoadAck:
         """Fold a GPU worker's expert-load reports into the session of the engine running on that GPU.
 
+        Bounded: open streams per socket and per GPU named (RESOURCE_EXHAUSTED over either), the first report
+        within the first-message timeout and each next within the silence timeout (DEADLINE_EXCEEDED).
+
         The worker starts before its engine's scheduler registers (and outlives a reconnect), so a report
         for a GPU no connected engine runs on is counted and dropped, not refused. A report naming a GPU
         this daemon does not manage, or carrying bad numbers, ends the stream with INVALID_ARGUMENT.
         """
         ack = pals_pb2.ExpertLoadAck()
+        if self.expert_streams >= self.limits.max_expert_streams:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"at most {self.limits.max_expert_streams} expert-load streams may be open on this socket",
+            )
+        self.expert_streams += 1
+        named: set[int] = set()
+        try:
+            await self._fold_expert_loads(request_iterator, context, ack, named)
+        finally:
+            self.expert_streams -= 1
+            for gpu in named:
+                self.expert_streams_by_gpu[gpu] -= 1
+        return ack
+
+    async def _fold_expert_loads(
+        self,
+        request_iterator: AsyncIterator[pals_pb2.ExpertLoadReport],
+        context: grpc.aio.ServicerContext,
+        ack: pals_pb2.ExpertLoadAck,
+        named: set[int],
+    ) -> None:
         # One GPU's worker: the same flood bound as a one-GPU engine's session.
         limit = ReportRateLimit.for_engine(1, self.report_interval_s, self.now())
-        async for report in request_iterator:
+        timeout_s = self.limits.first_message_timeout_s
+        while True:
+            try:
+                report = await self._next(request_iterator, timeout_s)
+            except asyncio.TimeoutError:
+                self.timeouts += 1
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no report for {timeout_s:g} s; stream ended")
+            if report is None:
+                return
+            timeout_s = self.limits.silence_timeout_s
             if not limit.allow(self.now()):
                 self.floods += 1
                 log.warning("an expert-load stream flooded (over %.0f messages/s); ending it", limit.rate_hz)
@@ -175,15 +246,22 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
             try:
                 tokens = expert_load_tokens(report)  # a bad report is refused even when no engine would take it
                 gpu = self._report_gpu(report)
-                session = self.registry.engine_of_gpu(gpu)
-                if session is None:
-                    ack.unattributed += 1
-                    continue
-                session.add_expert_tokens(gpu, tokens)
-                ack.accepted += 1
             except InvalidRequestError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return ack
+            if gpu not in named:
+                if self.expert_streams_by_gpu.get(gpu, 0) >= self.limits.max_expert_streams_per_gpu:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"at most {self.limits.max_expert_streams_per_gpu} expert-load streams may report GPU {gpu}",
+                    )
+                named.add(gpu)
+                self.expert_streams_by_gpu[gpu] = self.expert_streams_by_gpu.get(gpu, 0) + 1
+            session = self.registry.engine_of_gpu(gpu)
+            if session is None:
+                ack.unattributed += 1
+                continue
+            session.add_expert_tokens(gpu, tokens)
+            ack.accepted += 1
 
     def _report_gpu(self, report: pals_pb2.ExpertLoadReport) -> int:
         """The managed GPU an expert-load report names (by UUID, else index); InvalidRequestError if none."""
@@ -198,7 +276,7 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
         return gpu
 
 
-async def anext_or_none(iterator: AsyncIterator[pals_pb2.EngineMessage]) -> pals_pb2.EngineMessage | None:
+async def anext_or_none(iterator: AsyncIterator[T]) -> T | None:
     """The next message, or None when the stream ended."""
     try:
         return await iterator.__anext__()

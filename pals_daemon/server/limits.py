@@ -1,0 +1,193 @@
+"""Every bound the daemon puts on what local clients can make it hold or do (README "Limits and hardening").
+
+A member of the engine group, any local user reaching the metrics port, or a buggy client must not be able
+to exhaust the daemon's file descriptors, memory or event loop: the admin path must keep answering and the
+control tick must keep its period whatever the engine socket and the metrics port are put through. Each
+bound is a named constant here (chosen engineering values, sized from the legitimate load they leave room
+for, as said beside each); the tests in tests/server/test_hardening.py try each attack against a live daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pals_daemon.clock import Clock
+
+# ------------------------------------------------------------------ gRPC servers (both sockets)
+
+# Largest message either server accepts. The largest legitimate one is an ExpertLoadReport of a big MoE:
+# 61 layers x 256 experts of uint64 varints is at most ~160 KB; a StepReport with a thousand finished
+# requests is ~20 KB. 1 MiB leaves 6x headroom; gRPC itself refuses more with RESOURCE_EXHAUSTED.
+MAX_RECEIVE_MESSAGE_BYTES = 1 << 20
+# Request metadata (headers): our clients send ~200 bytes. gRPC rejects a header block over the soft limit
+# with RESOURCE_EXHAUSTED and closes the stream over the hard one, before buffering more (this is what stops
+# HEADERS followed by megabytes of CONTINUATION frames).
+MAX_METADATA_BYTES = 8 << 10
+ABSOLUTE_MAX_METADATA_BYTES = 16 << 10
+# Streams one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). An engine uses one
+# Connect stream; a GPU worker one ReportExpertLoad stream; palsctl one call or watch.
+MAX_STREAMS_PER_CONNECTION = 16
+# Connections each socket accepts at once (gRPC closes any over the cap at accept). The engine socket: up to
+# 8 engines x (1 scheduler + 8 GPU workers) plus reconnect overlap; the admin socket: operators and exporters.
+MAX_ENGINE_CONNECTIONS = 128
+MAX_ADMIN_CONNECTIONS = 64
+# RPCs in progress per server (over it: RESOURCE_EXHAUSTED at once, no handler runs).
+MAX_ENGINE_RPCS = 256
+MAX_ADMIN_RPCS = 128
+# A connection with no RPC for this long is closed (GOAWAY); clients reconnect transparently.
+MAX_CONNECTION_IDLE_MS = 60_000
+# Keepalive: the server pings a quiet connection to find dead peers; a client pinging more often than the
+# minimum interval is cut off after a few strikes (ping floods cost the event loop nothing then).
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+MIN_CLIENT_PING_INTERVAL_MS = 10_000
+MAX_PING_STRIKES = 2
+
+
+def grpc_server_options(max_connections: int) -> tuple[tuple[str, int], ...]:
+    """Channel arguments for one of the daemon's gRPC servers."""
+    return (
+        ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+        ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+        ("grpc.absolute_max_metadata_size", ABSOLUTE_MAX_METADATA_BYTES),
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+        ("grpc.max_allowed_incoming_connections", max_connections),
+        ("grpc.max_connection_idle_ms", MAX_CONNECTION_IDLE_MS),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+        # No BDP probing: each stream's receive window stays at HTTP/2's 64 KiB, so what a client can make
+        # the daemon buffer is bounded by streams x 64 KiB, not grown to megabytes per stream.
+        ("grpc.http2.bdp_probe", 0),
+    )
+
+
+# ------------------------------------------------------------------ engine socket: sessions and reports
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Per-session and per-socket bounds of the EngineLink servicer (tests shorten the timeouts)."""
+
+    # A Connect stream (or expert-load stream) whose first message has not come after this long is ended
+    # (DEADLINE_EXCEEDED): an unregistered stream holds an RPC slot and buffers, so it may not live forever.
+    # Our client sends Register at once; 5 s covers a loaded host.
+    first_message_timeout_s: float = 5.0
+    # A registered session (or an expert-load stream) that sends nothing for this long is ended: it would
+    # keep its engine id and GPUs (and so steer them) while telling nothing. Honest clients report every
+    # report interval (period/2 = 0.25 s by default), also when idle: 10 s is 40 missed reports.
+    silence_timeout_s: float = 10.0
+    # Open ReportExpertLoad streams naming one GPU (one worker per GPU; 4 leaves room for restarts), and
+    # per socket (streams that have not named a GPU yet count here too).
+    max_expert_streams_per_gpu: int = 4
+    max_expert_streams: int = 64
+    # Report bytes the engine socket folds in per second of daemon time, shared by every stream. Legitimate
+    # peak: 64 engines x 100 Hz x ~150 B StepReports plus 8 GPUs x 4 Hz x 160 KB expert reports ~ 6 MB/s.
+    # Over it, streams wait for the next tick before their next message is read (HTTP/2 flow control then
+    # holds the senders), so report parsing cannot take the tick's time whatever the load.
+    report_bytes_per_s: float = 16e6
+    # Session changes (register, end) wake the control loop at once for a burst of wake_burst (engines
+    # restarting), then at most once per this many periods: 1,000 register/cancel cycles used to drive ~360
+    # ticks/s, each one rewriting limits; now at most 4 extra ticks per period (so <= 5 limit writes per GPU).
+    wake_min_interval_periods: float = 0.25
+    wake_burst: int = 8
+
+
+class ReportByteBudget:
+    """Report bytes the engine socket may fold in per tick, shared by all streams; refilled each tick.
+
+    A stream charges each message it read; while the budget is spent, readers wait for the next refill
+    instead of asking gRPC for their next message, so senders are held by flow control, not buffered.
+    """
+
+    def __init__(self, bytes_per_tick: float) -> None:
+        self.bytes_per_tick = bytes_per_tick
+        self.used = 0.0
+        self.waits = 0  # times a reader had to wait for a refill (for tests and metrics)
+        self._refilled = asyncio.Event()
+
+    def refill(self) -> None:
+        """A new tick: the budget is available again and waiting readers resume."""
+        self.used = 0.0
+        self._refilled.set()
+        self._refilled = asyncio.Event()
+
+    async def charge(self, nbytes: int) -> None:
+        """Count ``nbytes`` read; returns once the budget allows reading more."""
+        self.used += nbytes
+        while self.used >= self.bytes_per_tick:
+            self.waits += 1
+            await self._refilled.wait()
+
+
+class CoalescedWake:
+    """Calls ``wake`` at once for the first ``burst`` calls, then at most once per ``min_interval_s`` (a token
+    bucket); calls while the bucket is empty end in one wake when the next token comes.
+
+    Session changes wake the control loop so a departed engine's GPUs get their idle allocation at once; a
+    client cycling register/cancel must not turn that into hundreds of ticks (and limit writes) per second.
+    """
+
+    def __init__(self, wake: Callable[[], None], min_interval_s: float, clock: Clock, burst: int = 4) -> None:
+        self.wake = wake
+        self.min_interval_s = min_interval_s
+        self.clock = clock
+        self.burst = burst
+        self.calls = 0
+        self.wakes = 0
+        self._tokens = float(burst)
+        self._last_s = clock.now()
+        self._pending: asyncio.Task[None] | None = None
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self._pending is not None:
+            return  # a wake is already scheduled: the tick it starts sees this change too
+        self._refill()
+        if self._tokens >= 1.0:
+            self._fire()
+        else:
+            wait_s = (1.0 - self._tokens) * self.min_interval_s
+            self._pending = asyncio.ensure_future(self._later(wait_s))
+
+    def _refill(self) -> None:
+        now = self.clock.now()
+        if self.min_interval_s > 0:
+            self._tokens = min(float(self.burst), self._tokens + (now - self._last_s) / self.min_interval_s)
+        else:
+            self._tokens = float(self.burst)
+        self._last_s = now
+
+    async def _later(self, wait_s: float) -> None:
+        await self.clock.sleep(wait_s)
+        self._pending = None
+        self._refill()
+        self._fire()
+
+    def _fire(self) -> None:
+        self._tokens = max(0.0, self._tokens - 1.0)
+        self.wakes += 1
+        self.wake()
+
+    def cancel(self) -> None:
+        """Drop a scheduled wake (at shutdown)."""
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+
+
+# ------------------------------------------------------------------ metrics HTTP endpoint
+
+# Scrapes served at once (each by its own thread); a connection over the cap is closed at once. Prometheus
+# scrapes one at a time; 8 leaves room for a few dashboards and curl.
+MAX_METRICS_CONNECTIONS = 8
+# A connection must deliver its request, and take the response, within this time (slowloris: a client
+# trickling bytes cannot hold a slot longer), and each socket read/write times out after the same.
+METRICS_REQUEST_DEADLINE_S = 5.0
+# Pending connections the kernel queues before refusing (beyond the cap they cost the daemon no descriptor).
+METRICS_LISTEN_BACKLOG = 64
+# Largest request line + headers accepted (a scrape sends ~300 bytes).
+METRICS_MAX_REQUEST_BYTES = 8 << 10
