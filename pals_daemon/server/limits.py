@@ -18,9 +18,10 @@ from pals_daemon.clock import Clock
 # ------------------------------------------------------------------ gRPC servers (both sockets)
 
 # Largest message either server accepts. The largest legitimate one is an ExpertLoadReport of a big MoE:
-# 61 layers x 256 experts of uint64 varints is at most ~160 KB; a StepReport with a thousand finished
-# requests is ~20 KB. 1 MiB leaves 6x headroom; gRPC itself refuses more with RESOURCE_EXHAUSTED.
-MAX_RECEIVE_MESSAGE_BYTES = 1 << 20
+# 61 layers x 256 experts of uint64 varints is at most ~160 KB; a StepReport with the client's 10,000
+# finished requests ~200 KB. gRPC refuses more with RESOURCE_EXHAUSTED before a handler sees it; parsing one
+# costs the event loop ~12 ms at this size (it was 1 MiB: ~50 ms, and up to ~300 ms to validate).
+MAX_RECEIVE_MESSAGE_BYTES = 256 << 10
 # Request metadata (headers): our clients send ~200 bytes. gRPC rejects a header block over the soft limit
 # with RESOURCE_EXHAUSTED and closes the stream over the hard one, before buffering more (this is what stops
 # HEADERS followed by megabytes of CONTINUATION frames).
@@ -85,10 +86,11 @@ class EngineLimits:
     max_expert_streams_per_gpu: int = 4
     max_expert_streams: int = 64
     # Report bytes the engine socket folds in per second of daemon time, shared by every stream. Legitimate
-    # peak: 64 engines x 100 Hz x ~150 B StepReports plus 8 GPUs x 4 Hz x 160 KB expert reports ~ 6 MB/s.
-    # Over it, streams wait for the next tick before their next message is read (HTTP/2 flow control then
-    # holds the senders), so report parsing cannot take the tick's time whatever the load.
-    report_bytes_per_s: float = 16e6
+    # peak: 64 engines x 100 Hz x ~60 B StepReports (0.4 MB/s) plus 8 GPUs x 1 Hz x ~40 KB expert reports
+    # (0.3 MB/s). Over it, streams wait for the next tick before their next message is read (HTTP/2 flow
+    # control then holds the senders), so the worst reports (~0.3 us of validation per byte) take at most
+    # ~0.6 s of CPU per second whatever the load, and the tick and the admin socket keep their share.
+    report_bytes_per_s: float = 2e6
     # Session changes (register, end) wake the control loop at once for a burst of wake_burst (engines
     # restarting), then at most once per this many periods: 1,000 register/cancel cycles used to drive ~360
     # ticks/s, each one rewriting limits; now at most 4 extra ticks per period (so <= 5 limit writes per GPU).
