@@ -183,11 +183,12 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
                 return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
 
     async def _next(self, iterator: AsyncIterator[T], timeout_s: float) -> T | None:
-        """The next message (None at the end of the stream), once the socket's report budget allows reading
-        it; asyncio.TimeoutError when none comes within ``timeout_s``."""
+        """The next message (None at the end of the stream), read once the socket's report budget for this
+        tick is not spent; asyncio.TimeoutError when none comes within ``timeout_s`` of asking for it."""
+        await self.budget.wait()
         msg = await asyncio.wait_for(anext_or_none(iterator), timeout_s)
         if msg is not None:
-            await self.budget.charge(msg.ByteSize())
+            self.budget.charge(msg.ByteSize())
         return msg
 
     async def ReportExpertLoad(  # noqa: N802 - gRPC method name

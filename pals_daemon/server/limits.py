@@ -30,12 +30,12 @@ ABSOLUTE_MAX_METADATA_BYTES = 16 << 10
 # Streams one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). An engine uses one
 # Connect stream; a GPU worker one ReportExpertLoad stream; palsctl one call or watch.
 MAX_STREAMS_PER_CONNECTION = 16
-# Connections each socket accepts at once (gRPC closes any over the cap at accept). The engine socket: up to
-# 8 engines x (1 scheduler + 8 GPU workers) plus reconnect overlap; the admin socket: operators and exporters.
+# Connections each socket accepts at once (gRPC closes any over the cap at accept), and RPCs in progress per
+# server (over it: RESOURCE_EXHAUSTED at once, no handler runs). The engine socket: up to 8 engines x
+# (1 scheduler + 8 GPU workers) = 72, plus reconnect overlap; the admin socket: operators and exporters.
 MAX_ENGINE_CONNECTIONS = 128
 MAX_ADMIN_CONNECTIONS = 64
-# RPCs in progress per server (over it: RESOURCE_EXHAUSTED at once, no handler runs).
-MAX_ENGINE_RPCS = 256
+MAX_ENGINE_RPCS = 128
 MAX_ADMIN_RPCS = 128
 # A connection with no RPC for this long is closed (GOAWAY); clients reconnect transparently.
 MAX_CONNECTION_IDLE_MS = 60_000
@@ -81,10 +81,13 @@ class EngineLimits:
     # keep its engine id and GPUs (and so steer them) while telling nothing. Honest clients report every
     # report interval (period/2 = 0.25 s by default), also when idle: 10 s is 40 missed reports.
     silence_timeout_s: float = 10.0
-    # Open ReportExpertLoad streams naming one GPU (one worker per GPU; 4 leaves room for restarts), and
-    # per socket (streams that have not named a GPU yet count here too).
+    # Open ReportExpertLoad streams naming one GPU (one worker per GPU; 4 leaves room for restarts), and per
+    # socket (streams that have not named a GPU yet count here too; one over the cap is refused before any
+    # message is read). Each open stream lets its client park a flow-control window of data in the
+    # transport while the report budget holds the readers: 64 streams grew the daemon by 340 MB in 6 s;
+    # 16 (8 GPUs x 2) hold it to +54 MB under 256 flooding streams (bench/hostile_clients.py).
     max_expert_streams_per_gpu: int = 4
-    max_expert_streams: int = 64
+    max_expert_streams: int = 16
     # Report bytes the engine socket folds in per second of daemon time, shared by every stream. Legitimate
     # peak: 64 engines x 100 Hz x ~60 B StepReports (0.4 MB/s) plus 8 GPUs x 1 Hz x ~40 KB expert reports
     # (0.3 MB/s). Over it, streams wait for the next tick before their next message is read (HTTP/2 flow
@@ -101,8 +104,9 @@ class EngineLimits:
 class ReportByteBudget:
     """Report bytes the engine socket may fold in per tick, shared by all streams; refilled each tick.
 
-    A stream charges each message it read; while the budget is spent, readers wait for the next refill
-    instead of asking gRPC for their next message, so senders are held by flow control, not buffered.
+    A reader waits for budget before it asks gRPC for its next message and charges the message once read:
+    while the budget is spent nothing is read, so senders are held by HTTP/2 flow control (a window per
+    stream in the transport), never by decoded messages piling up in the daemon.
     """
 
     def __init__(self, bytes_per_tick: float) -> None:
@@ -117,12 +121,15 @@ class ReportByteBudget:
         self._refilled.set()
         self._refilled = asyncio.Event()
 
-    async def charge(self, nbytes: int) -> None:
-        """Count ``nbytes`` read; returns once the budget allows reading more."""
-        self.used += nbytes
+    async def wait(self) -> None:
+        """Returns once this tick's budget is not spent."""
         while self.used >= self.bytes_per_tick:
             self.waits += 1
             await self._refilled.wait()
+
+    def charge(self, nbytes: int) -> None:
+        """Count ``nbytes`` read."""
+        self.used += nbytes
 
 
 class CoalescedWake:
