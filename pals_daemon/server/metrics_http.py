@@ -155,6 +155,10 @@ class BoundedMetricsServer(socketserver.ThreadingMixIn, HTTPServer):
                 except OSError:
                     pass
 
+    def handle_error(self, request: object, client_address: object) -> None:  # type: ignore[override]
+        """A connection that timed out, was reaped or reset: not worth a traceback on stderr."""
+        log.debug("metrics connection from %s ended early", client_address, exc_info=True)
+
     def server_close(self) -> None:
         self._closing.set()
         super().server_close()
