@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import socket
 import struct
 import subprocess
@@ -61,6 +62,7 @@ ATTACKS = {
     "silent": 1,
 }
 SAMPLE_S = 0.1
+SYSTEMD_DEFAULT_NOFILE = 1024
 SET_BUDGET_EVERY_S = 0.5
 CONTINUATION_FRAME_BYTES = 16 << 10
 CONTINUATION_TOTAL_BYTES = 16 << 20
@@ -202,7 +204,12 @@ def measure(target: Target, attack: str, size: int, duration_s: float, baseline_
             stderr=subprocess.PIPE,
             text=True,
         )
-        out, err = proc.communicate(timeout=duration_s + 60)
+        try:
+            out, err = proc.communicate(timeout=duration_s + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            err = f"attacker killed after {duration_s + 60:g} s\n{err}"
         time.sleep(2 * target.period_s)  # the ticks right after the attack count too
     try:
         figures.attacker = json.loads(out.strip().splitlines()[-1])
@@ -241,9 +248,12 @@ def _hold(conns: list[socket.socket], duration_s: float) -> dict[str, Any]:
 
 def attack_metrics_idle(t: Target, size: int, duration_s: float) -> dict[str, Any]:
     conns, refused = [], 0
+    give_up = time.monotonic() + duration_s
     for _ in range(size):
+        if time.monotonic() > give_up:  # a daemon out of descriptors stops accepting: connects then hang
+            break
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.settimeout(1.0)
+        s.settimeout(0.2)
         try:
             s.connect(("127.0.0.1", t.metrics_port))
             conns.append(s)
@@ -255,9 +265,12 @@ def attack_metrics_idle(t: Target, size: int, duration_s: float) -> dict[str, An
 
 def attack_engine_idle(t: Target, size: int, duration_s: float) -> dict[str, Any]:
     conns, refused = [], 0
+    give_up = time.monotonic() + duration_s
     for _ in range(size):
+        if time.monotonic() > give_up:  # a daemon out of descriptors stops accepting: connects then hang
+            break
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(1.0)
+        s.settimeout(0.2)
         try:
             s.connect(t.engine_socket)
             conns.append(s)
@@ -442,6 +455,7 @@ async def _churn(t: Target, size: int, duration_s: float) -> dict[str, Any]:
 
 
 async def _silent(t: Target, size: int, duration_s: float) -> dict[str, Any]:
+    duration_s = max(duration_s, limits.EngineLimits().silence_timeout_s + 2)  # long enough to be timed out
     async with grpc.aio.insecure_channel(f"unix:{t.engine_socket}") as channel:
         call = pals_pb2_grpc.EngineLinkStub(channel).Connect()
         await call.write(_register("silent", t.gpu_indices))
@@ -478,18 +492,24 @@ def run_attack(name: str, t: Target, size: int, duration_s: float) -> dict[str, 
 # ------------------------------------------------------------------ a simulated node for the bench
 
 
-def start_sim_daemon(workdir: Path, period_s: float) -> tuple[subprocess.Popen[bytes], Target]:
-    """A daemon on four simulated A100s, enforce mode, a 1,000 W budget (binding), metrics on a free port."""
+def start_sim_daemon(workdir: Path, period_s: float, daemon_src: Path = REPO) -> tuple[subprocess.Popen[bytes], Target]:
+    """A daemon on four simulated A100s, enforce mode, a 1,000 W budget (binding), metrics on a free port;
+    the pals_daemon package of ``daemon_src`` (another checkout measures another version)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    workdir.mkdir(parents=True, exist_ok=True)
     run = workdir / "run"
     argv = [sys.executable, "-m", "pals_daemon.cli.daemon_main", "--config", os.devnull, "--backend", "sim"]
     argv += ["--runtime-dir", str(run), "--state-dir", str(workdir / "state"), "--engine-socket-group", ""]
     argv += ["--period-s", str(period_s), "--metrics-port", str(port), "--budget-w", "1000", "--log-level", "warning"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PALS_") and k != "NOTIFY_SOCKET"}
+    env["PYTHONPATH"] = str(daemon_src)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # leave the other checkout as it is
     log = open(workdir / "daemon.log", "wb")  # noqa: SIM115 - kept open for the daemon's life
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=daemon_src)
+    # systemd's default soft limit: what the daemon had before the unit set LimitNOFILE.
+    resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (SYSTEMD_DEFAULT_NOFILE, SYSTEMD_DEFAULT_NOFILE))
     target = Target(proc.pid, str(run / "admin" / "admin.sock"), str(run / "engine.sock"), port, period_s, (0, 1, 2, 3))
     deadline = time.monotonic() + 30
     while True:
@@ -511,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=5.0, help="length of each attack")
     parser.add_argument("--period-s", type=float, default=0.5, help="the daemon's control period")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--daemon-src", type=Path, default=REPO, help="checkout whose daemon to attack (default: this one)"
+    )
     # Child mode: run one attack against a given target and print what it saw as JSON.
     parser.add_argument("--attack", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -522,21 +545,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = []
     with tempfile.TemporaryDirectory(prefix="pals-hostile-") as tmp:
-        proc, target = start_sim_daemon(Path(tmp), args.period_s)
-        try:
-            for name in args.attacks.split(","):
+        for name in args.attacks.split(","):
+            # A fresh daemon per attack: what one attack leaves behind (RSS) is not charged to the next.
+            proc, target = start_sim_daemon(Path(tmp) / name, args.period_s, args.daemon_src.resolve())
+            try:
                 figures = measure(target, name, ATTACKS[name], args.duration_s)
-                results.append(asdict(figures))
+                results.append({**asdict(figures), "daemon_alive_at_end": proc.poll() is None})
                 print(
                     f"{name:13s} x{figures.size:<5d} admin max {figures.admin_latency_max_s * 1e3:7.1f} ms  "
                     f"tick gap p99 {figures.tick_gap_p99_s:.3f} s max {figures.tick_gap_max_s:.3f} s  "
                     f"RSS +{figures.rss_growth_mb:6.1f} MB  fds max {figures.fds_max:4d}  {figures.attacker}",
                     flush=True,
                 )
-        finally:
-            proc.terminate()
-            proc.wait(30)
+            finally:
+                proc.terminate()
+                proc.wait(30)
     doc = {
+        "daemon_src": str(args.daemon_src),
         "command": "python bench/hostile_clients.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "period_s": args.period_s,
         "duration_s": args.duration_s,
