@@ -8,6 +8,9 @@ allocation, and the engine falls back to its own limits when its last directive 
 Bad input ends the session with INVALID_ARGUMENT naming the field; a flood of reports (see
 engines.ReportRateLimit) ends it with RESOURCE_EXHAUSTED. Ending rather than dropping the excess: a client
 that floods is broken, the error tells its operator so, and the client library reconnects with backoff.
+A stream that does not register (or report) in time, or goes silent, ends with DEADLINE_EXCEEDED; expert-load
+streams are capped per socket and per GPU; every message waits for the socket's report budget of the tick
+before it is read (server/limits.py).
 """
 
 from __future__ import annotations
