@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 
@@ -90,8 +90,9 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
         self.now = now
         # Sessions ended for flooding, since start (for tests and logs).
         self.floods = 0
-        # Streams ended for not registering / staying silent, since start.
+        # Streams ended for not registering / staying silent, and ended with any error, since start.
         self.timeouts = 0
+        self.aborts = 0
         # Open ReportExpertLoad streams: all, and per GPU they named.
         self.expert_streams = 0
         self.expert_streams_by_gpu: dict[int, int] = {}
@@ -104,17 +105,18 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
             first = await self._next(request_iterator, self.limits.first_message_timeout_s)
         except asyncio.TimeoutError:
             self.timeouts += 1
-            await context.abort(
+            await self._abort(
+                context,
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"no Register within {self.limits.first_message_timeout_s:g} s of opening the stream",
             )
         if first is None or first.WhichOneof("body") != "register":
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message must be a Register")
+            await self._abort(context, grpc.StatusCode.FAILED_PRECONDITION, "the first message must be a Register")
         try:
             registration = parse_registration(first.register, self.resolve_gpus)
             session = self.registry.register(registration)
         except InvalidRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         log.info(
             "engine %s connected (%s on GPUs %s)",
             registration.engine_id,
@@ -137,7 +139,7 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
                 yield getter.result()
             error = reader.result()
             if error is not None:
-                await context.abort(*error)
+                await self._abort(context, *error)
         finally:
             # Both, also when the handler itself is cancelled (client gone, server stopping) mid-wait.
             reader.cancel()
@@ -185,6 +187,12 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
             except InvalidRequestError as exc:
                 return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
 
+    async def _abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+        """End the stream with ``code`` (counted: each leaves garbage cycles for the heap trimmer to collect)."""
+        self.aborts += 1
+        await context.abort(code, details)
+        raise AssertionError("unreachable: context.abort raises")
+
     async def _next(self, iterator: AsyncIterator[T], timeout_s: float) -> T | None:
         """The next message (None at the end of the stream), read once the socket's report budget for this
         tick is not spent; asyncio.TimeoutError when none comes within ``timeout_s`` of asking for it."""
@@ -208,7 +216,8 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
         """
         ack = pals_pb2.ExpertLoadAck()
         if self.expert_streams >= self.limits.max_expert_streams:
-            await context.abort(
+            await self._abort(
+                context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"at most {self.limits.max_expert_streams} expert-load streams may be open on this socket",
             )
@@ -237,24 +246,30 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
                 report = await self._next(request_iterator, timeout_s)
             except asyncio.TimeoutError:
                 self.timeouts += 1
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no report for {timeout_s:g} s; stream ended")
+                await self._abort(
+                    context, grpc.StatusCode.DEADLINE_EXCEEDED, f"no report for {timeout_s:g} s; stream ended"
+                )
             if report is None:
                 return
             timeout_s = self.limits.silence_timeout_s
             if not limit.allow(self.now()):
                 self.floods += 1
                 log.warning("an expert-load stream flooded (over %.0f messages/s); ending it", limit.rate_hz)
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"more than {limit.rate_hz:.0f} messages/s; stream ended"
+                await self._abort(
+                    context,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"more than {limit.rate_hz:.0f} messages/s; stream ended",
                 )
             try:
                 tokens = expert_load_tokens(report)  # a bad report is refused even when no engine would take it
                 gpu = self._report_gpu(report)
             except InvalidRequestError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             if gpu not in named:
                 if self.expert_streams_by_gpu.get(gpu, 0) >= self.limits.max_expert_streams_per_gpu:
-                    await context.abort(
+                    del report  # not kept alive by the abort's traceback (a decoded report is ~0.5 MB)
+                    await self._abort(
+                        context,
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"at most {self.limits.max_expert_streams_per_gpu} expert-load streams may report GPU {gpu}",
                     )

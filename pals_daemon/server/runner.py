@@ -35,6 +35,7 @@ from pals_daemon.server.limits import (
     MAX_ENGINE_RPCS,
     CoalescedWake,
     EngineLimits,
+    HeapTrimmer,
     ReportByteBudget,
     grpc_server_options,
 )
@@ -91,6 +92,9 @@ class Runner:
         self.engine_limits = EngineLimits()
         self.report_budget = ReportByteBudget(self.engine_limits.report_bytes_per_s * config.period_s)
         self.daemon.on_tick.append(lambda d: self.report_budget.refill())
+        self.engine_link: EngineLinkServicer | None = None
+        self.heap_trimmer = HeapTrimmer(lambda: self.engine_link.aborts if self.engine_link else 0)
+        self.daemon.on_tick.append(self.heap_trimmer)
         self.signals = ShutdownSignals(self.daemon.request_stop)
         self.session_wake: CoalescedWake | None = None
 

@@ -149,11 +149,12 @@ def test_report_bytes_per_tick_hold_readers_until_the_next_tick(dirs: Dirs) -> N
             waits_before = budget.waits
             for _ in range(10):
                 await call.write(step())
-            deadline = time.perf_counter() + 10
+            deadline = time.perf_counter() + 20
             while node.runner.daemon.engine_stats.get("e1") is None or budget.waits - waits_before < 5:
                 assert time.perf_counter() < deadline
                 await asyncio.sleep(0.02)
-            assert node.runner.daemon.ticks - ticks_before >= 5
+            # One wait per tick at most (a wait is counted when it starts, so the 5th began after 4 refills).
+            assert node.runner.daemon.ticks - ticks_before >= 4
             call.cancel()
             reader.cancel()
 
