@@ -13,7 +13,14 @@ from daemon_harness import Dirs, drain, drive, read_message, register, running, 
 
 from pals_daemon.api import pals_pb2
 from pals_daemon.clock import MonotonicClock
-from pals_daemon.server.limits import CoalescedWake, EngineLimits, ReportByteBudget
+from pals_daemon.server.limits import (
+    HEAP_COLLECT_AFTER_ABORTS,
+    HEAP_TIDY_INTERVAL_S,
+    CoalescedWake,
+    EngineLimits,
+    HeapTrimmer,
+    ReportByteBudget,
+)
 
 SHORT = EngineLimits(first_message_timeout_s=0.3, silence_timeout_s=0.6)
 
@@ -192,3 +199,21 @@ def test_session_wakes_are_coalesced_after_a_burst() -> None:
         assert time.perf_counter() - started < 1.0
 
     drive(body())
+
+
+def test_heap_trimmer_collects_only_after_streams_were_ended() -> None:
+    clock = [0.0]
+    aborts = [0]
+    trimmer = HeapTrimmer(lambda: aborts[0], now=lambda: clock[0])
+    trimmer()
+    assert trimmer.collections == 0  # nothing ended: no full collection
+    aborts[0] = HEAP_COLLECT_AFTER_ABORTS
+    clock[0] += HEAP_TIDY_INTERVAL_S / 2
+    trimmer()
+    assert trimmer.collections == 0  # within the interval: nothing at all
+    clock[0] += HEAP_TIDY_INTERVAL_S
+    trimmer()
+    assert trimmer.collections == 1
+    clock[0] += HEAP_TIDY_INTERVAL_S
+    trimmer()
+    assert trimmer.collections == 1  # no new aborts since
