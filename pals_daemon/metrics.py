@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from pals_daemon.api import pals_pb2
+from pals_daemon.server.metrics_http import CachedExposition, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -191,16 +192,18 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=self.registry,
         )
+        self.exposition = CachedExposition(self.registry)
         self._server = None
 
     def observe_tick(self, duration_s: float) -> None:
-        """Record one tick's duration."""
+        """Record one tick's duration (a new snapshot: the next scrape renders afresh)."""
         self.tick_duration.observe(duration_s)
+        self.exposition.invalidate()
 
     def serve(self, address: str, port: int) -> int:
-        """Start the HTTP endpoint; returns the bound port (useful with port 0 in tests)."""
+        """Start the HTTP endpoint (bounded: server/metrics_http.py); returns the bound port (port 0 in tests)."""
         try:
-            server, _thread = start_http_server(port, addr=address, registry=self.registry)
+            server = serve_metrics(address, port, self.exposition)
         except OSError as exc:  # name the address: "Address already in use" alone does not say which
             raise OSError(exc.errno, f"metrics endpoint {address}:{port}: {exc.strerror or exc}") from exc
         self._server = server

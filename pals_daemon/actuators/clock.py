@@ -275,7 +275,10 @@ class LockedClockActuator(Actuator):
             st = self.gpus.get(g.identity.index)
             if st is not None:
                 st.requested_max_mhz = None
-        host.store.save(host.state)
+        try:
+            host.store.save(host.state)
+        except OSError as exc:  # the GPUs are restored; a stale record only restores again
+            problems.append(f"state not saved after the restore: {exc}")
         return problems
 
 

@@ -131,7 +131,10 @@ class PowerLimitActuator(Actuator):
                     original.limit_mw,
                     exc,
                 )
-        host.store.save(host.state)
+        try:
+            host.store.save(host.state)
+        except OSError as exc:  # the GPUs are restored; a stale record only restores again
+            problems.append(f"state not saved after the restore: {exc}")
         return problems
 
     def decide(self, host: ActuatorHost, decision: Decision) -> None:

@@ -153,7 +153,7 @@ class BudgetStatus(_message.Message):
     def __init__(self, budget_w: _Optional[float] = ..., effective_budget_w: _Optional[float] = ..., ramp_remaining_s: _Optional[float] = ..., min_budget_w: _Optional[float] = ..., max_budget_w: _Optional[float] = ..., sum_requested_limits_w: _Optional[float] = ..., sum_enforced_limits_w: _Optional[float] = ..., node_power_w: _Optional[float] = ...) -> None: ...
 
 class ControllerStatus(_message.Message):
-    __slots__ = ("mode", "backend", "period_s", "ticks", "decisions_changed", "last_tick_duration_s", "last_reason", "last_tick_started_unix_s")
+    __slots__ = ("mode", "backend", "period_s", "ticks", "decisions_changed", "last_tick_duration_s", "last_reason", "last_tick_started_unix_s", "state_save_error", "state_save_failures")
     MODE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     PERIOD_S_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,8 @@ class ControllerStatus(_message.Message):
     LAST_TICK_DURATION_S_FIELD_NUMBER: _ClassVar[int]
     LAST_REASON_FIELD_NUMBER: _ClassVar[int]
     LAST_TICK_STARTED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    STATE_SAVE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    STATE_SAVE_FAILURES_FIELD_NUMBER: _ClassVar[int]
     mode: str
     backend: str
     period_s: float
@@ -170,7 +172,9 @@ class ControllerStatus(_message.Message):
     last_tick_duration_s: float
     last_reason: str
     last_tick_started_unix_s: float
-    def __init__(self, mode: _Optional[str] = ..., backend: _Optional[str] = ..., period_s: _Optional[float] = ..., ticks: _Optional[int] = ..., decisions_changed: _Optional[int] = ..., last_tick_duration_s: _Optional[float] = ..., last_reason: _Optional[str] = ..., last_tick_started_unix_s: _Optional[float] = ...) -> None: ...
+    state_save_error: str
+    state_save_failures: int
+    def __init__(self, mode: _Optional[str] = ..., backend: _Optional[str] = ..., period_s: _Optional[float] = ..., ticks: _Optional[int] = ..., decisions_changed: _Optional[int] = ..., last_tick_duration_s: _Optional[float] = ..., last_reason: _Optional[str] = ..., last_tick_started_unix_s: _Optional[float] = ..., state_save_error: _Optional[str] = ..., state_save_failures: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
     __slots__ = ("timestamp_unix_s", "gpus", "engines", "budget", "controller")

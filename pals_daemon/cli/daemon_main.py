@@ -26,7 +26,9 @@ from pals_daemon.gpu.backend import GpuBackend
 from pals_daemon.model.profile import load_profile_tree
 from pals_daemon.restore import restore_originals
 from pals_daemon.server.daemon import default_profiles_dir
+from pals_daemon.server.logsafety import EscapingFormatter, filter_native_stderr
 from pals_daemon.server.runner import Runner
+from pals_daemon.server.signals import ignore_early
 from pals_daemon.state import StateStore
 
 log = logging.getLogger("pals_daemon")
@@ -40,6 +42,8 @@ def setup_logging(level: str) -> None:
         else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(EscapingFormatter(fmt))  # client text never starts a log line of its own
 
 
 def make_clock(cfg: DaemonConfig) -> Clock:
@@ -65,6 +69,7 @@ def profiles_dir(cfg: DaemonConfig) -> str:
 
 async def serve(cfg: DaemonConfig) -> None:
     """Run the daemon until SIGTERM/SIGINT."""
+    ignore_early()  # HUP/USR1/USR2 until the runner takes them over (their default would kill the daemon)
     clock = make_clock(cfg)
     backend = make_backend(cfg, clock)
     directory = profiles_dir(cfg)
@@ -128,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(describe(cfg), indent=2))
         return 0
+    if command == "run":
+        filter_native_stderr()  # gRPC core's own log lines quote clients: escape them too
     setup_logging(cfg.log_level)
     try:
         uvloop.run(serve(cfg))

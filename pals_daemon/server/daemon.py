@@ -38,8 +38,9 @@ from pals_daemon.gpu.worker import GpuWorker
 from pals_daemon.model.profile import ProfileRegistry
 from pals_daemon.server import validate
 from pals_daemon.server.engines import EngineRegistry
+from pals_daemon.server.persist import StateWriter
 from pals_daemon.server.profiler import Profiler
-from pals_daemon.state import DaemonState, StateStore, current_boot_id
+from pals_daemon.state import BudgetRamp, DaemonState, StateStore, current_boot_id
 from pals_daemon.units import mj_to_j, mw_to_w
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,8 @@ class Daemon:
         self.clock = clock
         self.controller = Controller(profiles, controller_config or config.controller_config())
         self.store = StateStore(config.state_dir)
+        # Budget, targets and restores are saved through this (never raising: applied first, saved after).
+        self.persist = StateWriter(self.store)
         self.state = DaemonState()
         # Stamped on each original-limit record (set in start()).
         self.boot_id: str | None = None
@@ -222,11 +225,42 @@ class Daemon:
                 self.min_budget_w(),
             )
             budget = self.min_budget_w()
-        self.budget = BudgetSchedule(target_w=budget)
-        self.state = self.state.with_budget(budget)
+        self.budget = self._resumed_schedule(budget)
+        self.state = self.state.with_budget(budget, self._ramp_record())
         self.store.save(self.state)
         self.last_tick_s = self.clock.now()
         self.status = self.build_status()
+
+    def _resumed_schedule(self, budget_w: float | None) -> BudgetSchedule:
+        """The budget schedule at start: a saved ramp towards ``budget_w`` resumes where it is now (wall time)."""
+        ramp = self.state.budget_ramp
+        if budget_w is None or ramp is None or budget_w != self.state.budget_w:
+            return BudgetSchedule(target_w=budget_w)
+        # Ramps run on the daemon's clock (scaled for the simulated node); the record is in wall seconds.
+        elapsed_s = (time.time() - ramp.start_unix_s) * _clock_speed(self.clock)
+        if not 0.0 <= elapsed_s < ramp.ramp_s:
+            # Over, or the wall clock went back: the lower end is in force (never more watts than asked).
+            if elapsed_s < 0.0 and ramp.start_w < budget_w:
+                elapsed_s = 0.0
+            else:
+                return BudgetSchedule(target_w=budget_w)
+        log.info(
+            "resuming the budget ramp from %.0f W to %.0f W: %.0f s of %.0f s left",
+            ramp.start_w,
+            budget_w,
+            ramp.ramp_s - elapsed_s,
+            ramp.ramp_s,
+        )
+        return BudgetSchedule(budget_w, ramp.start_w, self.clock.now() - elapsed_s, ramp.ramp_s)
+
+    def _ramp_record(self) -> BudgetRamp | None:
+        """The budget ramp in progress, as saved (None when the budget is in force)."""
+        now = self.clock.now()
+        b = self.budget
+        if b.target_w is None or b.start_w is None or b.ramp_remaining_s(now) <= 0:
+            return None
+        # Wall time of the ramp's start: the monotonic clock does not survive a restart.
+        return BudgetRamp(b.start_w, time.time() - (now - b.start_s) / _clock_speed(self.clock), b.ramp_s)
 
     def _read_driver_version(self) -> str | None:
         """The driver version for new records; None (unknown) when the backend cannot say."""
@@ -241,6 +275,8 @@ class Daemon:
         problems = []
         for actuator in self.actuators:
             problems += await actuator.restore_all(self)
+        # A failed save leaves records of restored GPUs on disk: harmless, restoring them again is a no-op.
+        self.persist.save(self.state)
         return problems
 
     def gpu_failed(self, g: GpuSlot, exc: BaseException) -> None:
@@ -288,6 +324,7 @@ class Daemon:
     async def tick(self) -> Decision:
         """One control period: observe, decide, apply (enforce mode), publish."""
         async with self._tick_lock:
+            self.persist.retry(self.state)
             started = time.perf_counter()
             self.last_tick_started_unix_s = time.time()
             now = self.clock.now()
@@ -448,10 +485,11 @@ class Daemon:
                     f"budget {budget_w:g} W is below the sum of the GPUs' minimum limits ({self.min_budget_w():g} W)"
                 )
         async with self._tick_lock:
-            new_state = self.state.with_budget(budget_w)
-            self.store.save(new_state)  # persisted before it takes effect: a crash cannot lose it
-            self.state = new_state
+            # Applied first, saved after: a budget cut takes effect even when the state disk is full or
+            # read-only (the failure is reported and the save retried every tick: server/persist.py).
             self.budget = self.budget.retarget(budget_w, ramp_s, self.clock.now(), self.max_budget_w())
+            self.state = self.state.with_budget(budget_w, self._ramp_record())
+            self.persist.save(self.state)
         log.info("budget set to %s (ramp %g s)", "none" if budget_w is None else f"{budget_w:g} W", ramp_s)
         # Applied now, not at the next period: a lowered budget is a hard limit.
         await self.tick()
@@ -469,9 +507,8 @@ class Daemon:
                 f"targets are kept for at most {validate.MAX_TARGET_ENGINES} engines; clear an unused engine's "
                 "targets (set them with no target) first"
             )
-        new_state = self.state.with_targets(engine_id, targets)
-        self.store.save(new_state)
-        self.state = new_state
+        self.state = self.state.with_targets(engine_id, targets)
+        self.persist.save(self.state)
         self._wake.set()
 
     async def wait_status(self, timeout_s: float) -> pals_pb2.NodeStatus:
@@ -606,6 +643,8 @@ class Daemon:
                 last_tick_duration_s=self.last_tick_duration_s,
                 last_reason=self.last_decision.reason if self.last_decision else "",
                 last_tick_started_unix_s=self.last_tick_started_unix_s,
+                state_save_error=self.persist.error,
+                state_save_failures=self.persist.failures,
             )
         )
         return status
@@ -623,6 +662,11 @@ class Daemon:
             gs.locked_clock_requested_mhz = st.requested_max_mhz
         if st.decided_max_mhz is not None:
             gs.locked_clock_decided_mhz = st.decided_max_mhz
+
+
+def _clock_speed(clock: Clock) -> float:
+    """Daemon seconds per wall second (1 but for the simulated node's scaled clock)."""
+    return float(getattr(clock, "speed", 1.0))
 
 
 def _targets_proto(t: EngineTargets) -> pals_pb2.EngineTargets:

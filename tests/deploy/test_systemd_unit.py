@@ -166,6 +166,18 @@ def test_required_directives(unit) -> None:
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
 
 
+def test_limit_nofile_covers_every_client_bound_with_headroom(unit) -> None:
+    # The connection caps bound what clients can make the daemon hold; LimitNOFILE must sit well above
+    # their sum (plus the daemon's own ~50 descriptors), and above systemd's default soft limit of 1024.
+    from pals_daemon.server import limits
+
+    (value,) = unit["Service"]["LimitNOFILE"]
+    nofile = int(value)
+    client_bound = limits.MAX_ENGINE_CONNECTIONS + limits.MAX_ADMIN_CONNECTIONS + limits.MAX_METRICS_CONNECTIONS
+    assert nofile >= 4 * (client_bound + 50)
+    assert nofile > 1024
+
+
 def test_example_config_parses_with_exactly_the_daemon_keys() -> None:
     text = EXAMPLE.read_text()
     doc = tomllib.loads(text)

@@ -440,7 +440,9 @@ static int emit_opt(char *out, size_t size, long long value) {
     return value == NONE ? snprintf(out, size, "none") : snprintf(out, size, "%lld", value);
 }
 
-static int write_state(int fd) {
+/* Atomic: the new text goes to <state>.tmp, then rename(2) replaces the state file, so a process killed at
+ * any point leaves the old file or the new one, never an empty or torn one. Called with <state>.lock held. */
+static int write_state(void) {
     static char buf[FILE_MAX];
     size_t len = 0;
     EMIT("# fake NVML state (rewritten by fake_nvml.c)\ncount %d\nnonroot %d\n", S.count, S.nonroot);
@@ -479,11 +481,20 @@ static int write_state(int fd) {
             EMIT(f->times ? "gpu %d fail %s %d %d\n" : "gpu %d fail %s %d\n", i, f->fn, f->code, f->times);
         }
     }
-    if (ftruncate(fd, 0) != 0 || pwrite(fd, buf, len, 0) != (ssize_t)len) return -1;
+    char tmp[sizeof g_state_path + 8];
+    snprintf(tmp, sizeof tmp, "%s.tmp", g_state_path);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) return -1;
+    if (write(fd, buf, len) != (ssize_t)len) {
+        close(fd);
+        return -1;
+    }
+    if (close(fd) != 0 || rename(tmp, g_state_path) != 0) return -1;
     return 0;
 }
 
-/* One call's hold on the state: the process mutex plus flock on the state file. */
+/* One call's hold on the state: the process mutex plus flock on <state>.lock (not on the state file itself,
+ * which write_state replaces by rename: a lock on the replaced file would guard nothing). */
 typedef struct {
     int fd;
     int dirty;
@@ -493,16 +504,25 @@ typedef struct {
 static nvmlReturn_t load(session_t *s) {
     static char buf[FILE_MAX];
     ssize_t n;
-    s->fd = open(g_state_path, O_RDWR | O_CLOEXEC);
+    char lock[sizeof g_state_path + 8];
+    int fd;
+    snprintf(lock, sizeof lock, "%s.lock", g_state_path);
+    s->fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
     if (s->fd < 0) {
-        complain("cannot open state %s: %s", g_state_path, strerror(errno));
+        complain("cannot open state lock %s: %s", lock, strerror(errno));
         return NVML_ERROR_UNKNOWN;
     }
     if (flock(s->fd, LOCK_EX) != 0) {
-        complain("cannot lock state %s: %s", g_state_path, strerror(errno));
+        complain("cannot lock state %s: %s", lock, strerror(errno));
         return NVML_ERROR_UNKNOWN;
     }
-    n = pread(s->fd, buf, sizeof buf - 1, 0);
+    fd = open(g_state_path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        complain("cannot open state %s: %s", g_state_path, strerror(errno));
+        return NVML_ERROR_UNKNOWN;
+    }
+    n = read(fd, buf, sizeof buf - 1);
+    close(fd);
     if (n < 0 || n >= (ssize_t)sizeof buf - 1) {
         complain("cannot read state %s (or larger than %d bytes)", g_state_path, FILE_MAX - 2);
         return NVML_ERROR_UNKNOWN;
@@ -567,11 +587,11 @@ static nvmlReturn_t enter(session_t *s, const char *fn, nvmlDevice_t device, int
 
 static nvmlReturn_t leave(session_t *s, nvmlReturn_t rc) {
     if (s->fd >= 0) {
-        if (s->dirty && write_state(s->fd) != 0) {
+        if (s->dirty && write_state() != 0) {
             complain("cannot write state %s", g_state_path);
             if (rc == NVML_SUCCESS) rc = NVML_ERROR_UNKNOWN;
         }
-        close(s->fd); /* releases the flock */
+        close(s->fd); /* the lock file's: releases the flock */
     }
     if (s->locked) pthread_mutex_unlock(&g_mutex);
     return rc;

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -286,21 +288,25 @@ class FakeNvmlState:
         return cls(gpus=gpus, nonroot=nonroot, faults=faults, driver_version=driver_version, delays=delays)
 
     def write(self, path: Path) -> None:
-        """Write to ``path`` under the same flock the fake takes, so a running fake never sees half a file."""
-        with open(path, "a+", encoding="utf-8") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            f.seek(0)
-            f.truncate()
-            f.write(self.to_text())
-            f.flush()
-            os.fsync(f.fileno())
+        """Write to ``path`` atomically (temporary file, rename) under the fake's lock (``<path>.lock``)."""
+        with _locked(path, fcntl.LOCK_EX):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(self.to_text(), encoding="utf-8")
+            os.replace(tmp, path)
 
     @classmethod
     def read(cls, path: Path) -> FakeNvmlState:
-        """Read ``path`` under the fake's flock."""
-        with open(path, encoding="utf-8") as f:
-            fcntl.flock(f, fcntl.LOCK_SH)
-            return cls.from_text(f.read())
+        """Read ``path`` under the fake's lock."""
+        with _locked(path, fcntl.LOCK_SH):
+            return cls.from_text(path.read_text(encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def _locked(path: Path, mode: int) -> Iterator[None]:
+    """The flock fake_nvml.c takes on ``<state>.lock`` around every read and rewrite of the state file."""
+    with open(path.with_name(path.name + ".lock"), "a+b") as lock:
+        fcntl.flock(lock, mode)
+        yield
 
 
 @dataclass(frozen=True)
