@@ -751,7 +751,12 @@ class Controller:
             meets = p.tput[i, j] >= p.required * (1 - slack) and (
                 p.tpot_slo is None or p.tpot[i, j] <= p.tpot_slo * (1 + slack)
             )
-            frac = 1.0 if p.required <= 0 else min(1.0, p.tput[i, j] * (1 + slack) / p.required)
+            if p.slo is not None and p.slo.closeness.size == p.caps_w.size:
+                # Under latency SLOs the budget split weighs how close a cap comes to the SLO, not throughput
+                # (at a binding budget every cap may serve the arrivals; the higher ones keep the tail shorter).
+                frac = min(1.0, float(p.slo.closeness[i]) * (1 + slack))
+            else:
+                frac = 1.0 if p.required <= 0 else min(1.0, p.tput[i, j] * (1 + slack) / p.required)
             effn = min(1.0, p.eff[i, j] * (1 + slack) / eff_max)
             return _W_MEET * meets + _W_FRACTION * frac + effn
 

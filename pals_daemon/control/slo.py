@@ -69,6 +69,8 @@ class SloEngine:
         self.queue_growing = False
         self.idle_w: float | None = None
         self.prediction: Prediction | None = None
+        # Per cap of the last plan: 1 when the SLO is predicted met, else how close (the budget split's score).
+        self.closeness: FloatArray = np.zeros(0)
         # (time s, smoothed decode tokens/s, smoothed prefill tokens/s) over the forecast window.
         self._history: deque[tuple[float, float, float]] = deque()
         self._clock_s = 0.0
@@ -174,12 +176,19 @@ class SloEngine:
         # costs its power for longer per token.
         energy = n_gpus * (pred.work * p_busy + np.maximum(0.0, 1 - pred.work) * idle) / max(lam_d, 1e-6)
         m = self.margin
-        ok = ~pred.overloaded
         q = self.config.slo_percentile
-        if target.tpot_ms is not None and target.tpot_ms > 0:
-            ok &= pred.tail_ms("tpot", q) <= target.tpot_ms * (1 - m)
-        if target.ttft_ms is not None and target.ttft_ms > 0:
-            ok &= pred.tail_ms("ttft", q) <= target.ttft_ms * (1 - m)
+        # How close each cap comes to the SLO: 1 when every predicted tail is within SLO x (1 - margin), else
+        # the worst (allowed / predicted) ratio; an overloaded cap scores what it can serve of the arrivals.
+        closeness = np.ones_like(energy)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for kind, slo_ms in (("tpot", target.tpot_ms), ("ttft", target.ttft_ms)):
+                if slo_ms is not None and slo_ms > 0:
+                    ratio = slo_ms * (1 - m) / pred.tail_ms(kind, q)
+                    closeness = np.minimum(closeness, np.nan_to_num(ratio, nan=0.0, posinf=1.0, neginf=0.0))
+            served = np.minimum(1.0, pred.capacity_tokens_per_s / max(lam_d, 1e-9))
+        closeness = np.where(pred.overloaded, np.minimum(closeness, 0.5 * served), closeness)
+        self.closeness = np.clip(closeness, 0.0, 1.0)
+        ok = ~pred.overloaded & (closeness >= 1.0)
         return pred, power, ok, energy
 
     def choose(
