@@ -23,11 +23,9 @@ from pals_daemon.control.config import ControllerConfig
 from pals_daemon.control.core import Controller
 from pals_daemon.control.qos import QosWindows
 from pals_daemon.control.types import (
-    ControllerInput,
     Decision,
     EngineObservation,
     EngineTargets,
-    GpuObservation,
 )
 from pals_daemon.errors import GpuError, GpuFatalError, InvalidRequestError
 from pals_daemon.gpu.backend import GpuBackend, GpuDevice, GpuIdentity, GpuReading, PowerConstraints
@@ -37,6 +35,7 @@ from pals_daemon.server import validate
 from pals_daemon.server.engines import EngineRegistry
 from pals_daemon.server.profiler import Profiler
 from pals_daemon.state import DaemonState, OriginalLimit, StateStore, current_boot_id, origin_notes
+from pals_daemon.tick import engine_directives, observe, plan_settings
 from pals_daemon.units import mj_to_j, mw_to_w, w_to_mw
 
 log = logging.getLogger(__name__)
@@ -357,14 +356,10 @@ class Daemon:
             elapsed = max(now - self.last_tick_s, 1e-6)
             self.last_tick_s = now
             await self._read_gpus(now)
-            observations = self._observe_engines(elapsed)
-            inp = ControllerInput(
-                now_s=now,
-                budget_w=self.budget.effective_w(now),
-                gpus=tuple(self._gpu_observation(g, now) for g in self.gpus),
-                engines=observations,
-                targets=dict(self.state.targets),
+            inp = observe(
+                now, elapsed, self.budget.effective_w(now), self.gpus, self.engines.sessions(), self.state.targets
             )
+            observations = inp.engines
             decision = self.profiler.override(self.controller.step(self.profiler.controller_input(inp)), inp)
             for g in self.gpus:
                 g.decided_limit_w = decision.gpu_limits_w.get(g.identity.index, mw_to_w(g.requested_limit_mw))
@@ -461,63 +456,24 @@ class Daemon:
             )
             g.external_cap_mw = None
 
-    def _gpu_observation(self, g: GpuSlot, now_s: float) -> GpuObservation:
-        r, c = g.reading, g.constraints
-        return GpuObservation(
-            index=g.identity.index,
-            uuid=g.identity.uuid,
-            min_limit_w=mw_to_w(c.min_limit_mw),
-            # A GPU capped by someone else cannot use more: the controller gives those watts to the others.
-            max_limit_w=mw_to_w(g.ceiling_mw(now_s)),
-            default_limit_w=mw_to_w(c.default_limit_mw),
-            requested_limit_w=mw_to_w(g.requested_limit_mw),
-            # The controller counts uncontrolled GPUs at this value.
-            enforced_limit_w=mw_to_w(r.enforced_limit_mw if g.controlled else g.accounted_limit_mw()),
-            power_avg_w=mw_to_w(r.power_avg_mw),
-            power_instant_w=None if r.power_instant_mw is None else mw_to_w(r.power_instant_mw),
-            energy_j=mj_to_j(r.energy_mj),
-            sm_clock_mhz=r.sm_clock_mhz,
-            power_capped=r.power_capped,
-            controlled=g.controlled,
-        )
-
-    def _observe_engines(self, elapsed_s: float) -> tuple[EngineObservation, ...]:
-        known = {g.identity.index for g in self.gpus}
-        out = []
-        for session in self.engines.sessions():
-            obs = session.take_observation(elapsed_s)
-            # Telemetry about GPUs this daemon does not manage cannot steer their limits.
-            if set(obs.gpu_indices) <= known:
-                out.append(obs)
-        return tuple(out)
-
     async def _apply_limits(self, decision: Decision, now_s: float) -> None:
         """Set the decided limits: every decrease first, then the increases, so the sum stays in budget.
 
         An enforced limit below the request (someone else's cap) is no reason to write: only a new decision
         or a management limit overwritten by someone else is.
         """
-        changes = []
-        for g in self.gpus:
-            if not g.controlled or g.identity.index not in decision.gpu_limits_w:
-                continue
-            target_mw = w_to_mw(decision.gpu_limits_w[g.identity.index])
-            target_mw = min(max(target_mw, g.constraints.min_limit_mw), g.ceiling_mw(now_s))
-            if target_mw != g.requested_limit_mw or g.reading.requested_limit_mw != g.requested_limit_mw:
-                changes.append((g, target_mw))
-        if not changes:
+        plan = plan_settings(self.gpus, decision, now_s)
+        if not plan.writes:
             return
-        if any(g.identity.uuid not in self.state.original_limits for g, _ in changes):
+        by_index = {g.identity.index: g for g in self.gpus}
+        if any(by_index[w.gpu_index].identity.uuid not in self.state.original_limits for w in plan.writes):
             # Never write a GPU whose original limit is not on disk.
-            for g, _ in changes:
+            for w in plan.writes:
+                g = by_index[w.gpu_index]
                 self.state = self.state.with_original(g.identity.uuid, self._original_of(g))
             self.store.save(self.state)
-        decreases = [
-            (g, mw)
-            for g, mw in changes
-            if mw < max(g.requested_limit_mw, g.reading.requested_limit_mw, g.reading.enforced_limit_mw)
-        ]
-        increases = [(g, mw) for g, mw in changes if (g, mw) not in decreases]
+        decreases = [(by_index[w.gpu_index], w.value) for w in plan.lowering]
+        increases = [(by_index[w.gpu_index], w.value) for w in plan.raising]
         for batch in (decreases, increases):
             results = await asyncio.gather(
                 *(g.worker.set_power_limit_mw(mw) for g, mw in batch), return_exceptions=True
@@ -572,24 +528,11 @@ class Daemon:
             self._check_drift(g, now_s)
 
     def _send_directives(self, decision: Decision) -> None:
-        # Relative, in the daemon's clock: the simulated engines run on the same (scaled) clock.
-        ttl_ms = int(self.config.directive_ttl_s * 1000)
-        for session in self.engines.sessions():
-            d = decision.engines.get(session.registration.engine_id)
-            if d is None:
-                continue
-            session.current_max_num_seqs = d.max_num_seqs
-            session.current_max_num_batched_tokens = d.max_num_batched_tokens
-            msg = pals_pb2.DaemonMessage(
-                directive=pals_pb2.Directive(
-                    sequence=self.ticks,
-                    max_num_seqs=d.max_num_seqs,
-                    max_num_batched_tokens=d.max_num_batched_tokens,
-                    ttl_ms=max(1, ttl_ms),
-                )
-            )
+        for session, directive in engine_directives(
+            decision, self.engines.sessions(), self.ticks, self.config.directive_ttl_s
+        ):
             try:
-                session.outbox.put_nowait(msg)
+                session.outbox.put_nowait(pals_pb2.DaemonMessage(directive=directive))
             except asyncio.QueueFull:
                 log.warning("engine %s is not reading its directives", session.registration.engine_id)
 
