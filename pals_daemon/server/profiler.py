@@ -638,7 +638,7 @@ def _batched_tokens(session: EngineSession, max_num_seqs: int) -> int:
 
 
 def _clamped_mw(slot: GpuSlot, cap_w: float) -> int:
-    """The limit the daemon writes for ``cap_w`` (as ``Daemon._apply_limits`` rounds and clamps it)."""
+    """The limit the daemon writes for ``cap_w`` (rounded and clamped as ``tick.PowerLimitKnob`` does it)."""
     c = slot.constraints
     return min(max(w_to_mw(cap_w), c.min_limit_mw), c.max_limit_mw)
 
