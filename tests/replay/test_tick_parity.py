@@ -35,7 +35,7 @@ from pals_daemon.server.engine_link import EngineLinkServicer
 from pals_daemon.server.engines import EngineSession
 from pals_daemon.sim.engine import SimEngine
 from pals_daemon.sim.gpu import SimBackend, SimGpu, make_sim_gpus
-from pals_daemon.sim.link import expert_load_reports, step_report
+from pals_daemon.sim.link import expert_load_reports, register_message, step_report
 from pals_daemon.sim.truth import Perturbation
 
 REGISTRY = load_profiles(str(default_profiles_dir()))
@@ -92,18 +92,7 @@ class _EngineClient:
         self.engine = engine
         self.uuids = [g.identity.uuid for g in gpus]
         self.outgoing: asyncio.Queue[pals_pb2.EngineMessage | None] = asyncio.Queue()
-        self.outgoing.put_nowait(
-            pals_pb2.EngineMessage(
-                register=pals_pb2.Register(
-                    engine_id=engine.engine_id,
-                    model=model,
-                    gpu_uuids=self.uuids,
-                    max_num_seqs=engine.configured_max_num_seqs,
-                    max_num_batched_tokens=engine.configured_max_num_batched_tokens,
-                    client_version="parity-test",
-                )
-            )
-        )
+        self.outgoing.put_nowait(register_message(engine, model, self.uuids))
         self.call = stub.Connect(self._messages())
 
     async def _messages(self) -> AsyncIterator[pals_pb2.EngineMessage]:
@@ -194,12 +183,11 @@ async def _live_daemon(sc: Scenario, prep: Prepared, tmp: Path) -> list[tuple[Co
     try:
         async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:
             stub = pals_pb2_grpc.EngineLinkStub(channel)
-            clients = [
-                _EngineClient(e, spec.model, gs, stub)
-                for e, spec, gs in zip(engines, sc.engines, engine_gpus, strict=True)
-            ]
-            for c in clients:
-                assert (await c.read()).WhichOneof("body") == "registered"
+            clients = []
+            # One after the other: the daemon observes engines in registration order, as the replay does.
+            for e, spec, gs in zip(engines, sc.engines, engine_gpus, strict=True):
+                clients.append(_EngineClient(e, spec.model, gs, stub))
+                assert (await clients[-1].read()).WhichOneof("body") == "registered"
             sessions = [daemon.engines.get(e.engine_id) for e in engines]
             assert all(sessions)
             for k in range(int(round(sc.duration_s / sc.period_s))):
