@@ -201,8 +201,12 @@ def apply_plan(plan: ActuationPlan, writers: Mapping[str, SettingWriter]) -> lis
     """Run a plan phase by phase with synchronous writers; returns each write with its read-back.
 
     A writer's exception propagates: the raising phase never runs after a failed lowering write (the raising
-    writes were sized on the lowering ones), as in the daemon.
+    writes were sized on the lowering ones), as in the daemon. A knob without a writer is refused before
+    anything is written (a plan is never half applied for want of a writer).
     """
+    missing = sorted({w.knob for w in plan.writes} - set(writers))
+    if missing:
+        raise ValueError(f"no writer for knob(s) {missing}")
     done = []
     for phase in plan.phases:
         for w in phase:

@@ -134,7 +134,7 @@ class ReplayNode:
 
     def actuate(self, decision: Decision, now_s: float) -> None:
         """Write the decided limits (lowering first) and hand each engine its directive."""
-        apply_plan(plan_settings(self.gpus, decision, now_s), self._writers)
+        apply_plan(plan_settings(self.gpus, decision, now_s, knobs=(POWER_LIMIT,)), self._writers)
         by_id = {e.engine_id: e for e in self.engines}
         for session, directive in engine_directives(decision, self.sessions, self._ticks, DIRECTIVE_TTL_S):
             by_id[session.registration.engine_id].apply_limits(directive.max_num_seqs, directive.max_num_batched_tokens)

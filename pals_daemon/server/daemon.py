@@ -35,7 +35,7 @@ from pals_daemon.server import validate
 from pals_daemon.server.engines import EngineRegistry
 from pals_daemon.server.profiler import Profiler
 from pals_daemon.state import DaemonState, OriginalLimit, StateStore, current_boot_id, origin_notes
-from pals_daemon.tick import engine_directives, observe, plan_settings
+from pals_daemon.tick import POWER_LIMIT, engine_directives, observe, plan_settings
 from pals_daemon.units import mj_to_j, mw_to_w, w_to_mw
 
 log = logging.getLogger(__name__)
@@ -462,7 +462,8 @@ class Daemon:
         An enforced limit below the request (someone else's cap) is no reason to write: only a new decision
         or a management limit overwritten by someone else is.
         """
-        plan = plan_settings(self.gpus, decision, now_s)
+        # Only the knob this method writes (a new knob comes with its own worker call here).
+        plan = plan_settings(self.gpus, decision, now_s, knobs=(POWER_LIMIT,))
         if not plan.writes:
             return
         by_index = {g.identity.index: g for g in self.gpus}

@@ -132,6 +132,14 @@ def test_apply_plan_runs_phases_in_order_and_stops_after_a_failed_lowering_write
     assert seen == [0, 1]  # the raising write was sized on the failed one: never sent
 
 
+def test_apply_plan_refuses_a_knob_without_a_writer_before_writing_anything() -> None:
+    plan = ActuationPlan(lowering=(SettingWrite(0, "k", 1),), raising=(SettingWrite(1, "clock", 2),))
+    seen: list[SettingWrite] = []
+    with pytest.raises(ValueError, match="clock"):
+        apply_plan(plan, {"k": lambda w: seen.append(w) or w.value})
+    assert seen == []
+
+
 def test_engine_directives_go_to_decided_sessions_and_record_the_limits() -> None:
     registry = EngineRegistry()
     a = registry.register(EngineRegistration("a", "m", (0,), 64, 8192))
