@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from pals_daemon.config import DaemonConfig
 from pals_daemon.control.types import ControllerInput, Decision, EngineTargets
 from pals_daemon.gpu.backend import GpuIdentity, GpuReading, PowerConstraints
 from pals_daemon.replay.scenario import Scenario
@@ -28,8 +29,8 @@ from pals_daemon.sim.link import expert_load_reports, step_report
 from pals_daemon.sim.truth import ModelTruth
 from pals_daemon.tick import POWER_LIMIT, SettingWrite, apply_plan, engine_directives, observe, plan_settings
 
-# Directive ttl in the replay (simulated s): the daemon's default; directives never expire in a replay anyway.
-DIRECTIVE_TTL_S = 5.0
+# Directive ttl in the replay (simulated s): the daemon's default; a directive never expires in a replay anyway.
+DIRECTIVE_TTL_S = DaemonConfig.directive_ttl_s
 
 
 @dataclass
