@@ -129,7 +129,11 @@ def _slo(finished: Sequence[FinishedRequest], tg: EngineTargets) -> float | None
 
 
 def _p90(values: Sequence[float]) -> float | None:
-    return float(np.percentile(values, 90)) if values else None
+    return _pct(values, 90)
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
 
 
 @dataclass
