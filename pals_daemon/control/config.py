@@ -58,6 +58,7 @@ class ControllerConfig:
     # (bench/run_scenarios.py --controller-set saturation_busy_fraction=0.5, 2026-11-22).
     saturation_busy_fraction: float = 0.5
     saturation_running_fraction: float = 0.9
+    # Batch limits the controller considers, ascending (the engine's configured maximum is always added).
     candidate_batches: tuple[int, ...] = DEFAULT_CANDIDATE_BATCHES
     # GPU kind passed to ProfileRegistry.find (e.g. "A100-SXM4"); None accepts any profile for the model.
     gpu_kind: str | None = None

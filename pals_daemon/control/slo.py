@@ -189,8 +189,9 @@ class SloEngine:
             incumbent = top  # a new engine starts from the top cap and comes down at the rate limit
         row = want
         recent_breach = self._clock_s - self._last_breach_s < cfg.slo_forecast_window_s
-        if want < incumbent and recent_breach:
-            # No descent within a forecast window of a measured breach: the load that caused it may recur.
+        if want < incumbent and (recent_breach or self._clock_s < cfg.slo_forecast_window_s):
+            # No descent within a forecast window of a measured breach (the load that caused it may recur), nor
+            # before the engine has been watched for one forecast window (its bursts are not known yet).
             row, cause = incumbent, "hold"
         elif want < incumbent:
             floor_w = caps_w[incumbent] - cfg.slo_step_down_w
