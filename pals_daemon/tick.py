@@ -85,10 +85,11 @@ def observe_engines(
 
     An engine on a GPU the node does not manage is left out: its telemetry cannot steer those limits.
     """
+    managed = frozenset(managed_gpus)
     out = []
     for session in sessions:
         obs = session.take_observation(elapsed_s)
-        if set(obs.gpu_indices) <= set(managed_gpus):
+        if managed.issuperset(obs.gpu_indices):
             out.append(obs)
     return tuple(out)
 

@@ -23,6 +23,7 @@ from pals_daemon.tick import (
     apply_plan,
     engine_directives,
     gpu_observation,
+    observe,
     plan_settings,
 )
 
@@ -163,3 +164,16 @@ def test_gpu_observation_budgets_an_uncontrolled_gpu_at_its_enforced_limit(slots
     g.controlled = False
     g.reading = replace(g.reading, enforced_limit_mw=380_000)
     assert gpu_observation(g, NOW_S).enforced_limit_w == 380.0
+
+
+def test_observe_takes_every_window_and_leaves_out_engines_on_unmanaged_gpus(slots: list[GpuSlot]) -> None:
+    registry = EngineRegistry()
+    registry.register(EngineRegistration("here", "m", (0, 1), 64, 8192))
+    elsewhere = registry.register(EngineRegistration("elsewhere", "m", (3, 9), 64, 8192))
+    elsewhere.window.decode_tokens = 5
+    inp = observe(NOW_S, 0.5, 1000.0, slots, registry.sessions(), {})
+    assert [e.engine_id for e in inp.engines] == ["here"]
+    assert [g.index for g in inp.gpus] == [0, 1, 2, 3]
+    assert inp.budget_w == 1000.0
+    # The left-out engine's window was taken all the same (a new one started).
+    assert elsewhere.window.decode_tokens == 0
