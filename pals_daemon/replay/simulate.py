@@ -176,9 +176,10 @@ def run_policy(
     prepared: Prepared | None = None,
     progress: Callable[[float], None] | None = None,
     config: ControllerConfig | None = None,
+    # Called with every tick's input and decision (the parity test; per-tick analyses).
     on_tick: Callable[[ControllerInput, Decision], None] | None = None,
 ) -> PolicyRun:
-    """Replay ``scenario`` under one policy and return its figures; ``on_tick`` sees every input and decision."""
+    """Replay ``scenario`` under one policy and return its figures."""
     started = time.perf_counter()
     prep = prepared if prepared is not None else prepare(scenario)
     now = [0.0]
