@@ -190,7 +190,7 @@ def run_policy(
     node = ReplayNode(scenario, prep.truths, prep.requests, clock)
     engines, engine_gpus, sessions = node.engines, node.engine_gpus, node.sessions
     targets: dict[str, EngineTargets] = {s.engine_id: s.targets for s in scenario.engines}
-    gpu_idx = {s.registration.engine_id: s.registration.gpu_indices for s in sessions}
+    gpu_idx = {e.engine_id: tuple(g.identity.index for g in gs) for e, gs in zip(engines, engine_gpus, strict=True)}
     policy = make_policy(
         policy_name,
         registry,
