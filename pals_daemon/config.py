@@ -34,7 +34,10 @@ BACKENDS = ("nvml", "sim")
 MODES = ("enforce", "advise")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Tables in the TOML file whose keys are flattened as "<table>_<key>".
-TABLES = ("sim", config_controller.TABLE)
+TABLES = ("sim", "clocks", config_controller.TABLE)
+# Spellings of a boolean in the environment or on the command line (TOML has its own true/false).
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,12 @@ class DaemonConfig:
     sim_gpu_count: int = 4
     # Simulated seconds per wall-clock second.
     sim_speed: float = 1.0
+    # [clocks] enabled: the operator's switch for the locked-SM-clock knob. On by default: on Hopper the power
+    # cap rarely binds at light and medium load, so without the clock the daemon saves close to nothing there;
+    # every lock is recorded and reset on every exit path like a power limit, a GPU without the feature falls
+    # back to cap-only control, and an operator's own clock setting is left alone. false: the daemon never
+    # locks a clock (it still resets clocks a crashed run left locked).
+    clocks_enabled: bool = True
     # The [controller] table; its period_s is replaced by this config's (see controller_config()).
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     config_file: str = field(default="", compare=False)
@@ -122,6 +131,15 @@ def _coerce(name: str, raw: Any, from_text: bool) -> Any:
         if not isinstance(raw, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in raw):
             raise ValueError("must be a list of GPU indices")
         return tuple(raw)
+    if kind == "bool":
+        if from_text:
+            text = str(raw).strip().lower()
+            if text in _TRUE or text in _FALSE:
+                return text in _TRUE
+            raise ValueError(f"must be one of {', '.join(_TRUE + _FALSE)}")
+        if not isinstance(raw, bool):
+            raise ValueError("must be true or false")
+        return raw
     if kind == "float":
         return _as_float(raw, from_text)
     if kind == "int":

@@ -58,6 +58,10 @@ class StatusCollector(Collector):
         failed = gauge("pals_gpu_failed", "1 once a fatal NVML error (lost, reset, permission, unsupported, hung)")
         drift = gauge("pals_gpu_power_limit_drift", "1 while someone else caps the GPU below the daemon's request")
         external = gauge("pals_gpu_power_limit_external_watts", "The cap someone else set (only while one is known)")
+        clock_control = gauge("pals_gpu_clock_control", "1 while the daemon may lock the SM clock (0: cap-only)")
+        clock_external = gauge("pals_gpu_clock_external", "1 once someone else's clock setting was detected")
+        lock_requested = gauge("pals_gpu_clock_locked_requested_hertz", "SM clock ceiling the daemon locked (if any)")
+        lock_decided = gauge("pals_gpu_clock_locked_decided_hertz", "SM clock ceiling the controller chose")
         for g in s.gpus:
             key = [str(g.index), g.uuid]
             power.add_metric(key, g.power_w)
@@ -76,6 +80,12 @@ class StatusCollector(Collector):
             drift.add_metric(key, float(g.limit_drift))
             if g.HasField("external_limit_w"):
                 external.add_metric(key, g.external_limit_w)
+            clock_control.add_metric(key, float(g.clock_control))
+            clock_external.add_metric(key, float(g.clock_external))
+            if g.HasField("locked_clock_requested_mhz"):
+                lock_requested.add_metric(key, g.locked_clock_requested_mhz * HZ_PER_MHZ)
+            if g.HasField("locked_clock_decided_mhz"):
+                lock_decided.add_metric(key, g.locked_clock_decided_mhz * HZ_PER_MHZ)
         yield from (
             power,
             instant,
@@ -91,6 +101,10 @@ class StatusCollector(Collector):
             failed,
             drift,
             external,
+            clock_control,
+            clock_external,
+            lock_requested,
+            lock_decided,
         )
 
     def _node_metrics(self, s: pals_pb2.NodeStatus) -> Iterator[Metric]:

@@ -1,4 +1,4 @@
-"""Persisted daemon state: the node budget, engine targets and every GPU's original power limit.
+"""Persisted daemon state: the node budget, engine targets and every GPU's original power limit and clocks.
 
 The original limits are the record that lets any exit path (graceful stop, crash, SIGKILL followed by
 ``pals-daemon restore`` from systemd's ExecStopPost, start-up after a crash) put each GPU back as it was
@@ -32,7 +32,9 @@ from pals_daemon.errors import StateError
 log = logging.getLogger(__name__)
 
 STATE_FILE_NAME = "state.json"
-# Version 2 added boot_id and driver_version to each original-limit record.
+# Version 2 added boot_id and driver_version to each original-limit record. The optional "original_clocks"
+# object came later without a version bump on purpose: a file written by this version is still read by the
+# previous one (which ignores unknown keys), so a downgrade keeps every power-limit record.
 SCHEMA_VERSION = 2
 # Older versions still read (an upgrade must not lose the records of GPUs left capped).
 READABLE_VERSIONS = (1, 2)
@@ -56,6 +58,16 @@ class OriginalLimit:
 
 
 @dataclass(frozen=True)
+class OriginalClock:
+    """A GPU's SM clocks before the daemon first locked them: at the driver default (not locked), since the
+    daemon never touches a GPU whose clocks someone else set. Restoring is nvmlDeviceResetGpuLockedClocks."""
+
+    gpu_index: int
+    boot_id: str | None = None
+    driver_version: str | None = None
+
+
+@dataclass(frozen=True)
 class DaemonState:
     """Everything that must survive a restart."""
 
@@ -63,6 +75,8 @@ class DaemonState:
     targets: dict[str, EngineTargets] = field(default_factory=dict)
     # Keyed by GPU UUID: indices can change across reboots, UUIDs cannot.
     original_limits: dict[str, OriginalLimit] = field(default_factory=dict)
+    # Keyed by GPU UUID: GPUs whose clocks the daemon locked (or is about to), to be reset on exit.
+    original_clocks: dict[str, OriginalClock] = field(default_factory=dict)
 
     def with_budget(self, budget_w: float | None) -> DaemonState:
         """A copy with a new budget."""
@@ -84,6 +98,16 @@ class DaemonState:
         """A copy without a GPU's original limit (after it was restored)."""
         return replace(self, original_limits={k: v for k, v in self.original_limits.items() if k != uuid})
 
+    def with_original_clock(self, uuid: str, original: OriginalClock) -> DaemonState:
+        """A copy recording a GPU's original clocks, unless already recorded (the first one wins)."""
+        if uuid in self.original_clocks:
+            return self
+        return replace(self, original_clocks={**self.original_clocks, uuid: original})
+
+    def without_original_clock(self, uuid: str) -> DaemonState:
+        """A copy without a GPU's clock record (after its clocks were reset, or were found taken over)."""
+        return replace(self, original_clocks={k: v for k, v in self.original_clocks.items() if k != uuid})
+
 
 def current_boot_id() -> str | None:
     """This boot's id, or None where the kernel does not offer it."""
@@ -93,7 +117,7 @@ def current_boot_id() -> str | None:
         return None
 
 
-def origin_notes(original: OriginalLimit, boot_id: str | None, driver_version: str | None) -> list[str]:
+def origin_notes(original: OriginalLimit | OriginalClock, boot_id: str | None, driver_version: str | None) -> list[str]:
     """How a record's boot and driver differ from now (empty when the same or unknown now)."""
     notes = []
     if original.boot_id is None:
@@ -250,6 +274,10 @@ def encode_state(state: DaemonState) -> dict[str, Any]:
             }
             for uuid, o in state.original_limits.items()
         },
+        "original_clocks": {
+            uuid: {"gpu_index": o.gpu_index, "boot_id": o.boot_id, "driver_version": o.driver_version}
+            for uuid, o in state.original_clocks.items()
+        },
     }
 
 
@@ -301,8 +329,21 @@ def decode_state(doc: Any) -> DaemonState:
             boot_id = _tag_or_none(o["boot_id"], f"boot_id of {uuid}")
             driver = _tag_or_none(o["driver_version"], f"driver_version of {uuid}")
         originals[str(uuid)] = OriginalLimit(index, limit, boot_id=boot_id, driver_version=driver)
+    clocks = {}
+    # Absent in files written before the clock knob: no clock was ever locked by those versions.
+    for uuid, o in _mapping(doc.get("original_clocks", {}), "original_clocks").items():
+        o = _mapping(o, f"original clocks of {uuid}")
+        index = o["gpu_index"]
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise ValueError(f"original clocks of {uuid} are malformed")
+        clocks[str(uuid)] = OriginalClock(
+            index,
+            boot_id=_tag_or_none(o["boot_id"], f"boot_id of {uuid}"),
+            driver_version=_tag_or_none(o["driver_version"], f"driver_version of {uuid}"),
+        )
     return DaemonState(
         budget_w=_positive_or_none(doc.get("budget_w"), "budget_w"),
         targets=targets,
         original_limits=originals,
+        original_clocks=clocks,
     )

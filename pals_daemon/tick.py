@@ -56,7 +56,21 @@ class GpuView(Protocol):
 # ---------------------------------------------------------------------------------------------- observe
 
 
-def gpu_observation(g: GpuView, now_s: float) -> GpuObservation:
+@dataclass(frozen=True)
+class ClockView:
+    """The locked-clock knob of one GPU as the controller sees it (a node without the knob: all off)."""
+
+    controllable: bool = False
+    min_mhz: int = 0
+    max_mhz: int = 0
+    # The ceiling the node holds locked (None: unlocked).
+    locked_mhz: int | None = None
+
+
+NO_CLOCK = ClockView()
+
+
+def gpu_observation(g: GpuView, now_s: float, clock: ClockView = NO_CLOCK) -> GpuObservation:
     """One GPU as the controller sees it."""
     r, c = g.reading, g.constraints
     return GpuObservation(
@@ -75,6 +89,10 @@ def gpu_observation(g: GpuView, now_s: float) -> GpuObservation:
         sm_clock_mhz=r.sm_clock_mhz,
         power_capped=r.power_capped,
         controlled=g.controlled,
+        clock_control=clock.controllable,
+        min_clock_mhz=clock.min_mhz,
+        max_clock_mhz=clock.max_mhz,
+        locked_clock_mhz=clock.locked_mhz,
     )
 
 
@@ -101,12 +119,16 @@ def observe(
     gpus: Sequence[GpuView],
     sessions: Iterable[EngineSession],
     targets: Mapping[str, EngineTargets],
+    clocks: Callable[[GpuView], ClockView] | None = None,
 ) -> ControllerInput:
-    """The tick's ControllerInput: GPUs (already read), the engines' windows, targets and the budget in force."""
+    """The tick's ControllerInput: GPUs (already read), the engines' windows, targets and the budget in force.
+
+    ``clocks`` gives each GPU's clock knob (None: the node has none, every GPU reports it off).
+    """
     return ControllerInput(
         now_s=now_s,
         budget_w=budget_w,
-        gpus=tuple(gpu_observation(g, now_s) for g in gpus),
+        gpus=tuple(gpu_observation(g, now_s, clocks(g) if clocks else NO_CLOCK) for g in gpus),
         engines=observe_engines(sessions, {g.identity.index for g in gpus}, elapsed_s),
         targets=dict(targets),
     )

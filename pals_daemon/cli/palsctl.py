@@ -154,6 +154,13 @@ def format_status(s: pals_pb2.NodeStatus) -> str:
             f"{g.enforced_limit_w:>7.0f}W {g.decided_limit_w:>6.0f}W {g.min_limit_w:>4.0f}-{g.max_limit_w:<4.0f}W  "
             f"{g.sm_clock_mhz:>6} {'yes' if g.power_capped else 'no':>6}  {g.engine_id or '-'}{state}"
         )
+    lines += ["", f"{'GPU':>3}  {'SM lock':>7} {'decided':>7} {'in force':>8} {'supported':>11}  clock control"]
+    for g in s.gpus:
+        lock = str(g.locked_clock_requested_mhz) if g.HasField("locked_clock_requested_mhz") else "none"
+        decided = str(g.locked_clock_decided_mhz) if g.HasField("locked_clock_decided_mhz") else "none"
+        supported = f"{g.min_clock_mhz}-{g.max_clock_mhz}" if g.max_clock_mhz else "-"
+        control = "yes" if g.clock_control else f"no: {g.clock_control_note or 'GPU not controlled'}"
+        lines.append(f"{g.index:>3}  {lock:>7} {decided:>7} {g.sm_clock_mhz:>8} {supported:>11}  {control}")
     if s.engines:
         lines += [
             "",

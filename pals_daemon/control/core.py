@@ -657,7 +657,14 @@ class Controller:
         max_limit_w = max((g.max_limit_w for g in own), default=model.max_cap_w)
         batch = max(1, eng.configured_max_num_seqs)
         pred, power, ok, energy = slo.plan(
-            grid.eff_cap_w, n_gpus, max_limit_w, batch, eng.num_waiting, state.power_ratio, target
+            grid.eff_cap_w,
+            n_gpus,
+            max_limit_w,
+            batch,
+            max(1, eng.configured_max_num_batched_tokens),
+            eng.num_waiting,
+            state.power_ratio,
+            target,
         )
         lam_d, _ = slo.forecast()
         served = np.minimum(lam_d, pred.capacity_tokens_per_s)

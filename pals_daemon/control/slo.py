@@ -73,6 +73,8 @@ class SloEngine:
         self._history: deque[tuple[float, float, float]] = deque()
         self._clock_s = 0.0
         self._last_breach_s = -math.inf
+        # Fraction of the windows with finished requests that breached, averaged over slo_regime_window_s.
+        self.breach_rate = 0.0
 
     # ---- per-window learning ------------------------------------------------------------------------------
     def observe(
@@ -118,6 +120,8 @@ class SloEngine:
         if ratio is None:
             return
         cfg = self.config
+        a = min(1.0, span / cfg.slo_regime_window_s)
+        self.breach_rate = (1 - a) * self.breach_rate + a * (1.0 if ratio > 1.0 else 0.0)
         if ratio > 1.0:
             self.breach = True
             self._last_breach_s = self._clock_s
@@ -138,6 +142,7 @@ class SloEngine:
         n_gpus: int,
         max_limit_w: float,
         batch_limit: int,
+        batched_tokens_limit: int,
         num_waiting: int,
         power_ratio: float,
         target: EngineTargets,
@@ -146,7 +151,15 @@ class SloEngine:
         lam_d, lam_p = self.forecast()
         backlog = num_waiting * self.prompt_tokens
         pred = self.latency.predict(
-            eff_caps_w, lam_d, lam_p, batch_limit, self.prompt_tokens, backlog, num_waiting * self.output_tokens
+            eff_caps_w,
+            lam_d,
+            lam_p,
+            batch_limit,
+            self.prompt_tokens,
+            backlog,
+            num_waiting * self.output_tokens,
+            # A step's prompt chunk: the token budget, or less when prompts are short (modelled: two prompts).
+            chunk_tokens=min(float(batched_tokens_limit), 2.0 * self.prompt_tokens),
         )
         self.prediction = pred
         model = self.latency.model
@@ -175,7 +188,11 @@ class SloEngine:
         """The row to run next tick (see module docstring)."""
         cfg = self.config
         top = caps_w.size - 1
-        if feasible.any():
+        if self.breach_rate > cfg.slo_infeasible_breach_rate:
+            # The SLO is not being met at the caps tried: serve the most goodput (the top cap), and come back
+            # down only once breaches have become rare again.
+            want, cause = top, "slo-overload"
+        elif feasible.any():
             # The highest feasible cap within slo_min_saving of the least energy: where the cap does not
             # matter (idle, or below where it binds) a higher one costs nothing and absorbs the next burst.
             best = float(np.min(np.where(feasible, energy, np.inf)))

@@ -43,6 +43,7 @@ TOP_LEVEL_KEYS = {
     "log_level",
 }
 SIM_KEYS = {"gpu_kind", "gpu_count", "speed"}
+CLOCKS_KEYS = {"enabled"}
 # [controller]: every operator setting of ControllerConfig (pals_daemon/config_controller.py generates the section).
 CONTROLLER_KEYS = {spec.field for spec in controller_keys().values()}
 CONTROLLER_UNSET = {spec.field for spec in controller_keys().values() if spec.default is None}
@@ -169,9 +170,10 @@ def test_example_config_parses_with_exactly_the_daemon_keys() -> None:
     text = EXAMPLE.read_text()
     doc = tomllib.loads(text)
     top = {k for k, v in doc.items() if not isinstance(v, dict)}
-    assert set(doc) - top == {"sim", "controller"}
+    assert set(doc) - top == {"sim", "clocks", "controller"}
     assert top == TOP_LEVEL_KEYS - UNSET_BY_DEFAULT
     assert set(doc["sim"]) == SIM_KEYS
+    assert set(doc["clocks"]) == CLOCKS_KEYS
     assert set(doc["controller"]) == CONTROLLER_KEYS - CONTROLLER_UNSET
     for key in UNSET_BY_DEFAULT:
         assert re.search(rf"^# {key} = ", text, re.MULTILINE), f"{key} should be shown commented out"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import async_helpers
@@ -130,7 +131,9 @@ async def _folded(session: EngineSession, window_s: float, expert_gpus: int) -> 
     )
 
 
-async def _live_daemon(sc: Scenario, prep: Prepared, tmp: Path) -> list[tuple[ControllerInput, Decision]]:
+async def _live_daemon(
+    sc: Scenario, prep: Prepared, tmp: Path, clocks_enabled: bool
+) -> list[tuple[ControllerInput, Decision]]:
     clock = ManualClock()
     engines, engine_gpus = [], []
     first = 0
@@ -158,6 +161,7 @@ async def _live_daemon(sc: Scenario, prep: Prepared, tmp: Path) -> list[tuple[Co
         engine_socket_group="",
         metrics_port=0,
         budget_w=BUDGET_W,
+        clocks_enabled=clocks_enabled,
     )
     all_gpus = [g for gs in engine_gpus for g in gs]
     daemon = Daemon(config, SimBackend(all_gpus), REGISTRY, clock, CONFIG)
@@ -213,10 +217,11 @@ def _lowers_and_raises(before: Mapping[int, float], after: Mapping[int, float]) 
 
 
 def test_daemon_and_replay_make_identical_decisions(short_tmp: Path) -> None:
+    # The locked-clock knob is off: pals-replay has no clock writer yet (see the next test).
     sc = _scenario()
     prep = prepare(sc)
     replay = _replay(sc, prep)
-    live = async_helpers.drive(_live_daemon(sc, prep, short_tmp), 120.0)
+    live = async_helpers.drive(_live_daemon(sc, prep, short_tmp, clocks_enabled=False), 120.0)
     assert len(live) == len(replay) == int(DURATION_S / sc.period_s)
     # The case exercises what the pipeline orders: per-GPU caps that differ, a budget that binds, ticks that
     # lower some GPUs while raising others, and batch limits that move.
@@ -228,7 +233,29 @@ def test_daemon_and_replay_make_identical_decisions(short_tmp: Path) -> None:
     assert len({d.engines["mixtral"].max_num_seqs for _, d in replay}) > 1
     for k, ((inp_r, dec_r), (inp_d, dec_d)) in enumerate(zip(replay, live, strict=True)):
         assert inp_d == inp_r, f"tick {k}: the daemon observed something else than the replay"
-        assert dict(dec_d.gpu_limits_w) == dict(dec_r.gpu_limits_w), f"tick {k}: power limits differ"
-        batches_d = {e: (d.max_num_seqs, d.max_num_batched_tokens) for e, d in dec_d.engines.items()}
-        batches_r = {e: (d.max_num_seqs, d.max_num_batched_tokens) for e, d in dec_r.engines.items()}
-        assert batches_d == batches_r, f"tick {k}: batch limits differ"
+        _assert_same_decision(k, dec_d, dec_r)
+
+
+def test_the_clock_knob_is_the_one_known_difference(short_tmp: Path) -> None:
+    """With the clock knob on, the daemon offers the controller clock control on the simulated GPUs and the
+    replay (no clock writer yet) does not. Everything else is the same, and so are the decisions while the
+    controller does not choose clocks: when it starts to, this test fails and the replay needs the knob."""
+    sc = _scenario()
+    prep = prepare(sc)
+    replay = _replay(sc, prep)
+    live = async_helpers.drive(_live_daemon(sc, prep, short_tmp, clocks_enabled=True), 120.0)
+    no_clock = {"clock_control": False, "min_clock_mhz": 0, "max_clock_mhz": 0, "locked_clock_mhz": None}
+    for k, ((inp_r, dec_r), (inp_d, dec_d)) in enumerate(zip(replay, live, strict=True)):
+        assert all(g.clock_control and g.max_clock_mhz > g.min_clock_mhz > 0 for g in inp_d.gpus)
+        assert not any(g.clock_control for g in inp_r.gpus)
+        blanked = replace(inp_d, gpus=tuple(replace(g, **no_clock) for g in inp_d.gpus))
+        assert blanked == inp_r, f"tick {k}: the daemon observed something else than the replay"
+        _assert_same_decision(k, dec_d, dec_r)
+        assert not dec_d.gpu_locked_clocks_mhz
+
+
+def _assert_same_decision(k: int, dec_d: Decision, dec_r: Decision) -> None:
+    assert dict(dec_d.gpu_limits_w) == dict(dec_r.gpu_limits_w), f"tick {k}: power limits differ"
+    batches_d = {e: (d.max_num_seqs, d.max_num_batched_tokens) for e, d in dec_d.engines.items()}
+    batches_r = {e: (d.max_num_seqs, d.max_num_batched_tokens) for e, d in dec_r.engines.items()}
+    assert batches_d == batches_r, f"tick {k}: batch limits differ"

@@ -103,14 +103,15 @@ def empty_config(tmp_path: Path) -> Path:
 def start_daemon(short_tmp: Path, tmp_path: Path, empty_config: Path) -> Iterator:
     started: list[DaemonProcess] = []
 
-    def start(*flags: str, env: dict[str, str] | None = None) -> DaemonProcess:
+    def start(
+        *flags: str, env: dict[str, str] | None = None, program: tuple[str, ...] = ("-m", "pals_daemon.cli.daemon_main")
+    ) -> DaemonProcess:
         runtime_dir = short_tmp / "run"
         state_dir = tmp_path / "state"
         log_path = tmp_path / f"daemon{len(started)}.log"
         argv = [
             sys.executable,
-            "-m",
-            "pals_daemon.cli.daemon_main",
+            *program,
             "--config",
             str(empty_config),
             "--runtime-dir",

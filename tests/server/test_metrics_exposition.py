@@ -43,6 +43,9 @@ def node_status(with_budget: bool = True) -> pals_pb2.NodeStatus:
         power_capped=True,
         controlled=True,
         engine_id="e1",
+        clock_control=True,
+        locked_clock_requested_mhz=1410,
+        locked_clock_decided_mhz=1410,
     )
     s.gpus.add(
         index=1,
