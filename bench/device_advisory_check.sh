@@ -18,7 +18,8 @@
 #
 # Environment (defaults for the device): PYTHON=python3, SWEEP_PYTHON=$PYTHON, SWEEP_MODELS="mixtral llama",
 # SWEEP_RUNS (see below), SWEEP_TIMEOUT=210 (s per run), SWEEP_BATCHES=1,4,16,64,128,256,
-# SWEEP_EXTRA="" (e.g. --dry-run for a local smoke test), METRICS_PORT=9400, PALS_TMP=/tmp/pals.
+# SWEEP_EXTRA="" (e.g. --dry-run for a local smoke test), METRICS_PORT=10400 (the daemon's default; 9400 is
+# dcgm-exporter's), PALS_TMP=/tmp/pals.
 set -u
 
 OUT=${OUT:-/tmp/pals_out}
@@ -34,7 +35,7 @@ if [ -z "${SWEEP_RUNS:-}" ]; then
     SWEEP_RUNS=""
     for m in $SWEEP_MODELS; do SWEEP_RUNS="$SWEEP_RUNS$m|--model $m;"; done
 fi
-METRICS_PORT=${METRICS_PORT:-9400}
+METRICS_PORT=${METRICS_PORT:-10400}
 PALS_TMP=${PALS_TMP:-/tmp/pals}
 RUN_DIR=$PALS_TMP/run
 STATE_DIR=$PALS_TMP/state

@@ -109,6 +109,13 @@ class StatusCollector(Collector):
 
     def _node_metrics(self, s: pals_pb2.NodeStatus) -> Iterator[Metric]:
         yield GaugeMetricFamily("pals_node_power_watts", "Sum of the GPUs' averaged power", value=s.budget.node_power_w)
+        # Always exported: pals_node_power_budget_watts is absent without a budget, and an absent series cannot
+        # tell "no budget" from "not scraped".
+        yield GaugeMetricFamily(
+            "pals_node_power_budget_set",
+            "1 while a node GPU power budget is in force, 0 without one",
+            value=float(s.budget.HasField("effective_budget_w")),
+        )
         if s.budget.HasField("effective_budget_w"):
             yield GaugeMetricFamily(
                 "pals_node_power_budget_watts",
@@ -128,7 +135,8 @@ class StatusCollector(Collector):
         )
 
     def _engine_metrics(self, s: pals_pb2.NodeStatus) -> Iterator[Metric]:
-        labels = ["engine"]
+        # model: what the engine serves ("" for an engine known only by its targets), to group and join by.
+        labels = ["engine", "model"]
 
         def gauge(name: str, doc: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, labels=labels)
@@ -141,16 +149,22 @@ class StatusCollector(Collector):
         ttft = gauge("pals_engine_target_ttft_seconds", "Time-to-first-token SLO")
         tpot = gauge("pals_engine_target_tpot_seconds", "Time-per-output-token SLO")
         connected = gauge("pals_engine_connected", "1 while the engine's session is open")
+        has_profile = gauge(
+            "pals_engine_has_profile",
+            "0 while a connected engine's model has no profile for these GPUs: its GPUs get their default limit "
+            "or an equal share of the budget, and it keeps its own batch limit",
+        )
         violations = CounterMetricFamily(
             "pals_engine_qos_violation_windows", "Control windows with throughput below target", labels=labels
         )
         windows = CounterMetricFamily("pals_engine_windows", "Control windows with telemetry", labels=labels)
         for e in s.engines:
-            key = [e.engine_id]
+            key = [e.engine_id, e.model]
             throughput.add_metric(key, e.throughput_tokens_per_s)
             efficiency.add_metric(key, e.tokens_per_joule)
             connected.add_metric(key, float(e.connected))
             if e.connected:
+                has_profile.add_metric(key, float(e.has_profile))
                 seqs.add_metric(key, e.max_num_seqs_limit)
                 tokens.add_metric(key, e.max_num_batched_tokens_limit)
             if e.targets.HasField("tokens_per_s"):
@@ -161,7 +175,8 @@ class StatusCollector(Collector):
                 tpot.add_metric(key, e.targets.tpot_ms / MS_PER_S)
             windows.add_metric(key, e.windows)
             violations.add_metric(key, e.qos_violation_windows)
-        yield from (throughput, efficiency, seqs, tokens, target, ttft, tpot, connected, violations, windows)
+        yield from (throughput, efficiency, seqs, tokens, target, ttft, tpot, connected, has_profile)
+        yield from (violations, windows)
 
 
 class Metrics:
@@ -184,7 +199,10 @@ class Metrics:
 
     def serve(self, address: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port (useful with port 0 in tests)."""
-        server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        try:
+            server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        except OSError as exc:  # name the address: "Address already in use" alone does not say which
+            raise OSError(exc.errno, f"metrics endpoint {address}:{port}: {exc.strerror or exc}") from exc
         self._server = server
         bound = server.server_address[1]
         log.info("metrics on http://%s:%d/metrics", address, bound)

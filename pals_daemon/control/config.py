@@ -67,7 +67,7 @@ class ControllerConfig:
     # configured maximum; "cap-only"). None: the controller chooses freely (the daemon's default).
     fixed_cap_w: float | None = None
     fixed_batch: int | None = None
-    # MoE routing skew (DESIGN.md section 3): with a known, skewed per-GPU expert load share, keep the most
+    # MoE routing skew (docs/ARCHITECTURE.md section 4): with a known, skewed per-GPU expert load share, keep the most
     # loaded GPU at the engine's chosen cap and lower the others as far as they can go without becoming the
     # straggler (Controller._per_gpu_limits; only ever lowers). False: every GPU of an engine at one cap.
     routing_aware_caps: bool = True

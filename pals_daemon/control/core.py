@@ -4,7 +4,7 @@ Pure and deterministic: no I/O, no clock reads. Between calls it keeps only feed
 measured/predicted ratios, an integral term, the configuration chosen last tick), so the same sequence of
 inputs always yields the same sequence of decisions, live or in trace replay.
 
-One tick, per engine with a profile (DESIGN.md section 3):
+One tick, per engine with a profile (docs/ARCHITECTURE.md section 4):
 1. feedback: update the throughput and power ratios from the last window when it is comparable with the
    model (the engine was saturated), and the integral term on the throughput error against the target;
 2. requirement: the throughput target (x (1 + integral)), or the observed demand with headroom when there
@@ -774,7 +774,7 @@ class Controller:
         """The engine's per-GPU limits for the chosen cap row (and batch column).
 
         Uniform (``p.limits_w[row]``) unless ``routing_aware_caps`` is set and the engine reports a skewed
-        expert load share over all its GPUs (DESIGN.md section 3, MoE specifics). Then the most loaded GPU keeps
+        expert load share over all its GPUs (docs/ARCHITECTURE.md section 4, MoE skew). Then the most loaded GPU keeps
         its limit and every other controlled GPU gets the lowest limit at which its predicted step time does
         not exceed the straggler's. Modelled: the profile gives throughput vs cap under uniform routing; a GPU
         with share s at cap c takes (1 - phi + phi x s x N) x the uniform step time at c (N GPUs, phi =

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pals_daemon import resources
 from pals_daemon.actuators import LockedClockActuator, all_actuators
 from pals_daemon.api import pals_pb2
 from pals_daemon.clock import Clock
@@ -205,6 +206,14 @@ class Daemon:
             # Each undoes what a crashed run left (enforce mode) and records originals before any write.
             await actuator.start(self)
         budget = self.state.budget_w if self.state.budget_w is not None else self.config.budget_w
+        if self.state.budget_w is not None:
+            overrides = self.config.budget_w is not None and self.config.budget_w != self.state.budget_w
+            (log.warning if overrides else log.info)(
+                "budget %g W from %s%s (`palsctl budget set` changes it)",
+                self.state.budget_w,
+                self.store.path,
+                f" overrides budget_w {self.config.budget_w:g} W of the configuration" if overrides else "",
+            )
         if budget is not None and budget < self.min_budget_w():
             log.error(
                 "saved budget %.0f W is below the node minimum %.0f W; using the minimum",
@@ -602,6 +611,5 @@ def _failed_slot(
 
 
 def default_profiles_dir() -> pathlib.Path:
-    """profiles/ of a source checkout (editable install), else the system location."""
-    checkout = pathlib.Path(__file__).resolve().parents[2] / "profiles"
-    return checkout if checkout.is_dir() else pathlib.Path("/usr/share/pals/profiles")
+    """The profiles shipped with the package (pals_daemon/resources.py)."""
+    return resources.profiles_dir()

@@ -1,7 +1,7 @@
 """EngineLink servicer: a thin adapter from the bidirectional stream to the engine registry.
 
 One stream is one engine session. The first message must be a Register; the session ends when the
-stream ends or is cancelled (DESIGN.md section 4 allows about 50 ms; a SIGKILLed client is noticed in
+stream ends or is cancelled (docs/ARCHITECTURE.md section 5; a SIGKILLed client is noticed in
 3-6 ms, tests/server/test_sessions.py), the daemon is woken to run a tick at once so the engine's GPUs get their idle
 allocation, and the engine falls back to its own limits when its last directive expires.
 

@@ -17,6 +17,7 @@ import threading
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
 
 from pals_daemon.api import pals_pb2_grpc
 from pals_daemon.clock import Clock
@@ -29,10 +30,12 @@ from pals_daemon.model.profile import ProfileRegistry
 from pals_daemon.server.admin import PowerAdminServicer
 from pals_daemon.server.daemon import Daemon
 from pals_daemon.server.engine_link import EngineLinkServicer
+from pals_daemon.server.notices import OperatorNotices
 from pals_daemon.server.sdnotify import SystemdNotifier, watchdog_interval_s
 from pals_daemon.server.sockets import SocketPath
 
 log = logging.getLogger(__name__)
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 ADMIN_SOCKET_MODE = 0o600  # root only: PowerAdmin changes GPU settings
 ENGINE_SOCKET_MODE = 0o660  # root and the engine group: telemetry in, batch limits out
@@ -75,6 +78,7 @@ class Runner:
         self.daemon = Daemon(config, backend, profiles, clock, controller_config)
         self.metrics = Metrics(lambda: self.daemon.status)
         self.daemon.on_tick.append(lambda d: self.metrics.observe_tick(d.last_tick_duration_s))
+        self.daemon.on_tick.append(OperatorNotices().on_tick)
         self.notifier = SystemdNotifier.from_environment()
         self.metrics_port: int | None = None
         self._admin_path = SocketPath(config.admin_socket_path, ADMIN_DIR_MODE)
@@ -135,6 +139,8 @@ class Runner:
             await health.set("", health_pb2.HealthCheckResponse.SERVING)
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
             self._health.append(health)
+            # Standard server reflection (grpcurl, grpc_cli): lists only this socket's services.
+            reflection.enable_server_reflection((service, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
             path.claim()
             server.add_insecure_port(path.grpc_address)
             self._servers.append(server)

@@ -201,8 +201,9 @@ def test_sim_daemon_end_to_end_with_palsctl(start_daemon, capsys: pytest.Capture
     assert rc == 0, err
     lines = out.splitlines()
     assert len(lines) == 2, out
-    assert all(line.startswith("tick ") and "budget 1000 W" in line for line in lines)
-    ticks = [int(line.split()[1]) for line in lines]
+    # Each line: the snapshot's time, then the tick.
+    assert all(line.split()[1] == "tick" and "budget 1000 W" in line for line in lines)
+    ticks = [int(line.split()[2]) for line in lines]
     assert ticks[1] > ticks[0]
 
     assert daemon.terminate() == 0, daemon.log()
