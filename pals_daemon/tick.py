@@ -9,12 +9,13 @@ Both run the same steps on different nodes, so a decision depends only on what t
 - actuate: :func:`plan_settings` says which per-GPU settings to write, clamped to each GPU's range and
   ceiling, uncontrolled GPUs skipped, every lowering write in a phase before any raising one (so the sum of
   limits stays within a budget while they land); :func:`engine_directives` says which engine gets which
-  batch limits. The node executes the plan with its own writers: the daemon through its async GPU workers
-  (a phase's writes concurrently, a failed lowering phase defers the raising one), the replay through
-  :func:`apply_plan`.
+  batch limits. The node executes the plan with its own writers: the daemon through its power-limit
+  actuator (``actuators/power.py``: a phase's writes concurrently on the async GPU workers, a failed lowering
+  phase defers the raising one), the replay through :func:`apply_plan`.
 
-A knob is one per-GPU setting (:class:`Knob`: the power limit today); a new one (locked clocks) is a new
-``Knob`` for the plan and a new writer for each node, not an edit of the pipeline.
+A knob is one per-GPU setting (:class:`Knob`: the power limit). The locked-clock actuator still plans its
+own writes and the replay has no clock writer yet, so the replay reports that knob off (:class:`ClockView`);
+bringing it here is a ``Knob`` plus a writer on each node, not an edit of the pipeline.
 """
 
 from __future__ import annotations
