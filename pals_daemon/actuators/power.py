@@ -13,6 +13,7 @@ from pals_daemon.control.types import Decision
 from pals_daemon.errors import GpuError
 from pals_daemon.gpu.backend import GpuDevice, GpuReading
 from pals_daemon.state import DaemonState, OriginalLimit, origin_notes
+from pals_daemon.tick import POWER_LIMIT, plan_settings
 from pals_daemon.units import mw_to_w, w_to_mw
 
 if TYPE_CHECKING:
@@ -192,27 +193,19 @@ class PowerLimitActuator(Actuator):
         An enforced limit below the request (someone else's cap) is no reason to write: only a new decision
         or a management limit overwritten by someone else is.
         """
-        changes = []
-        for g in host.gpus:
-            if not g.controlled or g.identity.index not in decision.gpu_limits_w:
-                continue
-            target_mw = w_to_mw(decision.gpu_limits_w[g.identity.index])
-            target_mw = min(max(target_mw, g.constraints.min_limit_mw), g.ceiling_mw(now_s))
-            if target_mw != g.requested_limit_mw or g.reading.requested_limit_mw != g.requested_limit_mw:
-                changes.append((g, target_mw))
-        if not changes:
+        # What to write and in which order: the tick pipeline's plan, shared with pals-replay.
+        plan = plan_settings(host.gpus, decision, now_s, knobs=(POWER_LIMIT,))
+        if not plan.writes:
             return
-        if any(g.identity.uuid not in host.state.original_limits for g, _ in changes):
+        by_index = {g.identity.index: g for g in host.gpus}
+        if any(by_index[w.gpu_index].identity.uuid not in host.state.original_limits for w in plan.writes):
             # Never write a GPU whose original limit is not on disk.
-            for g, _ in changes:
+            for w in plan.writes:
+                g = by_index[w.gpu_index]
                 host.state = host.state.with_original(g.identity.uuid, self.original_of(host, g))
             host.store.save(host.state)
-        decreases = [
-            (g, mw)
-            for g, mw in changes
-            if mw < max(g.requested_limit_mw, g.reading.requested_limit_mw, g.reading.enforced_limit_mw)
-        ]
-        increases = [(g, mw) for g, mw in changes if (g, mw) not in decreases]
+        decreases = [(by_index[w.gpu_index], w.value) for w in plan.lowering]
+        increases = [(by_index[w.gpu_index], w.value) for w in plan.raising]
         for batch in (decreases, increases):
             results = await asyncio.gather(
                 *(g.worker.set_power_limit_mw(mw) for g, mw in batch), return_exceptions=True

@@ -26,11 +26,9 @@ from pals_daemon.control.config import ControllerConfig
 from pals_daemon.control.core import Controller
 from pals_daemon.control.qos import QosWindows
 from pals_daemon.control.types import (
-    ControllerInput,
     Decision,
     EngineObservation,
     EngineTargets,
-    GpuObservation,
 )
 from pals_daemon.errors import GpuError, GpuFatalError, InvalidRequestError
 from pals_daemon.gpu.backend import GpuBackend, GpuDevice, GpuIdentity, GpuReading, PowerConstraints
@@ -41,6 +39,7 @@ from pals_daemon.server.engines import EngineRegistry
 from pals_daemon.server.persist import StateWriter
 from pals_daemon.server.profiler import Profiler
 from pals_daemon.state import BudgetRamp, DaemonState, StateStore, current_boot_id
+from pals_daemon.tick import ClockView, engine_directives, observe
 from pals_daemon.units import mj_to_j, mw_to_w
 
 log = logging.getLogger(__name__)
@@ -331,14 +330,16 @@ class Daemon:
             elapsed = max(now - self.last_tick_s, 1e-6)
             self.last_tick_s = now
             await self._read_gpus(now)
-            observations = self._observe_engines(elapsed)
-            inp = ControllerInput(
-                now_s=now,
-                budget_w=self.budget.effective_w(now),
-                gpus=tuple(self._gpu_observation(g, now) for g in self.gpus),
-                engines=observations,
-                targets=dict(self.state.targets),
+            inp = observe(
+                now,
+                elapsed,
+                self.budget.effective_w(now),
+                self.gpus,
+                self.engines.sessions(),
+                self.state.targets,
+                self._clock_view,
             )
+            observations = inp.engines
             decision = self.profiler.override(self.controller.step(self.profiler.controller_input(inp)), inp)
             for actuator in self.actuators:
                 actuator.decide(self, decision)
@@ -393,60 +394,22 @@ class Daemon:
         else:
             log.debug("GPU %d (not controlled): %s", g.identity.index, exc)
 
-    def _gpu_observation(self, g: GpuSlot, now_s: float) -> GpuObservation:
-        r, c = g.reading, g.constraints
+    def _clock_view(self, g: GpuSlot) -> ClockView:
+        """The clock knob of ``g`` as the controller sees it (off while the actuator may not lock it)."""
         clock = self.clocks.of(g.identity.index)
-        return GpuObservation(
-            index=g.identity.index,
-            uuid=g.identity.uuid,
-            min_limit_w=mw_to_w(c.min_limit_mw),
-            # A GPU capped by someone else cannot use more: the controller gives those watts to the others.
-            max_limit_w=mw_to_w(g.ceiling_mw(now_s)),
-            default_limit_w=mw_to_w(c.default_limit_mw),
-            requested_limit_w=mw_to_w(g.requested_limit_mw),
-            # The controller counts uncontrolled GPUs at this value.
-            enforced_limit_w=mw_to_w(r.enforced_limit_mw if g.controlled else g.accounted_limit_mw()),
-            power_avg_w=mw_to_w(r.power_avg_mw),
-            power_instant_w=None if r.power_instant_mw is None else mw_to_w(r.power_instant_mw),
-            energy_j=mj_to_j(r.energy_mj),
-            sm_clock_mhz=r.sm_clock_mhz,
-            power_capped=r.power_capped,
-            controlled=g.controlled,
-            clock_control=clock.controllable and g.controlled,
-            min_clock_mhz=clock.info.min_mhz if clock.info else 0,
-            max_clock_mhz=clock.info.max_mhz if clock.info else 0,
-            locked_clock_mhz=clock.requested_max_mhz,
+        return ClockView(
+            controllable=clock.controllable and g.controlled,
+            min_mhz=clock.info.min_mhz if clock.info else 0,
+            max_mhz=clock.info.max_mhz if clock.info else 0,
+            locked_mhz=clock.requested_max_mhz,
         )
 
-    def _observe_engines(self, elapsed_s: float) -> tuple[EngineObservation, ...]:
-        known = {g.identity.index for g in self.gpus}
-        out = []
-        for session in self.engines.sessions():
-            obs = session.take_observation(elapsed_s)
-            # Telemetry about GPUs this daemon does not manage cannot steer their limits.
-            if set(obs.gpu_indices) <= known:
-                out.append(obs)
-        return tuple(out)
-
     def _send_directives(self, decision: Decision) -> None:
-        # Relative, in the daemon's clock: the simulated engines run on the same (scaled) clock.
-        ttl_ms = int(self.config.directive_ttl_s * 1000)
-        for session in self.engines.sessions():
-            d = decision.engines.get(session.registration.engine_id)
-            if d is None:
-                continue
-            session.current_max_num_seqs = d.max_num_seqs
-            session.current_max_num_batched_tokens = d.max_num_batched_tokens
-            msg = pals_pb2.DaemonMessage(
-                directive=pals_pb2.Directive(
-                    sequence=self.ticks,
-                    max_num_seqs=d.max_num_seqs,
-                    max_num_batched_tokens=d.max_num_batched_tokens,
-                    ttl_ms=max(1, ttl_ms),
-                )
-            )
+        for session, directive in engine_directives(
+            decision, self.engines.sessions(), self.ticks, self.config.directive_ttl_s
+        ):
             try:
-                session.outbox.put_nowait(msg)
+                session.outbox.put_nowait(pals_pb2.DaemonMessage(directive=directive))
             except asyncio.QueueFull:
                 log.warning("engine %s is not reading its directives", session.registration.engine_id)
 
@@ -648,7 +611,6 @@ class Daemon:
             )
         )
         return status
-
 
     def _clock_status(self, g: GpuSlot, gs: pals_pb2.GpuStatus) -> None:
         """The clock knob's part of a GPU's status."""
