@@ -26,9 +26,9 @@ def test_clock_records_round_trip_and_first_wins(tmp_path):
     assert store.load().original_clocks == {"GPU-a": OriginalClock(0, BOOT, "550.54.15")}
     assert "GPU-a" not in state.without_original_clock("GPU-a").original_clocks
     doc = json.loads(store.path.read_text())
-    # Same version, one more optional key: the previous version (which ignores unknown keys) still reads it.
-    assert doc["version"] == SCHEMA_VERSION == 2
-    assert set(doc) == {"version", "budget_w", "targets", "original_limits", "original_clocks"}
+    # No version of its own: the clock records are one more optional key (the budget ramp made it version 3).
+    assert doc["version"] == SCHEMA_VERSION == 3
+    assert {"version", "budget_w", "targets", "original_limits", "original_clocks"} <= set(doc)
 
 
 def test_a_file_without_clock_records_is_read(tmp_path):
