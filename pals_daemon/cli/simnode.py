@@ -1,9 +1,11 @@
 """``pals-simnode``: the main job. A simulated GPU node served under the real daemon, end to end.
 
-Default: 4x A100-SXM4 serving Mixtral-8x7B (tensor parallel 4) on the Azure LLM code trace (2023), no
-budget for the first half, then a budget set over PowerAdmin. Runs the same trace a second time with the
-daemon in advise mode (GPUs at their default limit, configured batch: the "default" policy) and prints
-both side by side. Writes summary.json and simnode.png into --out.
+Default: 4x A100-SXM4 serving OLMoE-1B-7B (tensor parallel 4) on the full Azure LLM code trace (2023) with
+latency SLOs (TTFT 2 s, TPOT 100 ms, sent to the daemon as the engine's targets), no budget for the first
+half, then a 1,300 W budget set over PowerAdmin. Runs the same trace three times on the live daemon: pals
+(enforce), the default (advise mode: GPUs at their default limit, configured batch), and the best static cap
+in hindsight (found by replaying every static cap that respects the budget, sim/hindsight.py; then run live
+in advise mode over GPUs held at it). Prints them side by side; writes summary.json and simnode.png.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from collections.abc import Sequence
 import uvloop
 
 from pals_daemon.control.types import EngineTargets
+from pals_daemon.model.profile import load_profile_tree
+from pals_daemon.server.daemon import default_profiles_dir
+from pals_daemon.sim.hindsight import best_static_spec
 from pals_daemon.sim.node import PoissonLoad, SimNodeSpec, baseline_of, run_sim_node
 from pals_daemon.sim.report import format_table, plot, summarize, write_json
 from pals_daemon.sim.trace import DEFAULT_TRACE
@@ -26,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Arguments of pals-simnode."""
     p = argparse.ArgumentParser(prog="pals-simnode", description=__doc__.splitlines()[0])
     d = SimNodeSpec()
-    p.add_argument("--model", default=d.model, help="served model (a profile and a truth must exist)")
+    p.add_argument("--model", default="olmoe-1b-7b", help="served model (a profile and a truth must exist)")
     p.add_argument("--trace", default=str(DEFAULT_TRACE), help="CSV with arrival time, input and output tokens")
     p.add_argument(
         "--trace-columns",
@@ -37,16 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poisson-duration-s", type=float, default=600.0)
     p.add_argument("--poisson-tokens", default="512,256", help="prompt,output tokens of each Poisson request")
     p.add_argument(
-        "--nodes", type=int, default=2, help="the trace is split round-robin over N nodes; this one serves 1/N"
+        "--nodes", type=int, default=1, help="the trace is split round-robin over N nodes; this one serves 1/N"
     )
     p.add_argument("--time-scale", type=float, default=d.time_scale, help="<1 compresses the trace")
     p.add_argument("--duration-s", type=float, default=None, help="replay only the first S simulated seconds")
     p.add_argument("--speed", type=float, default=60.0, help="simulated seconds per wall second")
     p.add_argument("--budget-w", type=float, default=None, help="node GPU budget from the start (W)")
-    p.add_argument("--budget-change-w", type=float, default=900.0, help="budget set halfway (W); <=0: none")
+    p.add_argument("--budget-change-w", type=float, default=1300.0, help="budget set halfway (W); <=0: none")
     p.add_argument("--ttft-slo-ms", type=float, default=2000.0, help="TTFT SLO (reported, and sent as target)")
-    p.add_argument("--tpot-slo-ms", type=float, default=200.0, help="TPOT SLO (reported, and sent as target)")
-    p.add_argument("--no-baseline", action="store_true", help="skip the default-policy run")
+    p.add_argument("--tpot-slo-ms", type=float, default=100.0, help="TPOT SLO (reported, and sent as target)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the default-policy and best-static runs")
+    p.add_argument(
+        "--no-best-static", action="store_true", help="skip the best static cap in hindsight (replays + a live run)"
+    )
     p.add_argument("--out", default="out/simnode", help="directory for summary.json and simnode.png")
     p.add_argument("--log-level", default="warning")
     return p
@@ -78,11 +86,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets=EngineTargets(ttft_ms=args.ttft_slo_ms, tpot_ms=args.tpot_slo_ms),
     )
     specs = [spec] if args.no_baseline else [spec, baseline_of(spec)]
+    if not (args.no_baseline or args.no_best_static or spec.poisson is not None):
+        print("finding the best static cap in hindsight (replaying every static cap)...", file=sys.stderr, flush=True)
+        static = best_static_spec(spec, load_profile_tree(str(default_profiles_dir())))
+        if static is None:
+            print("no static cap within the budget keeps the default's SLO attainment (within 1 pp)", file=sys.stderr)
+        else:
+            specs.append(static)
     results = []
     for s in specs:
+        label = "pals" if s.mode == "enforce" else "default"
+        if s.static_cap_w is not None:
+            label = f"static {s.static_cap_w:g} W"
         print(
-            f"running {s.model} on {s.num_gpus}x {s.gpu_kind}, policy {'pals' if s.mode == 'enforce' else 'default'}"
-            f" (speed {s.speed:g}x)...",
+            f"running {s.model} on {s.num_gpus}x {s.gpu_kind}, policy {label} (speed {s.speed:g}x)...",
             file=sys.stderr,
             flush=True,
         )
@@ -92,10 +109,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"spec": {k: str(v) for k, v in vars(spec).items()}, "runs": rows}
-    if len(rows) == 2 and rows[1]["node"]["output_tokens_per_j"]:
+    if len(rows) >= 2 and rows[1]["node"]["output_tokens_per_j"]:
         ratio = rows[0]["node"]["output_tokens_per_j"] / rows[1]["node"]["output_tokens_per_j"]
         payload["tokens_per_j_vs_default"] = round(ratio, 4)
         print(f"\nnode tokens/J, pals vs default: {ratio:.3f}x")
+    for row in rows[2:]:
+        e_pals, e_static = rows[0]["node"]["energy_per_output_token_j"], row["node"]["energy_per_output_token_j"]
+        if e_pals and e_static:
+            payload["energy_per_output_token_vs_best_static"] = round(e_pals / e_static, 4)
+            payload["best_static"] = row["policy"]
+            ratio = e_pals / e_static
+            print(f"energy per output token, pals vs the best static in hindsight ({row['policy']}): {ratio:.3f}x")
+    for row in rows:
+        att = row["engines"]["engine0"]["slo_attainment"]
+        if att is not None:
+            print(f"SLO attainment (TTFT and TPOT), {row['policy']}: {100 * att:.2f}%")
     write_json(out / "summary.json", payload)
     plot(results, out / "simnode.png")
     print(f"wrote {out / 'summary.json'} and {out / 'simnode.png'}")

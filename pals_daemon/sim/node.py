@@ -27,6 +27,7 @@ from pals_daemon.sim.gpu import SimBackend, make_sim_gpus
 from pals_daemon.sim.link import SimEngineLink
 from pals_daemon.sim.model_truth import Perturbation
 from pals_daemon.sim.trace import DEFAULT_TRACE, load_trace_csv, poisson_requests
+from pals_daemon.units import w_to_mw
 
 log = logging.getLogger(__name__)
 ENGINE_ID = "engine0"
@@ -70,6 +71,9 @@ class SimNodeSpec:
     budget_change_w: float | None = None
     budget_change_at: float = 0.5
     mode: str = "enforce"
+    # A static cap (W per GPU) set on the GPUs before the daemon starts; with mode "advise" the daemon leaves it
+    # in force for the whole run (the main job's best-static-in-hindsight reference). None: the GPUs' default.
+    static_cap_w: float | None = None
     targets: EngineTargets = field(default_factory=EngineTargets)
     # The simulated truth deviates from the controller's profile (model mismatch the feedback must absorb).
     truth_throughput_factor: float = 1.0
@@ -106,6 +110,8 @@ class SimNodeResult:
     engine_gpus: tuple[int, ...]
     ttft_ms: list[float]
     tpot_ms: list[float]
+    # Fraction of finished requests meeting both latency SLOs (TPOT judged with more than one output token).
+    slo_attainment: float | None
     qos_windows: int
     qos_violations: int
     limit_calls: int
@@ -133,6 +139,10 @@ async def run_sim_node(spec: SimNodeSpec) -> SimNodeResult:
         Perturbation(throughput_factor=spec.truth_throughput_factor, power_factor=spec.truth_power_factor)
     )
     gpus = make_sim_gpus(spec.gpu_kind, spec.num_gpus, clock.now)
+    if spec.static_cap_w is not None:
+        for g in gpus:
+            c = g.constraints()
+            g.set_power_limit_mw(min(max(w_to_mw(spec.static_cap_w), c.min_limit_mw), c.max_limit_mw))
     with tempfile.TemporaryDirectory(prefix="pals-simnode-") as tmp:
         config = DaemonConfig(
             backend="sim",
@@ -193,6 +203,7 @@ async def run_sim_node(spec: SimNodeSpec) -> SimNodeResult:
             engine_gpus=tuple(g.identity.index for g in engine.gpus),
             ttft_ms=list(totals.ttft_ms),
             tpot_ms=list(totals.tpot_ms),
+            slo_attainment=totals.slo_attainment(spec.targets.ttft_ms, spec.targets.tpot_ms),
             qos_windows=stats.qos.windows if stats else 0,
             qos_violations=stats.qos.violations if stats else 0,
             limit_calls=sum(len(g.calls) for g in gpus),

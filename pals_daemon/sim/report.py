@@ -12,8 +12,14 @@ from pals_daemon.sim.node import ENGINE_ID, SimNodeResult
 
 
 def policy_name(result: SimNodeResult) -> str:
-    """'pals' for the daemon enforcing, 'default' for advise mode (GPUs and batch left as configured)."""
-    return "pals" if result.spec.mode == "enforce" else "default"
+    """'pals' for the daemon enforcing, 'default' for advise mode (GPUs and batch left as configured), and
+    'static:CAP[:BATCH]' for advise mode over GPUs held at a static cap (the best static in hindsight)."""
+    spec = result.spec
+    if spec.mode == "enforce":
+        return "pals"
+    if spec.static_cap_w is None:
+        return "default"
+    return f"static:{spec.static_cap_w:g}:{spec.max_num_seqs}"
 
 
 def summarize(result: SimNodeResult, ttft_slo_ms: float | None, tpot_slo_ms: float | None) -> dict[str, Any]:
@@ -35,6 +41,8 @@ def summarize(result: SimNodeResult, ttft_slo_ms: float | None, tpot_slo_ms: flo
         "ttft_p90_ms": _pct(ttft, 90),
         "tpot_p50_ms": _pct(tpot, 50),
         "tpot_p90_ms": _pct(tpot, 90),
+        "slo_attainment": None if result.slo_attainment is None else round(result.slo_attainment, 4),
+        "energy_per_output_token_j": _per(result.engine_energy_j, result.output_tokens),
         "ttft_slo_attainment": float((ttft <= ttft_slo_ms).mean()) if ttft_slo_ms and len(ttft) else None,
         "tpot_slo_attainment": float((tpot <= tpot_slo_ms).mean()) if tpot_slo_ms and len(tpot) else None,
     }
@@ -44,10 +52,15 @@ def summarize(result: SimNodeResult, ttft_slo_ms: float | None, tpot_slo_ms: flo
         "energy_j": round(result.gpu_energy_j, 1),
         "output_tokens_per_j": _ratio(result.output_tokens, result.gpu_energy_j),
         "all_tokens_per_j": _ratio(all_tokens, result.gpu_energy_j),
+        "energy_per_output_token_j": _per(result.gpu_energy_j, result.output_tokens),
         "time_over_budget_s": round(result.time_over_budget_s(), 1),
         "power_limit_writes": result.limit_calls,
     }
     return {"policy": policy_name(result), "engines": {ENGINE_ID: engine}, "node": node}
+
+
+def _per(joules: float, tokens: float) -> float | None:
+    return round(joules / tokens, 4) if tokens > 0 else None
 
 
 def _ratio(tokens: float, joules: float) -> float:
@@ -63,7 +76,8 @@ COLUMNS = (
     ("out tokens", "output_tokens"),
     ("energy J", "energy_j"),
     ("out tok/J", "output_tokens_per_j"),
-    ("all tok/J", "all_tokens_per_j"),
+    ("J/out tok", "energy_per_output_token_j"),
+    ("SLO att", "slo_attainment"),
     ("QoS viol", "qos_violation_windows"),
     ("windows", "qos_windows"),
     ("over budget s", "time_over_budget_s"),
@@ -74,13 +88,14 @@ COLUMNS = (
 
 def format_table(summaries: list[dict[str, Any]]) -> str:
     """One row per engine and one per node, for every run."""
-    header = f"{'policy':<8} {'scope':<8}" + "".join(f"{name:>14}" for name, _ in COLUMNS)
+    width = max([8] + [len(s["policy"]) for s in summaries])
+    header = f"{'policy':<{width}} {'scope':<8}" + "".join(f"{name:>14}" for name, _ in COLUMNS)
     lines = [header, "-" * len(header)]
     for summary in summaries:
         scopes = [(eid, fig) for eid, fig in summary["engines"].items()] + [("node", summary["node"])]
         for scope, fig in scopes:
             cells = "".join(f"{_cell(fig.get(key)):>14}" for _, key in COLUMNS)
-            lines.append(f"{summary['policy']:<8} {scope:<8}{cells}")
+            lines.append(f"{summary['policy']:<{width}} {scope:<8}{cells}")
     return "\n".join(lines)
 
 
@@ -108,7 +123,8 @@ def plot(results: list[SimNodeResult], path: pathlib.Path) -> None:
     for col, result in enumerate(results):
         s = result.samples
         t_min = np.array([x.t_s for x in s]) / 60.0
-        title = "pals (enforce)" if result.spec.mode == "enforce" else "default (advise: no change)"
+        name = policy_name(result)
+        title = {"pals": "pals (enforce)", "default": "default (advise: no change)"}.get(name, f"{name} (advise)")
         ax = axes[0][col]
         ax.plot(t_min, [x.node_power_w for x in s], lw=0.8, label="GPU power (sum of 1 s averages)")
         budget = [np.nan if x.budget_w is None else x.budget_w for x in s]
