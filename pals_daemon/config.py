@@ -31,7 +31,7 @@ BACKENDS = ("nvml", "sim")
 MODES = ("enforce", "advise")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Tables in the TOML file whose keys are flattened as "<table>_<key>".
-TABLES = ("sim",)
+TABLES = ("sim", "cluster")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,21 @@ class DaemonConfig:
     sim_gpu_count: int = 4
     # Simulated seconds per wall-clock second.
     sim_speed: float = 1.0
+    # [cluster] (README "Running a fleet"): empty endpoints = off, the daemon is a plain node daemon.
+    cluster_endpoints: tuple[str, ...] = ()
+    cluster_name: str = "default"
+    # Empty: the host name.
+    cluster_node: str = ""
+    # etcd lease TTL (whole seconds, etcd's unit): a node silent this long is "lapsed"; a leader this long gone
+    # is replaced. Chosen value: 5 s rides out a GC pause or an etcd leader election (~1 s) without flapping.
+    cluster_lease_ttl_s: int = 5
+    # Agent round: publish the offer, read the grant, and (leader) re-split.
+    cluster_period_s: float = 0.5
+    # Each etcd request gives up after this long (then the next endpoint is tried).
+    cluster_timeout_s: float = 1.0
+    cluster_ca_file: str = ""
+    cluster_cert_file: str = ""
+    cluster_key_file: str = ""
     config_file: str = field(default="", compare=False)
 
     @property
@@ -108,6 +123,12 @@ def _coerce(name: str, raw: Any, from_text: bool) -> Any:
             return tuple(int(p) for p in text.split(",") if p.strip()) if text else ()
         if not isinstance(raw, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in raw):
             raise ValueError("must be a list of GPU indices")
+        return tuple(raw)
+    if name == "cluster_endpoints":
+        if from_text:
+            return tuple(p.strip() for p in str(raw).split(",") if p.strip())
+        if not isinstance(raw, list) or not all(isinstance(u, str) for u in raw):
+            raise ValueError("must be a list of URLs")
         return tuple(raw)
     if kind == "float":
         return _as_float(raw, from_text)
@@ -188,6 +209,39 @@ def _validate(cfg: DaemonConfig) -> list[str]:
     elif cfg.admin_socket_path.parent == cfg.engine_socket_path.parent:
         problems.append("admin_socket and engine_socket must be in different directories: each directory's mode is "
                         "part of its socket's access policy (admin 0700 root, engine 0750 root:<group>)")
+    problems.extend(_validate_cluster(cfg))
+    return problems
+
+
+def _validate_cluster(cfg: DaemonConfig) -> list[str]:
+    if not cfg.cluster_endpoints:
+        return []
+    problems = []
+    for url in cfg.cluster_endpoints:
+        if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+:\d{1,5}", url):
+            problems.append(f"cluster_endpoints: {url!r} is not http(s)://host:port")
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?", cfg.cluster_name):
+        problems.append(f"cluster_name: {cfg.cluster_name!r} must be 1-63 of [a-z0-9.-]")
+    if cfg.cluster_node and not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?", cfg.cluster_node):
+        problems.append(f"cluster_node: {cfg.cluster_node!r} must be 1-63 of [a-z0-9.-]")
+    for name in ("cluster_period_s", "cluster_timeout_s"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value <= 0:
+            problems.append(f"{name}: must be a finite number > 0, got {value!r}")
+    if not 2 <= cfg.cluster_lease_ttl_s <= 3600:
+        problems.append(f"cluster_lease_ttl_s: must be 2..3600 s, got {cfg.cluster_lease_ttl_s}")
+    elif math.isfinite(cfg.cluster_period_s) and cfg.cluster_lease_ttl_s < 3 * cfg.cluster_period_s:
+        problems.append("cluster_lease_ttl_s: must be at least three cluster periods, or live nodes lapse")
+    if bool(cfg.cluster_cert_file) != bool(cfg.cluster_key_file):
+        problems.append("cluster_cert_file and cluster_key_file go together (TLS client certificate and its key)")
+    if any(u.startswith("https://") for u in cfg.cluster_endpoints) and not cfg.cluster_ca_file:
+        problems.append("cluster_ca_file: https endpoints need the CA that signed etcd's certificate")
+    for name in ("cluster_ca_file", "cluster_cert_file", "cluster_key_file"):
+        path = getattr(cfg, name)
+        if path and not os.path.isfile(path):
+            problems.append(f"{name}: {path!r} is not a file")
+    if cfg.budget_w is not None:
+        problems.append("budget_w: in cluster mode the node budget comes from the cluster's grant, not the config")
     return problems
 
 
@@ -241,4 +295,5 @@ def describe(cfg: DaemonConfig) -> dict[str, Any]:
     """The effective settings as plain data (for logs and ``pals-daemon --print-config``)."""
     out = {name: getattr(cfg, name) for name in FIELDS}
     out["gpus"] = list(cfg.gpus)
+    out["cluster_endpoints"] = list(cfg.cluster_endpoints)
     return out
