@@ -60,6 +60,10 @@ async def serve(cfg: DaemonConfig) -> None:
     clock = make_clock(cfg)
     runner = Runner(cfg, make_backend(cfg, clock), load_profile_tree(profiles_dir(cfg)), clock)
     await runner.start()
+    if cfg.cluster_endpoints:
+        from pals_daemon.cluster.agent import start_agent  # optional extra: pals-daemon[cluster]
+
+        start_agent(cfg, runner)
     await runner.run()
 
 
@@ -101,7 +105,9 @@ def restore(cfg: DaemonConfig) -> int:
     if cfg.backend == "sim":
         log.info("sim backend: simulated GPUs do not outlive the daemon; nothing to restore")
         return 0
-    problems = restore_originals(make_backend(cfg, MonotonicClock()), StateStore(cfg.state_dir))
+    problems = restore_originals(
+        make_backend(cfg, MonotonicClock()), StateStore(cfg.state_dir), cluster_mode=bool(cfg.cluster_endpoints)
+    )
     for p in problems:
         log.error("%s", p)
     return 1 if problems else 0

@@ -16,6 +16,7 @@ import grpc
 from google.protobuf import json_format
 
 from pals_daemon.api import pals_pb2, pals_pb2_grpc
+from pals_daemon.cli import palsctl_cluster
 
 DEFAULT_ADMIN_SOCKET = "/run/pals/admin/admin.sock"
 RPC_TIMEOUT_S = 10.0
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = profile.add_mutually_exclusive_group()
     which.add_argument("--status", action="store_true", help="show the engine's running or last job")
     which.add_argument("--cancel", action="store_true", help="cancel the engine's running job")
+    palsctl_cluster.add_parser(sub)
     return parser
 
 
@@ -275,6 +277,11 @@ def _parse_budget(text: str) -> float | None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute one parsed command."""
+    if args.command == "cluster":
+        try:
+            return palsctl_cluster.run(args)
+        except palsctl_cluster.ClusterCliError as exc:
+            raise CliError(str(exc)) from exc
     stub = _stub(args.socket)
     if args.command == "status":
         status = stub.GetStatus(pals_pb2.GetStatusRequest(), timeout=RPC_TIMEOUT_S)

@@ -155,9 +155,7 @@ def plan_grants(nodes: Mapping[str, NodeView], budget_w: float) -> dict[str, flo
 def total_reserved_w(nodes: Mapping[str, NodeView], grants: Mapping[str, float] | None = None) -> float:
     """Sum of reservations, with ``grants`` (a plan) applied over the recorded ones."""
     grants = grants or {}
-    return sum(
-        reserved_w(NodeView(v.offer, grants.get(n, v.grant_w), v.applied_w)) for n, v in nodes.items()
-    )
+    return sum(reserved_w(NodeView(v.offer, grants.get(n, v.grant_w), v.applied_w)) for n, v in nodes.items())
 
 
 def exit_limits_mw(

@@ -103,8 +103,11 @@ def decode_offer(doc: Any) -> Offer:
         return Offer(
             floor_w=_finite(doc.get("floor_w"), "floor_w"),
             ceiling_w=_finite(doc.get("ceiling_w"), "ceiling_w"),
-            points=tuple((_finite(p[0], "w"), _finite(p[1], "score", 0, 1e12), _finite(p[2], "tps", 0, 1e12))
-                         for p in points if isinstance(p, list) and len(p) == 3),
+            points=tuple(
+                (_finite(p[0], "w"), _finite(p[1], "score", 0, 1e12), _finite(p[2], "tps", 0, 1e12))
+                for p in points
+                if isinstance(p, list) and len(p) == 3
+            ),
         )
     except ValueError as exc:
         raise ClusterRecordError(str(exc)) from exc
@@ -259,8 +262,9 @@ class EtcdStore:
 
     def snapshot(self) -> Snapshot:
         """Budget, leader, and every node's offer, grant and applied budget, at one revision."""
-        out = self._call("/kv/range", {"key": _b64(self.prefix), "range_end": _prefix_end(self.prefix),
-                                       "limit": 4 * MAX_NODES + 8})
+        out = self._call(
+            "/kv/range", {"key": _b64(self.prefix), "range_end": _prefix_end(self.prefix), "limit": 4 * MAX_NODES + 8}
+        )
         revision = int(out.get("header", {}).get("revision", 0))
         budget: Budget | None = None
         leader: str | None = None
@@ -268,7 +272,7 @@ class EtcdStore:
         grants: dict[str, float] = {}
         applied: dict[str, float] = {}
         for kv in out.get("kvs") or []:
-            key = _unb64(kv["key"]).decode(errors="replace")[len(self.prefix):]
+            key = _unb64(kv["key"]).decode(errors="replace")[len(self.prefix) :]
             try:
                 value = self._decode_value(kv)
                 kind, _, node = key.partition("/")
@@ -330,12 +334,24 @@ class EtcdStore:
         leader_key = _b64(self.key("leader"))
         now = time.time()
         ops = [
-            {"request_put": {"key": _b64(self.key("grant", n)),
-                             "value": _b64(json.dumps({"budget_w": w, "leader": node, "at_unix_s": now}))}}
+            {
+                "request_put": {
+                    "key": _b64(self.key("grant", n)),
+                    "value": _b64(json.dumps({"budget_w": w, "leader": node, "at_unix_s": now})),
+                }
+            }
             for n, w in sorted(grants.items())
         ]
-        ops.append({"request_put": {"key": _b64(self.key("alloc")), "value": _b64(json.dumps(
-            {"budget_w": budget_w, "reserved_w": reserved_w, "leader": node, "at_unix_s": now}))}})
+        ops.append(
+            {
+                "request_put": {
+                    "key": _b64(self.key("alloc")),
+                    "value": _b64(
+                        json.dumps({"budget_w": budget_w, "reserved_w": reserved_w, "leader": node, "at_unix_s": now})
+                    ),
+                }
+            }
+        )
         out = self._call(
             "/kv/txn",
             {

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from pals_daemon.api import pals_pb2
 from pals_daemon.clock import Clock
+from pals_daemon.cluster.plan import exit_limits_mw
 from pals_daemon.config import DaemonConfig
 from pals_daemon.control.budget import BudgetSchedule
 from pals_daemon.control.config import ControllerConfig
@@ -133,6 +134,8 @@ class Daemon:
         self.budget = BudgetSchedule()
         self.engine_stats: dict[str, EngineStats] = {}
         self.last_decision: Decision | None = None
+        # The last tick's controller input (the cluster agent derives the node's offer from it).
+        self.last_input: ControllerInput | None = None
         self.ticks = 0
         self.decisions_changed = 0
         self.last_tick_duration_s = 0.0
@@ -213,6 +216,8 @@ class Daemon:
                 len(self.state.original_limits),
             )
         budget = self.state.budget_w if self.state.budget_w is not None else self.config.budget_w
+        if budget is None and self.config.cluster_endpoints:
+            budget = self.min_budget_w()  # cluster mode: the floor until the first grant (README "Running a fleet")
         if budget is not None and budget < self.min_budget_w():
             log.error(
                 "saved budget %.0f W is below the node minimum %.0f W; using the minimum",
@@ -260,11 +265,12 @@ class Daemon:
             notes = origin_notes(original, self.boot_id, self.driver_version)
             if notes:
                 log.warning("GPU %d (%s): record %s; applied by UUID", g.identity.index, uuid, "; ".join(notes))
-            if g.requested_limit_mw == original.limit_mw and g.reading.enforced_limit_mw == original.limit_mw:
+            target_mw = self.exit_limits_mw().get(uuid, original.limit_mw)
+            if g.requested_limit_mw == target_mw and g.reading.enforced_limit_mw == target_mw:
                 continue
             found_mw = g.requested_limit_mw
             try:
-                enforced = await g.worker.set_power_limit_mw(original.limit_mw)
+                enforced = await g.worker.set_power_limit_mw(target_mw)
             except GpuError as exc:
                 log.error(
                     "GPU %d: cannot restore its original limit %d mW left by an earlier run (record kept): %s",
@@ -273,13 +279,14 @@ class Daemon:
                     exc,
                 )
                 continue
-            g.requested_limit_mw = original.limit_mw
-            g.reading = _with_enforced(g.reading, enforced, original.limit_mw)
+            g.requested_limit_mw = target_mw
+            g.reading = _with_enforced(g.reading, enforced, target_mw)
             log.warning(
-                "GPU %d: found at %d mW after an earlier run did not stop cleanly; restored to its original %d mW "
+                "GPU %d: found at %d mW after an earlier run did not stop cleanly; restored to %d mW (original %d mW) "
                 "(enforced %d mW) before control starts",
                 g.identity.index,
                 found_mw,
+                target_mw,
                 original.limit_mw,
                 enforced,
             )
@@ -290,15 +297,21 @@ class Daemon:
         managed = {g.identity.uuid for g in self.gpus}
         for uuid in sorted(set(self.state.original_limits) - managed):
             log.warning("original limit of GPU %s is not restored by this daemon (not managed here); kept", uuid)
+        exit_mw = self.exit_limits_mw()
         for g in self.gpus:
             original = self.state.original_limits.get(g.identity.uuid)
             if original is None:
                 continue
+            target_mw = exit_mw.get(g.identity.uuid, original.limit_mw)
             try:
-                if g.requested_limit_mw != original.limit_mw or g.reading.enforced_limit_mw != original.limit_mw:
-                    await g.worker.set_power_limit_mw(original.limit_mw)
-                g.requested_limit_mw = original.limit_mw
-                self.state = self.state.without_original(g.identity.uuid)
+                if g.requested_limit_mw != target_mw or g.reading.enforced_limit_mw != target_mw:
+                    await g.worker.set_power_limit_mw(target_mw)
+                g.requested_limit_mw = target_mw
+                if target_mw == original.limit_mw:
+                    self.state = self.state.without_original(g.identity.uuid)
+                else:
+                    log.info("GPU %d left at %d mW within the cluster grant (original %d mW kept on record)",
+                             g.identity.index, target_mw, original.limit_mw)
             except GpuError as exc:
                 problems.append(str(exc))
                 log.error(
@@ -309,6 +322,24 @@ class Daemon:
                 )
         self.store.save(self.state)
         return problems
+
+    def exit_limits_mw(self) -> dict[str, int]:
+        """What each recorded GPU is put back to on exit: its original, or in cluster mode at most its share of the
+        budget in force (the last grant), so that a dead daemon draws no more than the cluster reserved for it."""
+        slots = [g for g in self.gpus if g.identity.uuid in self.state.original_limits and g.constraints is not None]
+        originals = [self.state.original_limits[g.identity.uuid].limit_mw for g in slots]
+        if not self.config.cluster_endpoints:
+            return {g.identity.uuid: o for g, o in zip(slots, originals, strict=True)}
+        # Uncontrolled GPUs keep what they enforce; the rest share what is left of the budget.
+        held_w = sum(mw_to_w(g.accounted_limit_mw()) for g in self.gpus if g not in slots)
+        budget = self.state.budget_w
+        limits = exit_limits_mw(
+            [g.constraints.min_limit_mw for g in slots],  # type: ignore[union-attr]
+            [g.constraints.max_limit_mw for g in slots],  # type: ignore[union-attr]
+            originals,
+            None if budget is None else budget - held_w,
+        )
+        return {g.identity.uuid: mw for g, mw in zip(slots, limits, strict=True)}
 
     async def close(self) -> None:
         """Restore limits (enforce mode), stop the GPU workers and close the backend."""
@@ -365,6 +396,7 @@ class Daemon:
                 engines=observations,
                 targets=dict(self.state.targets),
             )
+            self.last_input = inp
             decision = self.profiler.override(self.controller.step(self.profiler.controller_input(inp)), inp)
             for g in self.gpus:
                 g.decided_limit_w = decision.gpu_limits_w.get(g.identity.index, mw_to_w(g.requested_limit_mw))

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -81,6 +82,8 @@ class Runner:
         self._engine_path = SocketPath(config.engine_socket_path, ENGINE_DIR_MODE, config.engine_socket_group)
         self._servers: list[grpc.aio.Server] = []
         self._health: list[HealthServicer] = []
+        # Awaited first in stop(), before the GPUs are restored (the cluster agent leaves etcd there).
+        self.before_stop: list[Callable[[], Awaitable[None]]] = []
 
     async def start(self) -> None:
         """Bring everything up; READY=1 is sent last."""
@@ -170,6 +173,9 @@ class Runner:
         """Stop serving, restore GPU limits, remove sockets (idempotent)."""
         if self.notifier:
             self.notifier.stopping()
+        hooks, self.before_stop = self.before_stop, []
+        for hook in hooks:
+            await hook()
         for health in self._health:
             await health.enter_graceful_shutdown()
         await asyncio.gather(*(s.stop(STOP_GRACE_S) for s in self._servers))
