@@ -83,6 +83,8 @@ class ClusterAgent:
         self.grant_w: float | None = None
         self.published_applied_w: float | None = None
         self.offer: Offer | None = None
+        self._published_offer: dict[str, object] | None = None
+        self._offer_lease: int | None = None
         self.snapshot: Snapshot | None = None
         self.cluster_budget_w: float | None = None
         self.rounds = 0
@@ -183,7 +185,11 @@ class ClusterAgent:
             self.leader = False
             self.lease_id = self.store.grant_lease(self.cfg.cluster_lease_ttl_s)
         self._publish_applied(applied_w)
-        self.store.put(self.store.key("offer", self.node), encode_offer(offer, applied_w), self.lease_id)
+        record = encode_offer(offer, applied_w)
+        if record != self._published_offer or self.lease_id != self._offer_lease:
+            # Unchanged offers are not rewritten: the lease keepalive keeps the key alive.
+            self.store.put(self.store.key("offer", self.node), record, self.lease_id)
+            self._published_offer, self._offer_lease = record, self.lease_id
         return self.store.grant_of(self.node)
 
     def _publish_applied(self, applied_w: float | None) -> None:

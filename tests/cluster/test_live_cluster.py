@@ -54,12 +54,16 @@ class Node:
     proc: subprocess.Popen | None = None
     stopped: bool = False
     last_sum_w: float = 0.0
+    channel: grpc.Channel | None = None
 
     @property
     def admin(self) -> Path:
         return self.runtime / "admin" / "admin.sock"
 
     def start(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = None
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pals_daemon.cli.daemon_main", "--config", str(self.config)],
@@ -76,11 +80,12 @@ class Node:
     def read(self) -> float | None:
         if not self.admin.exists():
             return None
-        with grpc.insecure_channel(f"unix:{self.admin}") as ch:
-            try:
-                s = pals_pb2_grpc.PowerAdminStub(ch).GetStatus(pals_pb2.GetStatusRequest(), timeout=2.0)
-            except grpc.RpcError:
-                return None
+        if self.channel is None:
+            self.channel = grpc.insecure_channel(f"unix:{self.admin}")
+        try:
+            s = pals_pb2_grpc.PowerAdminStub(self.channel).GetStatus(pals_pb2.GetStatusRequest(), timeout=2.0)
+        except grpc.RpcError:
+            return None
         return s.budget.sum_enforced_limits_w
 
     def log(self) -> str:
@@ -245,6 +250,8 @@ def test_live_cluster_holds_the_budget_through_failures(etcd3: EtcdCluster, shor
                 except subprocess.TimeoutExpired:
                     n.proc.kill()
                     codes[n.name] = -9
+            if n.channel is not None:
+                n.channel.close()
         store.close()
 
     # Every sample within the budget in force (after the settling time of a decrease).
