@@ -22,6 +22,8 @@ OFFER_POINTS = 8
 # one gets, which dominates throughput. Each per-engine term is in [0, 1].
 _W_MEET = 1e6
 _W_FRACTION = 1e3
+# The knee (smallest budget meeting the most targets) is located to within this many watts (about 6 more steps).
+KNEE_TOLERANCE_W = 10.0
 # An engine counts as meeting its target within this relative shortfall (model noise).
 _MEET_TOLERANCE = 0.02
 
@@ -54,11 +56,31 @@ def offer_curve(
         raise ValueError(f"offer_curve: need 0 < floor <= ceiling, got {floor_w}, {ceiling_w}")
     n = max(2, points) if ceiling_w > floor_w else 1
     budgets = [floor_w + (ceiling_w - floor_w) * i / max(n - 1, 1) for i in range(n)]
-    results = []
-    for budget in budgets:
-        d = copy.deepcopy(controller).step(dataclasses.replace(inp, budget_w=budget))
-        results.append((budget, d))
+
+    def decide(budget: float) -> Decision:
+        return copy.deepcopy(controller).step(dataclasses.replace(inp, budget_w=budget))
+
+    results = [(b, decide(b)) for b in budgets]
     top = max((sum(e.predicted_tokens_per_s for e in d.engines.values()) for _, d in results), default=0.0)
+    # The knee: the smallest budget at which as many targets are met as at the ceiling, found by bisection between
+    # grid points, so the allocator need not round a node's need up to the next grid point (up to 1/7 of the range).
+    best_tier = math.floor(score_decision(results[-1][1], inp, top)[0] / _W_MEET)
+    if best_tier > 0:
+        hi = next(
+            i for i, (_, d) in enumerate(results) if math.floor(score_decision(d, inp, top)[0] / _W_MEET) == best_tier
+        )
+        if hi > 0:
+            lo_w, hi_w = results[hi - 1][0], results[hi][0]
+            hi_d = results[hi][1]
+            while hi_w - lo_w > KNEE_TOLERANCE_W:
+                mid = (lo_w + hi_w) / 2
+                d = decide(mid)
+                if math.floor(score_decision(d, inp, top)[0] / _W_MEET) == best_tier:
+                    hi_w, hi_d = mid, d
+                else:
+                    lo_w = mid
+            if hi_w < results[hi][0]:
+                results.insert(hi, (hi_w, hi_d))
     pts = []
     best_s = best_t = -math.inf
     for budget, d in results:

@@ -29,6 +29,11 @@ _EPS_W = 1e-6
 # Watts below which a grant change is not written (an allocator round that would move every node by a few
 # watts rewrites every key for nothing). Chosen value: 1% of one GPU's minimum limit, below any meter's noise.
 MIN_GRANT_CHANGE_W = 1.0
+# The split's DP counts each offer point's watts rounded up to a grid of budget / MAX_DP_STATES (at least 1 W), so
+# a layer holds at most MAX_DP_STATES + 1 states whatever the number of nodes (512 nodes of 4 GPUs: a 125 W grid;
+# 3 nodes: 1 W). Rounded up, the grants' true sum stays within the budget; the spare goes back to the nodes.
+# Chosen value: bench/cluster_allocator.py (README "Running a fleet") keeps a 512-node plan well under a period.
+MAX_DP_STATES = 4096
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,8 @@ def split(offers: Mapping[str, Offer], budget_w: float) -> dict[str, float] | No
     names = sorted(offers)
     if not names:
         return {}
-    options = [[Option(w, s, w) for w, s, _ in offers[n].points] for n in names]
+    grid_w = max(1.0, budget_w / MAX_DP_STATES)
+    options = [[Option(math.ceil(w / grid_w - 1e-9) * grid_w, s, w) for w, s, _ in offers[n].points] for n in names]
     picks = solve_budget(options, budget_w)
     if picks is None:
         return None

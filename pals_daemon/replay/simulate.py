@@ -22,7 +22,7 @@ from pals_daemon.control.config import ControllerConfig
 from pals_daemon.control.qos import QosWindows
 from pals_daemon.control.types import ControllerInput, EngineObservation, EngineTargets, GpuObservation
 from pals_daemon.model.profile import ProfileRegistry
-from pals_daemon.replay.policies import POLICIES, make_policy
+from pals_daemon.replay.policies import POLICIES, Policy, make_policy
 from pals_daemon.replay.scenario import GPUS_PER_SERVER, SERVER_BASE_W_PER_SERVER, SERVER_POWER_SLOPE, Scenario
 from pals_daemon.sim.engine import FinishedRequest, Request, SimEngine, StepWindow
 from pals_daemon.sim.gpu import SimGpu, make_sim_gpus
@@ -227,8 +227,10 @@ def run_policy(
     prepared: Prepared | None = None,
     progress: Callable[[float], None] | None = None,
     config: ControllerConfig | None = None,
+    policy: Policy | None = None,
 ) -> PolicyRun:
-    """Replay ``scenario`` under one policy and return its figures."""
+    """Replay ``scenario`` under one policy and return its figures (``policy``: a ready one, e.g. the cluster
+    replay's, named ``policy_name`` in the figures)."""
     started = time.perf_counter()
     prep = prepared if prepared is not None else prepare(scenario)
     now = [0.0]
@@ -261,7 +263,7 @@ def run_policy(
     current_seqs = {e.engine_id: e.configured_max_num_seqs for e in engines}
     targets: dict[str, EngineTargets] = {s.engine_id: s.targets for s in scenario.engines}
     gpu_idx = {e.engine_id: tuple(g.identity.index for g in gs) for e, gs in zip(engines, engine_gpus, strict=True)}
-    policy = make_policy(
+    policy = policy if policy is not None else make_policy(
         policy_name,
         registry,
         truths=prep.truths,
