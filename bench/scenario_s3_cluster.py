@@ -51,11 +51,14 @@ from pals_daemon.server.daemon import default_profiles_dir  # noqa: E402
 
 POLICIES = ("cluster-split", "static-split", "pals", "oracle")
 # Allocator round every 2 ticks of 0.5 s: the agent's period in a fleet (cluster_period_s 0.5 s plus the
-# node's round to apply and confirm; README "Running a fleet").
+# node's round to apply and confirm; README "Running a fleet"); offers refreshed every 2 s.
 ALLOC_EVERY_TICKS = 2
+OFFER_EVERY_TICKS = 4
 
 
-def run(out_dir: Path, quick: bool, duration_s: float | None, step_w: float | None) -> dict[str, Any]:
+def run(
+    out_dir: Path, quick: bool, duration_s: float | None, step_w: float | None, start_w: float = START_BUDGET_W
+) -> dict[str, Any]:
     """The sweep; returns (and writes) the figures."""
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,14 +73,14 @@ def run(out_dir: Path, quick: bool, duration_s: float | None, step_w: float | No
         nodes[f"server{i}"] = tuple(range(first, first + e.num_gpus))
         first += e.num_gpus
     sweep = []
-    budget = START_BUDGET_W
+    budget = start_w
     while budget >= FLOOR_BUDGET_W - 1e-9:
         runs = dict(run_budget(specs, budget, dur, reg, ("pals", "oracle"), cfg))
         sc = scenario(specs, budget, dur)
         prep = prepare(sc)
         reserved_over = {}
         for mode in ("cluster", "static"):
-            policy = ClusterPolicy(reg, cfg, nodes, mode, ALLOC_EVERY_TICKS)
+            policy = ClusterPolicy(reg, cfg, nodes, mode, ALLOC_EVERY_TICKS, OFFER_EVERY_TICKS)
             runs[f"{mode}-split"] = run_policy(sc, f"{mode}-split", reg, prep, policy=policy)
             reserved_over[mode] = policy.max_reserved_over_w
         row = {
@@ -108,7 +111,9 @@ def run(out_dir: Path, quick: bool, duration_s: float | None, step_w: float | No
         "static_over_cluster_violations_sweep": ratio(sweep),
         "static_over_cluster_violations_feasible": ratio(feasible),
         "ratio_goal_met": (ratio(sweep) or 0.0) >= RATIO_GOAL,
-        "cluster_limit_over_budget_ticks": sum(r["policies"]["cluster-split"]["limit_over_budget_ticks"] for r in sweep),
+        "cluster_limit_over_budget_ticks": sum(
+            r["policies"]["cluster-split"]["limit_over_budget_ticks"] for r in sweep
+        ),
         "cluster_max_reserved_over_budget_w": max(r["cluster_max_reserved_over_budget_w"] for r in sweep),
         "violations_sweep": {p: viol(sweep, p) for p in POLICIES},
     }
@@ -142,8 +147,9 @@ def format_result(result: dict[str, Any]) -> str:
         lines.append(f"{r['server_budget_w']:>8.0f} " + " ".join(f"{c:>22}" for c in cells) + flag)
     g = result["goals"]
     lines.append(
-        f"cluster-split worst engine where the oracle meets every target: {g['cluster_max_engine_qos_where_oracle_meets']}"
-        f" (goal < {QOS_GOAL}); static-split / cluster-split violations over the sweep: "
+        "cluster-split worst engine where the oracle meets every target: "
+        f"{g['cluster_max_engine_qos_where_oracle_meets']} (goal < {QOS_GOAL}); "
+        "static-split / cluster-split violations over the sweep: "
         f"{g['static_over_cluster_violations_sweep']} (goal >= {RATIO_GOAL}); "
         f"ticks with node limits above the cluster budget: {g['cluster_limit_over_budget_ticks']}; "
         f"violations {g['violations_sweep']}"
@@ -158,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--duration", type=float)
     ap.add_argument("--step", type=float)
+    ap.add_argument("--start", type=float, default=START_BUDGET_W, help="first server budget, W")
     args = ap.parse_args(argv)
-    result = run(Path(args.out), args.quick, args.duration, args.step)
+    result = run(Path(args.out), args.quick, args.duration, args.step, args.start)
     print(format_result(result))
     return 0
 

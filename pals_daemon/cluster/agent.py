@@ -28,7 +28,15 @@ from prometheus_client.registry import Collector
 
 from pals_daemon.cluster.offer import offer_curve
 from pals_daemon.cluster.plan import Offer, effective_budget_w, plan_grants, total_reserved_w
-from pals_daemon.cluster.store import NODE_NAME, ClusterRecordError, EtcdStore, EtcdUnavailable, Snapshot, encode_offer
+from pals_daemon.cluster.store import (
+    NODE_NAME,
+    ClusterRecordError,
+    EtcdRequestError,
+    EtcdStore,
+    EtcdUnavailable,
+    Snapshot,
+    encode_offer,
+)
 from pals_daemon.config import DaemonConfig
 from pals_daemon.errors import ConfigError, PalsError
 
@@ -102,7 +110,7 @@ class ClusterAgent:
             try:
                 await self.round()
                 self.etcd_up = True
-            except (EtcdUnavailable, ClusterRecordError) as exc:
+            except (EtcdUnavailable, EtcdRequestError, ClusterRecordError) as exc:
                 self._lost(exc)
             except PalsError as exc:  # a grant the daemon refused: hold, say why
                 log.error("cluster round: %s", exc)
@@ -136,7 +144,7 @@ class ClusterAgent:
             return
         try:
             await asyncio.to_thread(self._leave_io, lease)
-        except (EtcdUnavailable, ClusterRecordError) as exc:
+        except (EtcdUnavailable, EtcdRequestError, ClusterRecordError) as exc:
             log.info(
                 "cluster: could not resign cleanly (%s); the lease lapses in %d s", exc, self.cfg.cluster_lease_ttl_s
             )

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from pals_daemon.cluster.offer import offer_curve
-from pals_daemon.cluster.plan import NodeView, plan_grants, reserved_w
+from pals_daemon.cluster.plan import NodeView, Offer, plan_grants, reserved_w
 from pals_daemon.control.config import ControllerConfig
 from pals_daemon.control.core import Controller
 from pals_daemon.control.types import ControllerInput, Decision
@@ -31,6 +31,7 @@ class ClusterPolicy:
         nodes: Mapping[str, Sequence[int]],
         mode: str = "cluster",
         alloc_every: int = 2,
+        offer_every: int = 4,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} not in {MODES}")
@@ -39,6 +40,10 @@ class ClusterPolicy:
         self.nodes = {n: frozenset(g) for n, g in nodes.items()}
         self.controllers = {n: Controller(registry, config) for n in nodes}
         self.alloc_every = max(1, alloc_every)
+        # Offers are refreshed every offer_every ticks (each costs ~14 controller steps per node; the daemon's
+        # agent refreshes every round, but in replay that would be most of the run's time).
+        self.offer_every = max(1, offer_every)
+        self.offers: dict[str, Offer] = {}
         self.grants: dict[str, float] = {}
         self.applied: dict[str, float] = {}
         self.ticks = 0
@@ -61,14 +66,14 @@ class ClusterPolicy:
         elif self.mode == "static":
             node_budget = {n: max(budget / len(self.nodes), floors[n]) for n in self.nodes}
         else:
+            if self.ticks % self.offer_every == 0 or not self.offers:
+                self.offers = {
+                    n: offer_curve(self.controllers[n], self._sub(inp, n, None), floors[n], ceilings[n])
+                    for n in self.nodes
+                }
             if self.ticks % self.alloc_every == 0:
                 views = {
-                    n: NodeView(
-                        offer_curve(self.controllers[n], self._sub(inp, n, None), floors[n], ceilings[n]),
-                        self.grants.get(n),
-                        self.applied.get(n, floors[n]),
-                    )
-                    for n in self.nodes
+                    n: NodeView(self.offers[n], self.grants.get(n), self.applied.get(n, floors[n])) for n in self.nodes
                 }
                 self.grants.update(plan_grants(views, budget))
                 reserved = sum(reserved_w(NodeView(None, self.grants.get(n), v.applied_w)) for n, v in views.items())

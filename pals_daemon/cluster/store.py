@@ -46,6 +46,10 @@ class EtcdUnavailable(PalsError):
     """No etcd endpoint answered (network, TLS, timeout, or no quorum)."""
 
 
+class EtcdRequestError(PalsError):
+    """etcd refused a request (e.g. more operations in one transaction than its --max-txn-ops)."""
+
+
 class ClusterRecordError(PalsError):
     """A record in etcd is malformed (skipped, logged)."""
 
@@ -186,9 +190,15 @@ class EtcdStore:
             client = self._clients[idx]
             try:
                 out = client.post(client.get_url(path), json=dict(body))
-            except (etcd_exc.Etcd3Exception, OSError, ValueError) as exc:
+            except (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError, OSError, ValueError) as exc:
                 last = exc
                 continue
+            except etcd_exc.Etcd3Exception as exc:
+                text = str(getattr(exc, "detail_text", "") or exc)[:300]
+                if "no leader" in text or "timed out" in text or "unavailable" in text.lower():
+                    last = exc  # this member has no quorum: another may
+                    continue
+                raise EtcdRequestError(f"etcd refused {path}: {text}") from exc
             self._current = idx
             return out if isinstance(out, dict) else {}
         raise EtcdUnavailable(f"no etcd endpoint answered {path}: {last}")

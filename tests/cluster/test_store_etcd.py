@@ -8,7 +8,7 @@ import pytest
 from etcd_harness import EtcdCluster
 
 from pals_daemon.cluster.plan import Offer
-from pals_daemon.cluster.store import Budget, EtcdStore, EtcdUnavailable, encode_offer
+from pals_daemon.cluster.store import Budget, EtcdRequestError, EtcdStore, EtcdUnavailable, encode_offer
 
 
 def test_one_leader_and_only_its_lease_can_write_grants(etcd1: EtcdCluster) -> None:
@@ -70,3 +70,14 @@ def test_second_endpoint_answers_when_the_first_is_down(etcd1: EtcdCluster) -> N
     store = EtcdStore(["http://127.0.0.1:9", *etcd1.endpoints], "t", timeout_s=0.5)
     store.set_budget(Budget(1234.0))
     assert store.get_budget() == Budget(1234.0)
+
+
+def test_a_grant_transaction_over_max_txn_ops_is_refused_whole(etcd1: EtcdCluster) -> None:
+    """etcd's default --max-txn-ops is 128: 200 grants in one transaction are refused, none written (README:
+    raise it to at least nodes + 1)."""
+    store = EtcdStore(etcd1.endpoints, "t")
+    lease = store.grant_lease(5)
+    assert store.campaign("a", lease)
+    with pytest.raises(EtcdRequestError, match="too many operations"):
+        store.write_grants("a", lease, {f"n{i}": 500.0 for i in range(200)}, 1e6, 1e5)
+    assert store.snapshot().nodes == {}
