@@ -282,12 +282,12 @@ class Daemon:
             g.requested_limit_mw = target_mw
             g.reading = _with_enforced(g.reading, enforced, target_mw)
             log.warning(
-                "GPU %d: found at %d mW after an earlier run did not stop cleanly; restored to %d mW (original %d mW) "
+                "GPU %d: found at %d mW after an earlier run did not stop cleanly; restored to %s %d mW "
                 "(enforced %d mW) before control starts",
                 g.identity.index,
                 found_mw,
+                "its original" if target_mw == original.limit_mw else "its share of the cluster grant",
                 target_mw,
-                original.limit_mw,
                 enforced,
             )
 
