@@ -16,6 +16,7 @@ stops acting as leader (its lease will lapse). Nothing here changes a GPU except
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import socket
@@ -160,7 +161,7 @@ class ClusterAgent:
 
     async def round(self) -> None:
         """One round: node side, then (leader) allocation."""
-        self.offer = self._make_offer()
+        self.offer = await self._make_offer()
         applied = self.daemon.budget.target_w
         grant = await asyncio.to_thread(self._node_io, self.offer, applied)
         self.grant_w = grant
@@ -178,12 +179,14 @@ class ClusterAgent:
             raise EtcdUnavailable("no lease")
         return self.lease_id
 
-    def _make_offer(self) -> Offer:
+    async def _make_offer(self) -> Offer:
         floor, ceiling = self.daemon.min_budget_w(), self.daemon.max_budget_w()
         inp = getattr(self.daemon, "last_input", None)
         if inp is None:
             return Offer(floor, ceiling, ((floor, 0.0, 0.0),))
-        return offer_curve(self.daemon.controller, inp, floor, ceiling)
+        # One copy taken in the loop (between ticks: consistent); the ~14 controller steps on it run in a thread.
+        controller = copy.deepcopy(self.daemon.controller)
+        return await asyncio.to_thread(offer_curve, controller, inp, floor, ceiling)
 
     def _node_io(self, offer: Offer, applied_w: float | None) -> float | None:
         """Lease, applied record, offer, grant (worker thread)."""

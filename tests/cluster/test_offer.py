@@ -74,3 +74,21 @@ def test_live_controller_is_not_stepped() -> None:
 def test_bad_range_is_refused() -> None:
     with pytest.raises(ValueError):
         offer_curve(Controller(REG), _input(None), 0.0, 100.0)
+
+
+def test_offer_contains_the_knee_within_the_tolerance() -> None:
+    """The smallest budget that meets the target is a point of the offer (bisected), not the next grid point."""
+    import copy
+    import dataclasses
+
+    from pals_daemon.cluster.offer import KNEE_TOLERANCE_W, score_decision
+
+    controller = Controller(REG, ControllerConfig(period_s=0.5, gpu_kind=None))
+    top = offer_curve(controller, _input(None), 400.0, 1600.0).points[-1][2]
+    inp = _input(0.75 * top)
+    offer = offer_curve(controller, inp, 400.0, 1600.0)
+    knee = next(w for w, s, _ in offer.points if s >= 1e6)
+    below = copy.deepcopy(controller).step(dataclasses.replace(inp, budget_w=knee - KNEE_TOLERANCE_W))
+    assert score_decision(below, inp, top)[0] < 1e6  # 10 W less no longer meets it
+    grid = [400.0 + 1200.0 * i / 7 for i in range(8)]
+    assert knee not in grid or knee == 400.0
