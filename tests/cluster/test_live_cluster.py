@@ -215,7 +215,9 @@ def test_live_cluster_holds_the_budget_through_failures(etcd3: EtcdCluster, shor
         sampler.freeze(nodes[leader], signal.SIGKILL)
         t_kill = time.monotonic()
         _wait(lambda: store.snapshot().leader not in (None, leader), 2 * TTL_S + 1, "a new leader")
-        assert time.monotonic() - t_kill <= 2 * TTL_S
+        handover_s = time.monotonic() - t_kill
+        print(f"new leader {handover_s:.2f} s after the leader's SIGKILL (bound {2 * TTL_S} s)")
+        assert handover_s <= 2 * TTL_S
         snap = store.snapshot()
         assert snap.nodes[leader].offer is None  # lapsed, still reserved
         assert total_reserved_w(snap.nodes) <= 2400 + 1e-6
