@@ -203,6 +203,8 @@ def test_live_cluster_holds_the_budget_through_failures(etcd3: EtcdCluster, shor
         def applied_total() -> float:
             return sum(n.last_sum_w for n in nodes.values())
 
+        # 0. A node's own budget cannot be set in cluster mode (it would raise itself past its grant).
+        assert palsctl.main(["--socket", str(nodes["n1"].admin), "budget", "set", "1600"]) == 1
         # 1. Budget set, then lowered by the operator: the nodes follow.
         set_budget(3600)
         _wait(lambda: abs(applied_total() - 3600) < 5, 20, "the split of 3600 W applied")
