@@ -2,7 +2,8 @@
 
 Every layer is validated together and every problem is reported at once (ConfigError.problems).
 A key ``name`` is ``name`` in the file's top level (``[sim] gpu_kind`` for ``sim_gpu_kind``),
-``PALS_NAME`` in the environment and ``--name-with-dashes`` on the command line.
+``PALS_NAME`` in the environment and ``--name-with-dashes`` on the command line. The ``[controller]`` table
+(:mod:`pals_daemon.config_controller`) sets the controller's tuning the same way (``controller_hysteresis``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pals_daemon import config_controller
+from pals_daemon.control.config import ControllerConfig
 from pals_daemon.errors import ConfigError
+from pals_daemon.sim.hardware import hardware_profile, known_hardware
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,7 +35,48 @@ BACKENDS = ("nvml", "sim")
 MODES = ("enforce", "advise")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Tables in the TOML file whose keys are flattened as "<table>_<key>".
-TABLES = ("sim", "cluster")
+TABLES = ("sim", "clocks", "cluster", config_controller.TABLE)
+# Spellings of a boolean in the environment or on the command line (TOML has its own true/false).
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+DEFAULT_METRICS_PORT = 10400
+# What `pals-daemon restore` reads: it must restore the GPUs whatever else the file gets wrong.
+# cluster_endpoints: a cluster-mode node holds its GPUs within its last grant on exit (README "Running a fleet");
+# if the key is wrong, restore falls back to the originals.
+RESTORE_KEYS = ("backend", "state_dir", "log_level", "cluster_endpoints")
+
+# One line per key for --help (deploy/systemd/pals.toml.example says more).
+HELP = {
+    "backend": "GPU backend: nvml (real GPUs, root) or sim (simulated GPUs, no driver needed)",
+    "mode": "enforce: apply caps and batch limits; advise: compute and export them, change nothing",
+    "period_s": "control period, s",
+    "runtime_dir": "directory of the sockets",
+    "admin_socket": "PowerAdmin socket ('' = <runtime_dir>/admin/admin.sock)",
+    "engine_socket": "EngineLink socket ('' = <runtime_dir>/engine.sock)",
+    "engine_socket_group": "group allowed to connect engines ('' = root's group)",
+    "state_dir": "persistent state: original limits, budget, targets",
+    "profiles_dir": "directory of model profiles ('' = the profiles shipped with the package)",
+    "metrics_address": "Prometheus /metrics listen address",
+    "metrics_port": "Prometheus /metrics port (0 disables)",
+    "directive_ttl_s": "seconds an engine keeps a batch-limit directive (>= 2 periods)",
+    "qos_window_s": "length of the QoS windows, s",
+    "budget_w": "initial node GPU budget, W, when none is persisted ('none': no budget)",
+    "gpus": "comma-separated GPU indices to control ('' = all)",
+    "gpu_timeout_s": "an NVML call slower than this marks its GPU wedged, s",
+    "log_level": "log level",
+    "sim_gpu_kind": "simulated GPU model (sim backend)",
+    "sim_gpu_count": "number of simulated GPUs (sim backend)",
+    "sim_speed": "simulated seconds per wall-clock second (sim backend)",
+    "cluster_endpoints": "comma-separated etcd URLs of the cluster ('' = cluster mode off)",
+    "cluster_name": "cluster name: the etcd key prefix /pals/<name>/",
+    "cluster_node": "this node's name in the cluster ('' = the host name)",
+    "cluster_lease_ttl_s": "etcd lease TTL, whole s: a node silent this long is lapsed",
+    "cluster_period_s": "cluster agent round, s",
+    "cluster_timeout_s": "per etcd request, s (then the next endpoint)",
+    "cluster_ca_file": "CA of etcd's server certificates (https endpoints)",
+    "cluster_cert_file": "TLS client certificate for etcd",
+    "cluster_key_file": "TLS client key for etcd",
+}
 
 
 @dataclass(frozen=True)
@@ -52,8 +97,9 @@ class DaemonConfig:
     # Empty: the profiles shipped with the package.
     profiles_dir: str = ""
     metrics_address: str = "127.0.0.1"
-    # 0 disables the metrics endpoint.
-    metrics_port: int = 9400
+    # 0 disables the metrics endpoint. Not 9400 (dcgm-exporter's default, on the same GPU nodes) nor any port of
+    # 9100-9999 (the Prometheus exporter range, fully allocated): 10400 (README "Metrics").
+    metrics_port: int = DEFAULT_METRICS_PORT
     # An engine falls back to its own limits this long after the last directive.
     directive_ttl_s: float = 5.0
     # QoS (PALS: fraction of windows below the throughput target) is judged over windows this long: a
@@ -73,6 +119,14 @@ class DaemonConfig:
     sim_gpu_count: int = 4
     # Simulated seconds per wall-clock second.
     sim_speed: float = 1.0
+    # [clocks] enabled: the operator's switch for the locked-SM-clock knob. On by default: on Hopper the power
+    # cap rarely binds at light and medium load, so without the clock the daemon saves close to nothing there;
+    # every lock is recorded and reset on every exit path like a power limit, a GPU without the feature falls
+    # back to cap-only control, and an operator's own clock setting is left alone. false: the daemon never
+    # locks a clock (it still resets clocks a crashed run left locked).
+    clocks_enabled: bool = True
+    # The [controller] table; its period_s is replaced by this config's (see controller_config()).
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
     # [cluster] (README "Running a fleet"): empty endpoints = off, the daemon is a plain node daemon.
     cluster_endpoints: tuple[str, ...] = ()
     cluster_name: str = "default"
@@ -100,10 +154,16 @@ class DaemonConfig:
         """Where the EngineLink socket lives."""
         return pathlib.Path(self.engine_socket or os.path.join(self.runtime_dir, "engine.sock"))
 
+    def controller_config(self) -> ControllerConfig:
+        """The controller's settings, at the period the daemon ticks at."""
+        return dataclasses.replace(self.controller, period_s=self.period_s)
+
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {
-    f.name: f for f in dataclasses.fields(DaemonConfig) if f.name != "config_file"
+    f.name: f for f in dataclasses.fields(DaemonConfig) if f.name not in ("config_file", "controller")
 }
+# Every key of every layer: the daemon's own, then the [controller] table's (controller_<field>).
+KEYS: tuple[str, ...] = (*FIELDS, *config_controller.controller_keys())
 
 
 def _flag(name: str) -> str:
@@ -112,6 +172,8 @@ def _flag(name: str) -> str:
 
 def _coerce(name: str, raw: Any, from_text: bool) -> Any:
     """Convert one raw value (TOML value, or text from env/flags) to the field's type."""
+    if name not in FIELDS:
+        return config_controller.coerce(name, raw, from_text)
     kind = FIELDS[name].type
     if name == "budget_w":
         if from_text and str(raw).strip().lower() in ("", "none", "unlimited"):
@@ -130,6 +192,15 @@ def _coerce(name: str, raw: Any, from_text: bool) -> Any:
         if not isinstance(raw, list) or not all(isinstance(u, str) for u in raw):
             raise ValueError("must be a list of URLs")
         return tuple(raw)
+    if kind == "bool":
+        if from_text:
+            text = str(raw).strip().lower()
+            if text in _TRUE or text in _FALSE:
+                return text in _TRUE
+            raise ValueError(f"must be one of {', '.join(_TRUE + _FALSE)}")
+        if not isinstance(raw, bool):
+            raise ValueError("must be true or false")
+        return raw
     if kind == "float":
         return _as_float(raw, from_text)
     if kind == "int":
@@ -160,7 +231,10 @@ def _flatten_toml(doc: Mapping[str, Any], problems: list[str], where: str) -> di
         else:
             flat[key] = value
     for key in list(flat):
-        if key not in FIELDS:
+        if key in config_controller.EXCLUDED_KEYS:
+            problems.append(f"{where}: {key!r} is not an operator setting: {config_controller.EXCLUDED_KEYS[key]}")
+            del flat[key]
+        elif key not in KEYS:
             problems.append(f"{where}: unknown key {key!r}")
             del flat[key]
     return flat
@@ -186,8 +260,11 @@ def _validate(cfg: DaemonConfig) -> list[str]:
         value = getattr(cfg, name)
         if not math.isfinite(value) or value <= 0:
             problems.append(f"{name}: must be a finite number > 0, got {value!r}")
-    if math.isfinite(cfg.period_s) and math.isfinite(cfg.directive_ttl_s) and cfg.directive_ttl_s < 2 * cfg.period_s:
-        problems.append("directive_ttl_s: must be at least two control periods, or directives expire between ticks")
+    if 0 < cfg.period_s < math.inf and 0 < cfg.directive_ttl_s < 2 * cfg.period_s:
+        problems.append(
+            f"directive_ttl_s: {cfg.directive_ttl_s:g} s is less than two control periods "
+            f"(2 x period_s {cfg.period_s:g} s = {2 * cfg.period_s:g} s): directives would expire between ticks"
+        )
     if cfg.budget_w is not None and (not math.isfinite(cfg.budget_w) or cfg.budget_w <= 0):
         problems.append(f"budget_w: must be a finite number of watts > 0, got {cfg.budget_w!r}")
     if not 0 <= cfg.metrics_port <= 65535:
@@ -204,11 +281,19 @@ def _validate(cfg: DaemonConfig) -> list[str]:
     for name in ("admin_socket", "engine_socket"):
         if getattr(cfg, name) and not os.path.isabs(getattr(cfg, name)):
             problems.append(f"{name}: must be an absolute path, got {getattr(cfg, name)!r}")
+    if cfg.profiles_dir and not os.path.isdir(cfg.profiles_dir):
+        problems.append(f"profiles_dir: {cfg.profiles_dir!r} is not a directory")
+    try:
+        hardware_profile(cfg.sim_gpu_kind)
+    except ValueError:
+        problems.append(f"sim_gpu_kind: {cfg.sim_gpu_kind!r} is not one of {', '.join(known_hardware())}")
     if cfg.admin_socket_path == cfg.engine_socket_path:
         problems.append("admin_socket and engine_socket must differ: their modes authorize different clients")
     elif cfg.admin_socket_path.parent == cfg.engine_socket_path.parent:
-        problems.append("admin_socket and engine_socket must be in different directories: each directory's mode is "
-                        "part of its socket's access policy (admin 0700 root, engine 0750 root:<group>)")
+        problems.append(
+            "admin_socket and engine_socket must be in different directories: each directory's mode is "
+            "part of its socket's access policy (admin 0700 root, engine 0750 root:<group>)"
+        )
     problems.extend(_validate_cluster(cfg))
     return problems
 
@@ -245,15 +330,39 @@ def _validate_cluster(cfg: DaemonConfig) -> list[str]:
     return problems
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _default_text(name: str) -> str:
+    if name not in FIELDS:
+        value = config_controller.controller_keys()[name].default
+        return "none" if value is None else str(value)
+    value = FIELDS[name].default
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "''"
+    return repr(value) if value == "" else str(value)
+
+
+def _help(name: str) -> str:
+    if name in HELP:
+        return HELP[name]
+    key = config_controller.controller_keys().get(name)
+    text = key.description.split(". ")[0] if key is not None and key.description else name
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
     """Add --config and one flag per setting (default None: "not given on the command line")."""
     parser.add_argument("--config", help=f"TOML config file (default {DEFAULT_CONFIG_PATH}; env PALS_CONFIG)")
-    for name in FIELDS:
+    for name in names or KEYS:
         # No argparse choices: it would stop at the first bad value, load_config reports every problem at once.
         choices = {"backend": BACKENDS, "mode": MODES, "log_level": LOG_LEVELS}.get(name)
-        metavar = "{" + ",".join(choices) + "}" if choices else None
+        metavar = "{" + ",".join(choices) + "}" if choices else name.rsplit("_", 1)[-1].upper()
         parser.add_argument(
-            _flag(name), dest=name, default=None, metavar=metavar, help=f"(env {ENV_PREFIX}{name.upper()})"
+            _flag(name),
+            dest=name,
+            default=None,
+            metavar=metavar,
+            help=f"{_help(name)} (default {_default_text(name)}; env {ENV_PREFIX}{name.upper()})",
         )
 
 
@@ -263,9 +372,53 @@ def load_config(
     config_path: str | None = None,
 ) -> DaemonConfig:
     """Build the configuration from defaults, file, environment and flags; raise ConfigError with every problem."""
-    env = os.environ if env is None else env
-    flags = {k: v for k, v in (flags or {}).items() if v is not None and k in FIELDS}
     problems: list[str] = []
+    values, path = _read_layers(flags, env, config_path, problems)
+    own = {k: v for k, v in values.items() if k in FIELDS}
+    period_s = own.get("period_s", DaemonConfig.period_s)
+    controller, controller_problems = config_controller.build(
+        {k: v for k, v in values.items() if k not in FIELDS}, period_s
+    )
+    cfg = DaemonConfig(**own, controller=controller, config_file=str(path) if path.exists() else "")
+    problems.extend(_validate(cfg))
+    problems.extend(controller_problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_restore_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_path: str | None = None,
+) -> tuple[DaemonConfig, list[str]]:
+    """The settings ``pals-daemon restore`` needs (RESTORE_KEYS), and every problem found in the layers.
+
+    Never raises: a restore after a crash must put the GPUs back even when an unrelated key is wrong (it is
+    reported, not fatal). A needed key that is wrong falls back to its default, and is reported too.
+    """
+    problems: list[str] = []
+    values, path = _read_layers(flags, env, config_path, problems)
+    kept = {k: v for k, v in values.items() if k in RESTORE_KEYS}
+    for problem in _validate(DaemonConfig(**{k: v for k, v in values.items() if k in FIELDS})):
+        name = problem.split(":", 1)[0]
+        if name in RESTORE_KEYS:
+            problems.append(f"{problem}; using the default {_default_text(name)}")
+            kept.pop(name, None)
+        else:
+            problems.append(problem)
+    return DaemonConfig(**kept, config_file=str(path) if path.exists() else ""), problems
+
+
+def _read_layers(
+    flags: Mapping[str, Any] | None,
+    env: Mapping[str, str] | None,
+    config_path: str | None,
+    problems: list[str],
+) -> tuple[dict[str, Any], pathlib.Path]:
+    """Coerced values of file, environment and flags (later layers win); problems appended, never raised."""
+    env = os.environ if env is None else env
+    flags = {k: v for k, v in (flags or {}).items() if v is not None and k in KEYS}
     values: dict[str, Any] = {}
 
     explicit = config_path or env.get(ENV_PREFIX + "CONFIG")
@@ -280,15 +433,10 @@ def load_config(
     elif explicit:
         problems.append(f"config file {path} does not exist")
 
-    env_values = {n: env[ENV_PREFIX + n.upper()] for n in FIELDS if ENV_PREFIX + n.upper() in env}
+    env_values = {n: env[ENV_PREFIX + n.upper()] for n in KEYS if ENV_PREFIX + n.upper() in env}
     _apply(values, env_values, True, "environment", problems)
     _apply(values, flags, True, "flag", problems)
-
-    cfg = DaemonConfig(**values, config_file=str(path) if path.exists() else "")
-    problems.extend(_validate(cfg))
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return values, path
 
 
 def describe(cfg: DaemonConfig) -> dict[str, Any]:
@@ -296,4 +444,5 @@ def describe(cfg: DaemonConfig) -> dict[str, Any]:
     out = {name: getattr(cfg, name) for name in FIELDS}
     out["gpus"] = list(cfg.gpus)
     out["cluster_endpoints"] = list(cfg.cluster_endpoints)
+    out.update(config_controller.describe(cfg.controller_config()))
     return out

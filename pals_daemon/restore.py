@@ -1,15 +1,19 @@
-"""``pals-daemon restore``: put every GPU back to the limit recorded in the state file.
+"""``pals-daemon restore``: put every GPU back to the settings recorded in the state file, knob by knob.
 
 systemd runs it as ExecStopPost after any exit of the daemon (SIGKILL and watchdog included), so it must
-work with no daemon running: it opens the backend itself, restores, and drops each record it restored.
-A record is applied only to the GPU with its UUID: one from an earlier boot still names the same board (and
-is applied, with a note), one whose GPU is absent is kept and reported, never applied to another GPU.
+work with no daemon running: it opens the backend itself, restores through each actuator (power limits, then
+locked clocks), and drops each record it restored. A record is applied only to the GPU with its UUID: one from
+an earlier boot still names the same board (and is applied, with a note), one whose GPU is absent is kept and
+reported, never applied to another GPU. Clock records are reset even where ``[clocks] enabled = false``: a
+clock a crashed run left locked is undone whatever the switch says now.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
+from pals_daemon.actuators import PowerLimitActuator, all_actuators
 from pals_daemon.cluster.plan import exit_limits_mw
 from pals_daemon.errors import GpuError, PalsError
 from pals_daemon.gpu.backend import GpuBackend, GpuDevice
@@ -19,13 +23,14 @@ log = logging.getLogger(__name__)
 
 
 def restore_originals(backend: GpuBackend, store: StateStore, cluster_mode: bool = False) -> list[str]:
-    """Restore every recorded original limit; returns the problems (empty when everything was restored).
+    """Restore every recorded original setting; returns the problems (empty when everything was restored).
 
-    ``cluster_mode``: each GPU gets at most its share of the budget in force (the node's last cluster grant,
-    ``exit_limits_mw``) and its record is kept while that is below the original (README "Running a fleet").
+    ``cluster_mode``: each GPU's power limit is held at min(original, its share of the budget in force: the node's
+    last cluster grant) and its record kept while that is below the original (README "Running a fleet").
     """
     state = store.load()
-    if not state.original_limits:
+    actuators = all_actuators(cluster_mode=cluster_mode)
+    if not any(a.records(state) for a in actuators):
         return []
     problems = []
     try:
@@ -33,55 +38,49 @@ def restore_originals(backend: GpuBackend, store: StateStore, cluster_mode: bool
     except PalsError as exc:
         return [f"cannot open GPUs: {exc}"]
     try:
-        targets = _targets_mw(devices, state, cluster_mode)
         boot_id = current_boot_id()
         try:
             driver_version: str | None = backend.driver_version()
         except GpuError as exc:
             log.warning("cannot read the driver version: %s", exc)
             driver_version = None
-        for uuid, original in sorted(state.original_limits.items(), key=lambda kv: kv[1].gpu_index):
-            device = devices.get(uuid)
-            if device is None:
-                problems.append(f"GPU {uuid} (index {original.gpu_index}) not found; record kept")
-                continue
-            notes = origin_notes(original, boot_id, driver_version)
-            if notes:
-                log.warning("GPU %s: record %s; applied by UUID", uuid, "; ".join(notes))
-            target_mw = targets.get(uuid, original.limit_mw)
-            try:
-                enforced = device.set_power_limit_mw(target_mw)
-            except GpuError as exc:
-                problems.append(f"GPU {original.gpu_index} ({uuid}): {exc}; record kept")
-                continue
-            log.info(
-                "GPU %d (%s) restored to %d mW (original %d mW; enforced %d mW)",
-                device.identity.index,
-                uuid,
-                target_mw,
-                original.limit_mw,
-                enforced,
-            )
-            if target_mw != original.limit_mw:
-                continue  # held within the cluster grant: the original stays on record
-            state = state.without_original(uuid)
-            store.save(state)
+        for actuator in actuators:
+            if isinstance(actuator, PowerLimitActuator) and cluster_mode:
+                actuator.exit_targets_mw = _cluster_targets_mw(devices, state)
+            for uuid, original in sorted(actuator.records(state).items(), key=lambda kv: kv[1].gpu_index):
+                device = devices.get(uuid)
+                if device is None:
+                    problems.append(f"GPU {uuid} (index {original.gpu_index}) not found; record kept ({actuator.knob})")
+                    continue
+                notes = origin_notes(original, boot_id, driver_version)
+                if notes:
+                    log.warning("GPU %s: %s record %s; applied by UUID", uuid, actuator.knob, "; ".join(notes))
+                try:
+                    done = actuator.restore_device(device, original)
+                except GpuError as exc:
+                    problems.append(f"GPU {original.gpu_index} ({uuid}): {exc}; record kept ({actuator.knob})")
+                    continue
+                log.info("GPU %d (%s) %s", device.identity.index, uuid, done)
+                if actuator.keeps_record(uuid, original):
+                    continue
+                state = actuator.without_record(state, uuid)
+                store.save(state)
     finally:
         backend.close()
     return problems
 
 
-def _targets_mw(devices: dict[str, GpuDevice], state: DaemonState, cluster_mode: bool) -> dict[str, int]:
-    """Per recorded GPU present here: its original, or in cluster mode its share of the persisted budget."""
+def _cluster_targets_mw(devices: Mapping[str, GpuDevice], state: DaemonState) -> dict[str, int]:
+    """Per recorded GPU present here: min(original, its share of the persisted budget) (exit_limits_mw)."""
     present = [(uuid, devices[uuid]) for uuid in sorted(state.original_limits) if uuid in devices]
     originals = [state.original_limits[uuid].limit_mw for uuid, _ in present]
-    if not cluster_mode or state.budget_w is None:
-        return {uuid: o for (uuid, _), o in zip(present, originals, strict=True)}
+    if state.budget_w is None:
+        return {}
     try:
         constraints = [d.constraints() for _, d in present]
     except GpuError as exc:
-        log.error("cannot read the GPUs' limit ranges (%s): leaving the originals", exc)
-        return {uuid: o for (uuid, _), o in zip(present, originals, strict=True)}
+        log.error("cannot read the GPUs' limit ranges (%s): restoring the originals", exc)
+        return {}
     limits = exit_limits_mw(
         [c.min_limit_mw for c in constraints], [c.max_limit_mw for c in constraints], originals, state.budget_w
     )

@@ -24,6 +24,12 @@ class GpuObservation:
     power_capped: bool
     # False once a fatal error stopped the daemon controlling this GPU: its limit is left alone.
     controlled: bool = True
+    # The clock knob: True while the daemon may lock this GPU's SM clock (Decision.gpu_locked_clocks_mhz);
+    # the supported range (0 when unknown) and the ceiling locked now (None: unlocked).
+    clock_control: bool = False
+    min_clock_mhz: int = 0
+    max_clock_mhz: int = 0
+    locked_clock_mhz: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,12 @@ class EngineObservation:
     current_max_num_seqs: int = 0
     # Per-GPU share of the engine's expert load (sums to 1 over the engine's GPUs); empty when unknown.
     expert_load_share: Mapping[int, float] = field(default_factory=dict)
+    # Steps run and requests arrived in the window (what the latency model learns from; 0 when unknown).
+    num_steps: int = 0
+    arrived_requests: int = 0
+    # 99th percentile TTFT/TPOT of requests finished in the window (the SLO planner's tail); None when none.
+    ttft_p99_ms: float | None = None
+    tpot_p99_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,9 @@ class EngineDecision:
     predicted_power_w: float
     # Whether the engine's model has a profile (without one only the budget share applies).
     has_profile: bool
+    # Under latency SLOs: the p90 TTFT and TPOT the latency model predicts at the chosen cap (None otherwise).
+    predicted_ttft_p90_ms: float | None = None
+    predicted_tpot_p90_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -101,3 +116,5 @@ class Decision:
     changed: bool
     # One short line on why (budget cut, target missed, better efficiency, hold).
     reason: str
+    # Per-GPU SM clock ceiling in MHz (the locked-clock actuator); absent or None: leave the clock unlocked.
+    gpu_locked_clocks_mhz: Mapping[int, int | None] = field(default_factory=dict)

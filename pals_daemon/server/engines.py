@@ -61,6 +61,9 @@ def expert_load_tokens(report: pals_pb2.ExpertLoadReport) -> int:
     validate.finite(report.window_s, "window_s", 0.0, 3600.0)
     if len(report.layers) > validate.MAX_EXPERT_LAYERS:
         raise InvalidRequestError(f"layers: at most {validate.MAX_EXPERT_LAYERS}, got {len(report.layers)}")
+    entries = sum(len(layer.tokens_per_expert) for layer in report.layers)
+    if entries > validate.MAX_EXPERT_ENTRIES:
+        raise InvalidRequestError(f"tokens_per_expert: at most {validate.MAX_EXPERT_ENTRIES} counters, got {entries}")
     tokens = sum(sum(layer.tokens_per_expert) for layer in report.layers)
     return validate.count(tokens, "tokens_per_expert (sum)", validate.MAX_TOKENS_PER_REPORT)
 
@@ -179,6 +182,10 @@ class EngineSession:
             tpot_p90_ms=float(np.percentile(w.tpot_ms, 90)) if w.tpot_ms else None,
             current_max_num_seqs=self.current_max_num_seqs,
             expert_load_share={g: t / total_load for g, t in load.tokens_by_gpu.items()} if total_load else {},
+            num_steps=w.num_steps,
+            arrived_requests=w.arrived_requests,
+            ttft_p99_ms=float(np.percentile(w.ttft_ms, 99)) if w.ttft_ms else None,
+            tpot_p99_ms=float(np.percentile(w.tpot_ms, 99)) if w.tpot_ms else None,
         )
 
 

@@ -94,7 +94,7 @@ def test_configmap_is_a_config_the_daemon_accepts(tmp_path: pathlib.Path) -> Non
     cfg_mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert cfg_mounts["etcd-client"] == "/etc/pals/etcd"
     assert 'runtime_dir = "/run/pals"' in text and 'state_dir = "/var/lib/pals"' in text
-    assert 'metrics_port = 9400' in text and 'engine_socket_group = "pals"' in text
+    assert 'metrics_port = 10400' in text and 'engine_socket_group = "pals"' in text
 
 
 def test_vllm_example_reaches_the_engine_socket_through_the_group() -> None:
