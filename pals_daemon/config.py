@@ -35,13 +35,15 @@ BACKENDS = ("nvml", "sim")
 MODES = ("enforce", "advise")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Tables in the TOML file whose keys are flattened as "<table>_<key>".
-TABLES = ("sim", "clocks", config_controller.TABLE)
+TABLES = ("sim", "clocks", "cluster", config_controller.TABLE)
 # Spellings of a boolean in the environment or on the command line (TOML has its own true/false).
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 DEFAULT_METRICS_PORT = 10400
 # What `pals-daemon restore` reads: it must restore the GPUs whatever else the file gets wrong.
-RESTORE_KEYS = ("backend", "state_dir", "log_level")
+# cluster_endpoints: a cluster-mode node holds its GPUs within its last grant on exit (README "Running a fleet");
+# if the key is wrong, restore falls back to the originals.
+RESTORE_KEYS = ("backend", "state_dir", "log_level", "cluster_endpoints")
 
 # One line per key for --help (deploy/systemd/pals.toml.example says more).
 HELP = {
@@ -65,6 +67,15 @@ HELP = {
     "sim_gpu_kind": "simulated GPU model (sim backend)",
     "sim_gpu_count": "number of simulated GPUs (sim backend)",
     "sim_speed": "simulated seconds per wall-clock second (sim backend)",
+    "cluster_endpoints": "comma-separated etcd URLs of the cluster ('' = cluster mode off)",
+    "cluster_name": "cluster name: the etcd key prefix /pals/<name>/",
+    "cluster_node": "this node's name in the cluster ('' = the host name)",
+    "cluster_lease_ttl_s": "etcd lease TTL, whole s: a node silent this long is lapsed",
+    "cluster_period_s": "cluster agent round, s",
+    "cluster_timeout_s": "per etcd request, s (then the next endpoint)",
+    "cluster_ca_file": "CA of etcd's server certificates (https endpoints)",
+    "cluster_cert_file": "TLS client certificate for etcd",
+    "cluster_key_file": "TLS client key for etcd",
 }
 
 
@@ -116,6 +127,21 @@ class DaemonConfig:
     clocks_enabled: bool = True
     # The [controller] table; its period_s is replaced by this config's (see controller_config()).
     controller: ControllerConfig = field(default_factory=ControllerConfig)
+    # [cluster] (README "Running a fleet"): empty endpoints = off, the daemon is a plain node daemon.
+    cluster_endpoints: tuple[str, ...] = ()
+    cluster_name: str = "default"
+    # Empty: the host name.
+    cluster_node: str = ""
+    # etcd lease TTL (whole seconds, etcd's unit): a node silent this long is "lapsed"; a leader this long gone
+    # is replaced. Chosen value: 5 s rides out a GC pause or an etcd leader election (~1 s) without flapping.
+    cluster_lease_ttl_s: int = 5
+    # Agent round: publish the offer, read the grant, and (leader) re-split.
+    cluster_period_s: float = 0.5
+    # Each etcd request gives up after this long (then the next endpoint is tried).
+    cluster_timeout_s: float = 1.0
+    cluster_ca_file: str = ""
+    cluster_cert_file: str = ""
+    cluster_key_file: str = ""
     config_file: str = field(default="", compare=False)
 
     @property
@@ -159,6 +185,12 @@ def _coerce(name: str, raw: Any, from_text: bool) -> Any:
             return tuple(int(p) for p in text.split(",") if p.strip()) if text else ()
         if not isinstance(raw, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in raw):
             raise ValueError("must be a list of GPU indices")
+        return tuple(raw)
+    if name == "cluster_endpoints":
+        if from_text:
+            return tuple(p.strip() for p in str(raw).split(",") if p.strip())
+        if not isinstance(raw, list) or not all(isinstance(u, str) for u in raw):
+            raise ValueError("must be a list of URLs")
         return tuple(raw)
     if kind == "bool":
         if from_text:
@@ -262,6 +294,39 @@ def _validate(cfg: DaemonConfig) -> list[str]:
             "admin_socket and engine_socket must be in different directories: each directory's mode is "
             "part of its socket's access policy (admin 0700 root, engine 0750 root:<group>)"
         )
+    problems.extend(_validate_cluster(cfg))
+    return problems
+
+
+def _validate_cluster(cfg: DaemonConfig) -> list[str]:
+    if not cfg.cluster_endpoints:
+        return []
+    problems = []
+    for url in cfg.cluster_endpoints:
+        if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+:\d{1,5}", url):
+            problems.append(f"cluster_endpoints: {url!r} is not http(s)://host:port")
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?", cfg.cluster_name):
+        problems.append(f"cluster_name: {cfg.cluster_name!r} must be 1-63 of [a-z0-9.-]")
+    if cfg.cluster_node and not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?", cfg.cluster_node):
+        problems.append(f"cluster_node: {cfg.cluster_node!r} must be 1-63 of [a-z0-9.-]")
+    for name in ("cluster_period_s", "cluster_timeout_s"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value <= 0:
+            problems.append(f"{name}: must be a finite number > 0, got {value!r}")
+    if not 2 <= cfg.cluster_lease_ttl_s <= 3600:
+        problems.append(f"cluster_lease_ttl_s: must be 2..3600 s, got {cfg.cluster_lease_ttl_s}")
+    elif math.isfinite(cfg.cluster_period_s) and cfg.cluster_lease_ttl_s < 3 * cfg.cluster_period_s:
+        problems.append("cluster_lease_ttl_s: must be at least three cluster periods, or live nodes lapse")
+    if bool(cfg.cluster_cert_file) != bool(cfg.cluster_key_file):
+        problems.append("cluster_cert_file and cluster_key_file go together (TLS client certificate and its key)")
+    if any(u.startswith("https://") for u in cfg.cluster_endpoints) and not cfg.cluster_ca_file:
+        problems.append("cluster_ca_file: https endpoints need the CA that signed etcd's certificate")
+    for name in ("cluster_ca_file", "cluster_cert_file", "cluster_key_file"):
+        path = getattr(cfg, name)
+        if path and not os.path.isfile(path):
+            problems.append(f"{name}: {path!r} is not a file")
+    if cfg.budget_w is not None:
+        problems.append("budget_w: in cluster mode the node budget comes from the cluster's grant, not the config")
     return problems
 
 
@@ -378,5 +443,6 @@ def describe(cfg: DaemonConfig) -> dict[str, Any]:
     """The effective settings as plain data (for logs and ``pals-daemon --print-config``)."""
     out = {name: getattr(cfg, name) for name in FIELDS}
     out["gpus"] = list(cfg.gpus)
+    out["cluster_endpoints"] = list(cfg.cluster_endpoints)
     out.update(config_controller.describe(cfg.controller_config()))
     return out

@@ -11,19 +11,25 @@ clock a crashed run left locked is undone whatever the switch says now.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
-from pals_daemon.actuators import all_actuators
+from pals_daemon.actuators import PowerLimitActuator, all_actuators
+from pals_daemon.cluster.plan import exit_limits_mw
 from pals_daemon.errors import GpuError, PalsError
-from pals_daemon.gpu.backend import GpuBackend
-from pals_daemon.state import StateStore, current_boot_id, origin_notes
+from pals_daemon.gpu.backend import GpuBackend, GpuDevice
+from pals_daemon.state import DaemonState, StateStore, current_boot_id, origin_notes
 
 log = logging.getLogger(__name__)
 
 
-def restore_originals(backend: GpuBackend, store: StateStore) -> list[str]:
-    """Restore every recorded original setting; returns the problems (empty when everything was restored)."""
+def restore_originals(backend: GpuBackend, store: StateStore, cluster_mode: bool = False) -> list[str]:
+    """Restore every recorded original setting; returns the problems (empty when everything was restored).
+
+    ``cluster_mode``: each GPU's power limit is held at min(original, its share of the budget in force: the node's
+    last cluster grant) and its record kept while that is below the original (README "Running a fleet").
+    """
     state = store.load()
-    actuators = all_actuators()
+    actuators = all_actuators(cluster_mode=cluster_mode)
     if not any(a.records(state) for a in actuators):
         return []
     problems = []
@@ -39,6 +45,8 @@ def restore_originals(backend: GpuBackend, store: StateStore) -> list[str]:
             log.warning("cannot read the driver version: %s", exc)
             driver_version = None
         for actuator in actuators:
+            if isinstance(actuator, PowerLimitActuator) and cluster_mode:
+                actuator.exit_targets_mw = _cluster_targets_mw(devices, state)
             for uuid, original in sorted(actuator.records(state).items(), key=lambda kv: kv[1].gpu_index):
                 device = devices.get(uuid)
                 if device is None:
@@ -53,8 +61,27 @@ def restore_originals(backend: GpuBackend, store: StateStore) -> list[str]:
                     problems.append(f"GPU {original.gpu_index} ({uuid}): {exc}; record kept ({actuator.knob})")
                     continue
                 log.info("GPU %d (%s) %s", device.identity.index, uuid, done)
+                if actuator.keeps_record(uuid, original):
+                    continue
                 state = actuator.without_record(state, uuid)
                 store.save(state)
     finally:
         backend.close()
     return problems
+
+
+def _cluster_targets_mw(devices: Mapping[str, GpuDevice], state: DaemonState) -> dict[str, int]:
+    """Per recorded GPU present here: min(original, its share of the persisted budget) (exit_limits_mw)."""
+    present = [(uuid, devices[uuid]) for uuid in sorted(state.original_limits) if uuid in devices]
+    originals = [state.original_limits[uuid].limit_mw for uuid, _ in present]
+    if state.budget_w is None:
+        return {}
+    try:
+        constraints = [d.constraints() for _, d in present]
+    except GpuError as exc:
+        log.error("cannot read the GPUs' limit ranges (%s): restoring the originals", exc)
+        return {}
+    limits = exit_limits_mw(
+        [c.min_limit_mw for c in constraints], [c.max_limit_mw for c in constraints], originals, state.budget_w
+    )
+    return {uuid: mw for (uuid, _), mw in zip(present, limits, strict=True)}

@@ -7,6 +7,8 @@ from pals_daemon.actuators.power import PowerLimitActuator
 __all__ = ["Actuator", "ActuatorHost", "LockedClockActuator", "PowerLimitActuator", "all_actuators"]
 
 
-def all_actuators(clocks_enabled: bool = True) -> list[Actuator]:
-    """Every knob, in apply order: the power limit first (it is the hard bound on power), then the clock."""
-    return [PowerLimitActuator(), LockedClockActuator(enabled=clocks_enabled)]
+def all_actuators(clocks_enabled: bool = True, cluster_mode: bool = False) -> list[Actuator]:
+    """Every knob, in apply order: the power limit first (it is the hard bound on power), then the clock.
+
+    ``cluster_mode``: power limits are held within the last grant on exit (README "Running a fleet")."""
+    return [PowerLimitActuator(cluster_mode=cluster_mode), LockedClockActuator(enabled=clocks_enabled)]

@@ -75,6 +75,10 @@ class Actuator(abc.ABC):
     def without_record(self, state: DaemonState, uuid: str) -> DaemonState:
         """``state`` without the record of GPU ``uuid`` (after it was restored)."""
 
+    def keeps_record(self, uuid: str, record: Any) -> bool:
+        """True when restore_device left the GPU short of ``record`` on purpose (the record must stay)."""
+        return False
+
     @abc.abstractmethod
     def restore_device(self, device: GpuDevice, record: Any) -> str:
         """Blocking, without a daemon (``pals-daemon restore``): put ``device`` back; returns what was done.

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from pals_daemon.actuators.base import Actuator, ActuatorHost
+from pals_daemon.cluster.plan import exit_limits_mw
 from pals_daemon.control.types import Decision
 from pals_daemon.errors import GpuError
 from pals_daemon.gpu.backend import GpuDevice, GpuReading
@@ -31,6 +32,33 @@ class PowerLimitActuator(Actuator):
 
     knob = "power_limit"
 
+    def __init__(self, cluster_mode: bool = False) -> None:
+        # Cluster mode: every exit path leaves each GPU at min(original, its share of the last grant) and keeps
+        # the original on record (README "Running a fleet"); exit_targets_mw is what restore_device writes.
+        self.cluster_mode = cluster_mode
+        self.exit_targets_mw: dict[str, int] = {}
+
+    def exit_targets(self, host: ActuatorHost) -> dict[str, int]:
+        """Each recorded, managed GPU's exit limit: its original, or in cluster mode its share of the budget in
+        force (the last grant) when that is lower; uncontrolled GPUs count at what they enforce."""
+        slots = [g for g in host.gpus if g.identity.uuid in host.state.original_limits and g.constraints is not None]
+        originals = [host.state.original_limits[g.identity.uuid].limit_mw for g in slots]
+        budget = host.state.budget_w
+        if not self.cluster_mode or budget is None:
+            return {g.identity.uuid: o for g, o in zip(slots, originals, strict=True)}
+        held_w = sum(mw_to_w(g.accounted_limit_mw()) for g in host.gpus if g not in slots)
+        limits = exit_limits_mw(
+            [g.constraints.min_limit_mw for g in slots],
+            [g.constraints.max_limit_mw for g in slots],
+            originals,
+            budget - held_w,
+        )
+        return {g.identity.uuid: mw for g, mw in zip(slots, limits, strict=True)}
+
+    def keeps_record(self, uuid: str, record: OriginalLimit) -> bool:
+        """A GPU held below its original (cluster mode) keeps its record."""
+        return self.exit_targets_mw.get(uuid, record.limit_mw) != record.limit_mw
+
     def records(self, state: DaemonState) -> Mapping[str, OriginalLimit]:
         """The original-limit records."""
         return state.original_limits
@@ -40,8 +68,14 @@ class PowerLimitActuator(Actuator):
         return state.without_original(uuid)
 
     def restore_device(self, device: GpuDevice, record: OriginalLimit) -> str:
-        """Write the original limit back; returns a line for the log."""
-        enforced = device.set_power_limit_mw(record.limit_mw)
+        """Write the original limit back (cluster mode: the exit target); returns a line for the log."""
+        target_mw = self.exit_targets_mw.get(device.identity.uuid, record.limit_mw)
+        enforced = device.set_power_limit_mw(target_mw)
+        if target_mw != record.limit_mw:
+            return (
+                f"held at {target_mw} mW within the cluster grant "
+                f"(original {record.limit_mw} mW kept; enforced {enforced} mW)"
+            )
         return f"restored to {record.limit_mw} mW (enforced {enforced} mW)"
 
     def original_of(self, host: ActuatorHost, g: GpuSlot) -> OriginalLimit:
@@ -71,6 +105,7 @@ class PowerLimitActuator(Actuator):
         stay: this run writes again, and they hold the limits found before any run touched the GPUs.
         """
         by_uuid = {g.identity.uuid: g for g in host.gpus}
+        targets = self.exit_targets(host)
         for uuid, original in sorted(host.state.original_limits.items(), key=lambda kv: kv[1].gpu_index):
             g = by_uuid.get(uuid)
             if g is None:
@@ -85,11 +120,12 @@ class PowerLimitActuator(Actuator):
             notes = origin_notes(original, host.boot_id, host.driver_version)
             if notes:
                 log.warning("GPU %d (%s): record %s; applied by UUID", g.identity.index, uuid, "; ".join(notes))
-            if g.requested_limit_mw == original.limit_mw and g.reading.enforced_limit_mw == original.limit_mw:
+            target_mw = targets.get(uuid, original.limit_mw)
+            if g.requested_limit_mw == target_mw and g.reading.enforced_limit_mw == target_mw:
                 continue
             found_mw = g.requested_limit_mw
             try:
-                enforced = await g.worker.set_power_limit_mw(original.limit_mw)
+                enforced = await g.worker.set_power_limit_mw(target_mw)
             except GpuError as exc:
                 log.error(
                     "GPU %d: cannot restore its original limit %d mW left by an earlier run (record kept): %s",
@@ -98,14 +134,15 @@ class PowerLimitActuator(Actuator):
                     exc,
                 )
                 continue
-            g.requested_limit_mw = original.limit_mw
-            g.reading = with_enforced(g.reading, enforced, original.limit_mw)
+            g.requested_limit_mw = target_mw
+            g.reading = with_enforced(g.reading, enforced, target_mw)
             log.warning(
-                "GPU %d: found at %d mW after an earlier run did not stop cleanly; restored to its original %d mW "
+                "GPU %d: found at %d mW after an earlier run did not stop cleanly; restored to %s %d mW "
                 "(enforced %d mW) before control starts",
                 g.identity.index,
                 found_mw,
-                original.limit_mw,
+                "its original" if target_mw == original.limit_mw else "its share of the cluster grant",
+                target_mw,
                 enforced,
             )
 
@@ -115,14 +152,24 @@ class PowerLimitActuator(Actuator):
         managed = {g.identity.uuid for g in host.gpus}
         for uuid in sorted(set(host.state.original_limits) - managed):
             log.warning("original limit of GPU %s is not restored by this daemon (not managed here); kept", uuid)
+        targets = self.exit_targets(host)
         for g in host.gpus:
             original = host.state.original_limits.get(g.identity.uuid)
             if original is None:
                 continue
+            target_mw = targets.get(g.identity.uuid, original.limit_mw)
             try:
-                if g.requested_limit_mw != original.limit_mw or g.reading.enforced_limit_mw != original.limit_mw:
-                    await g.worker.set_power_limit_mw(original.limit_mw)
-                g.requested_limit_mw = original.limit_mw
+                if g.requested_limit_mw != target_mw or g.reading.enforced_limit_mw != target_mw:
+                    await g.worker.set_power_limit_mw(target_mw)
+                g.requested_limit_mw = target_mw
+                if target_mw != original.limit_mw:
+                    log.info(
+                        "GPU %d left at %d mW within the cluster grant (original %d mW kept on record)",
+                        g.identity.index,
+                        target_mw,
+                        original.limit_mw,
+                    )
+                    continue
                 host.state = host.state.without_original(g.identity.uuid)
             except GpuError as exc:
                 problems.append(str(exc))

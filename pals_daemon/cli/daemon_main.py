@@ -77,6 +77,10 @@ async def serve(cfg: DaemonConfig) -> None:
     log.info("%d profile(s) from %s", len(profiles.profiles), directory)
     runner = Runner(cfg, backend, profiles, clock)
     await runner.start()
+    if cfg.cluster_endpoints:
+        from pals_daemon.cluster.agent import start_agent  # optional extra: pals-daemon[cluster]
+
+        start_agent(cfg, runner)
     await runner.run()
 
 
@@ -156,7 +160,9 @@ def restore(cfg: DaemonConfig) -> int:
     if cfg.backend == "sim":
         log.info("sim backend: simulated GPUs do not outlive the daemon; nothing to restore")
         return 0
-    problems = restore_originals(make_backend(cfg, MonotonicClock()), StateStore(cfg.state_dir))
+    problems = restore_originals(
+        make_backend(cfg, MonotonicClock()), StateStore(cfg.state_dir), cluster_mode=bool(cfg.cluster_endpoints)
+    )
     for p in problems:
         log.error("%s", p)
     return 1 if problems else 0

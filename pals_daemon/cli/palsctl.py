@@ -23,6 +23,7 @@ from google.protobuf.message import Message
 
 from pals_daemon import __version__
 from pals_daemon.api import pals_pb2, pals_pb2_grpc
+from pals_daemon.cli import palsctl_cluster
 
 DEFAULT_ADMIN_SOCKET = "/run/pals/admin/admin.sock"
 RPC_TIMEOUT_S = 10.0
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = profile.add_mutually_exclusive_group()
     which.add_argument("--status", action="store_true", help="show the engine's running or last job")
     which.add_argument("--cancel", action="store_true", help="cancel the engine's running job")
+    palsctl_cluster.add_parser(sub)
     return parser
 
 
@@ -434,6 +436,11 @@ def _target_set(stub: pals_pb2_grpc.PowerAdminStub, args: argparse.Namespace) ->
 
 def run(args: argparse.Namespace) -> int:
     """Execute one parsed command."""
+    if args.command == "cluster":
+        try:
+            return palsctl_cluster.run(args)
+        except palsctl_cluster.ClusterCliError as exc:
+            raise CliError(str(exc)) from exc
     stub = _stub(args.socket)
     if args.command == "status":
         status = stub.GetStatus(pals_pb2.GetStatusRequest(), timeout=RPC_TIMEOUT_S)

@@ -22,7 +22,7 @@ from pals_daemon.control.qos import QosWindows
 from pals_daemon.control.types import ControllerInput, Decision, EngineTargets
 from pals_daemon.model.profile import ProfileRegistry
 from pals_daemon.replay.node import ReplayNode
-from pals_daemon.replay.policies import POLICIES, make_policy
+from pals_daemon.replay.policies import POLICIES, Policy, make_policy
 from pals_daemon.replay.scenario import GPUS_PER_SERVER, SERVER_BASE_W_PER_SERVER, SERVER_POWER_SLOPE, Scenario
 from pals_daemon.sim.engine import FinishedRequest, Request
 from pals_daemon.sim.truth import ModelTruth, load_a100_truth
@@ -178,8 +178,10 @@ def run_policy(
     config: ControllerConfig | None = None,
     # Called with every tick's input and decision (the parity test; per-tick analyses).
     on_tick: Callable[[ControllerInput, Decision], None] | None = None,
+    policy: Policy | None = None,
 ) -> PolicyRun:
-    """Replay ``scenario`` under one policy and return its figures."""
+    """Replay ``scenario`` under one policy and return its figures (``policy``: a ready one, e.g. the cluster
+    replay's, named ``policy_name`` in the figures)."""
     started = time.perf_counter()
     prep = prepared if prepared is not None else prepare(scenario)
     now = [0.0]
@@ -191,7 +193,7 @@ def run_policy(
     engines, engine_gpus, sessions = node.engines, node.engine_gpus, node.sessions
     targets: dict[str, EngineTargets] = {s.engine_id: s.targets for s in scenario.engines}
     gpu_idx = {e.engine_id: tuple(g.identity.index for g in gs) for e, gs in zip(engines, engine_gpus, strict=True)}
-    policy = make_policy(
+    policy = policy if policy is not None else make_policy(
         policy_name,
         registry,
         truths=prep.truths,

@@ -45,7 +45,15 @@ class PowerAdminServicer(pals_pb2_grpc.PowerAdminServicer):
         return self.daemon.budget_status()
 
     async def SetBudget(self, request: pals_pb2.SetBudgetRequest, context: grpc.aio.ServicerContext):  # noqa: N802
-        """Set or clear the budget; INVALID_ARGUMENT (and nothing changed) for a bad value."""
+        """Set or clear the budget; INVALID_ARGUMENT (and nothing changed) for a bad value.
+
+        FAILED_PRECONDITION in cluster mode: the node budget is the cluster's grant (a node never raises itself;
+        README "Running a fleet")."""
+        if self.daemon.config.cluster_endpoints:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "cluster mode: the node budget is the cluster grant; set the cluster budget (palsctl cluster budget)",
+            )
         try:
             if request.clear:
                 if request.budget_w != 0:

@@ -135,6 +135,8 @@ class Daemon:
         self.budget = BudgetSchedule()
         self.engine_stats: dict[str, EngineStats] = {}
         self.last_decision: Decision | None = None
+        # The last tick's controller input (the cluster agent derives the node's offer from it).
+        self.last_input: ControllerInput | None = None
         self.ticks = 0
         self.decisions_changed = 0
         self.last_tick_duration_s = 0.0
@@ -150,7 +152,9 @@ class Daemon:
         # Online profiling jobs: while one runs, its engine's caps and batch come from it, not the controller.
         self.profiler = Profiler(self)
         # One per hardware knob, in apply order (the power limit, the hard bound, first).
-        self.actuators = all_actuators(clocks_enabled=config.clocks_enabled)
+        self.actuators = all_actuators(
+            clocks_enabled=config.clocks_enabled, cluster_mode=bool(config.cluster_endpoints)
+        )
         self.clocks = next(a for a in self.actuators if isinstance(a, LockedClockActuator))
 
     # ------------------------------------------------------------------ start / stop
@@ -209,6 +213,8 @@ class Daemon:
             # Each undoes what a crashed run left (enforce mode) and records originals before any write.
             await actuator.start(self)
         budget = self.state.budget_w if self.state.budget_w is not None else self.config.budget_w
+        if budget is None and self.config.cluster_endpoints:
+            budget = self.min_budget_w()  # cluster mode: the floor until the first grant (README "Running a fleet")
         if self.state.budget_w is not None:
             overrides = self.config.budget_w is not None and self.config.budget_w != self.state.budget_w
             (log.warning if overrides else log.info)(
@@ -340,6 +346,7 @@ class Daemon:
                 self._clock_view,
             )
             observations = inp.engines
+            self.last_input = inp
             decision = self.profiler.override(self.controller.step(self.profiler.controller_input(inp)), inp)
             for actuator in self.actuators:
                 actuator.decide(self, decision)

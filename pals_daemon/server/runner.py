@@ -12,6 +12,7 @@ import grp
 import logging
 import os
 import threading
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -101,6 +102,8 @@ class Runner:
         self.daemon.on_tick.append(self.heap_trimmer)
         self.signals = ShutdownSignals(self.daemon.request_stop)
         self.session_wake: CoalescedWake | None = None
+        # Awaited first in stop(), before the GPUs are restored (the cluster agent leaves etcd there).
+        self.before_stop: list[Callable[[], Awaitable[None]]] = []
 
     async def start(self) -> None:
         """Bring everything up; READY=1 is sent last."""
@@ -205,6 +208,9 @@ class Runner:
         """Stop serving, restore GPU limits, remove sockets (idempotent)."""
         if self.notifier:
             self.notifier.stopping()
+        hooks, self.before_stop = self.before_stop, []
+        for hook in hooks:
+            await hook()
         for health in self._health:
             await health.enter_graceful_shutdown()
         await asyncio.gather(*(s.stop(STOP_GRACE_S) for s in self._servers))

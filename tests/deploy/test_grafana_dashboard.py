@@ -51,6 +51,16 @@ METRICS = {
     "pals_controller_ticks_total",
     "pals_controller_limit_changes_total",
     "pals_controller_info",
+    # Cluster mode (pals_daemon/cluster/agent.py ClusterCollector).
+    "pals_cluster_budget_watts",
+    "pals_cluster_reserved_watts",
+    "pals_cluster_node_grant_watts",
+    "pals_cluster_node_applied_watts",
+    "pals_cluster_node_offer_floor_watts",
+    "pals_cluster_node_offer_ceiling_watts",
+    "pals_cluster_node_offer_tokens_per_second",
+    "pals_cluster_leader",
+    "pals_cluster_etcd_up",
 }
 HISTOGRAMS = {"pals_controller_tick_duration_seconds"}
 OPTIONAL = {"pals_controller_info"}

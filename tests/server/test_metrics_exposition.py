@@ -269,9 +269,31 @@ def _dashboard_metric_families() -> set[str]:
     return set(module.METRICS)
 
 
+def _cluster_leader_exposition() -> tuple[dict[str, str], Samples]:
+    """The pals_cluster_* series a cluster-mode leader exports (its own collector; the dashboard's Cluster row)."""
+    import types as pytypes
+
+    from pals_daemon.cluster.agent import ClusterAgent, ClusterCollector
+    from pals_daemon.cluster.plan import NodeView, Offer
+    from pals_daemon.cluster.store import Budget, Snapshot
+    from pals_daemon.config import DaemonConfig
+
+    agent = ClusterAgent(
+        DaemonConfig(cluster_endpoints=("http://127.0.0.1:9",), cluster_node="n1"), pytypes.SimpleNamespace()
+    )
+    offer = Offer(400.0, 1600.0, ((400.0, 0.0, 10.0), (1600.0, 1.0, 90.0)))
+    agent.leader, agent.etcd_up, agent.cluster_budget_w = True, True, 1000.0
+    agent.snapshot = Snapshot(1, Budget(1000.0), "n1", {"n1": NodeView(offer, 900.0, 900.0)})
+    registry = CollectorRegistry()
+    registry.register(ClusterCollector(agent))
+    return parse(generate_latest(registry).decode())
+
+
 def test_every_metric_the_dashboard_uses_is_exported(scraped) -> None:
     types, samples = scraped
-    exported = names(samples)
+    cluster_types, cluster_samples = _cluster_leader_exposition()
+    types = {**types, **cluster_types}
+    exported = names(samples) | names(cluster_samples)
     used = set(re.findall(r"pals_[a-z_]+", DASHBOARD.read_text()))
     assert used, "no pals_ metric in the dashboard?"
     missing = used - exported
