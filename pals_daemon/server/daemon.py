@@ -26,6 +26,7 @@ from pals_daemon.control.config import ControllerConfig
 from pals_daemon.control.core import Controller
 from pals_daemon.control.qos import QosWindows
 from pals_daemon.control.types import (
+    ControllerInput,
     Decision,
     EngineObservation,
     EngineTargets,
