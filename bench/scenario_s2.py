@@ -117,8 +117,8 @@ def run_case(
         statics[f"{cap:.0f}W/b64"] = r
     feasible = {k: v for k, v in statics.items() if v["slo_attainment"] >= d["slo_attainment"] - SLO_TOLERANCE}
     best_static = min(feasible.items(), key=lambda kv: kv[1]["j_per_output_token"]) if feasible else None
-    pals, oracle = rows["pals"], rows["oracle"]
-    others = [p for p in POLICIES if p not in ("pals", "oracle")]
+    pals, oracle = rows["pals"], rows["tput-oracle"]
+    others = [p for p in POLICIES if p not in ("pals", "tput-oracle")]
     goals = {
         "pals_lowest_j_per_token_of_non_oracle": all(
             pals["j_per_output_token"] <= rows[p]["j_per_output_token"] for p in others

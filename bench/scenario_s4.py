@@ -185,7 +185,7 @@ def run_case(
     rows: dict[str, Any] = {}
     for p, r in runs.items():
         lv = {k: float(np.mean(v)) for k, v in levels[p].items() if v}
-        ol = {k: float(np.mean(v)) for k, v in levels["oracle"].items() if v}
+        ol = {k: float(np.mean(v)) for k, v in levels["tput-oracle"].items() if v}
         cl = {k: float(np.mean(v)) for k, v in levels["cap-only"].items() if v}
         sl = {k: float(np.mean(v)) for k, v in levels["static-cap"].items() if v}
         rows[p] = {

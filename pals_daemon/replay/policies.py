@@ -205,8 +205,9 @@ class ThroughputOraclePolicy:
     tables (``SLO_BLIND_POLICIES``) and compare with ``best-static`` and ``slo-oracle`` there instead.
     An upper-bound *estimate* of tokens/J at a throughput requirement, not a proof: for each tick it
     evaluates every (cap, batch) on a 25 W x candidate-batch grid with the engine's own ``ModelTruth``
-    (perturbation included: what the controller cannot see) and picks, per engine, the configuration of best truth tokens/J that meets the engine's
-    throughput target (or, without one, the demand that arrives over the next QoS window plus the queue,
+    (perturbation included: what the controller cannot see) and picks, per engine, the configuration of
+    best truth tokens/J that meets the engine's throughput target (or, without one, the demand that arrives
+    over the next QoS window plus the queue,
     known in hindsight from the request list) and its TPOT SLO, with the node's limits within the budget.
     Approximations: a saturated steady state (a batch of ``b`` always running); prefill folded in at the
     request mix's prompt/output token ratio (each step prefills ``b x ratio`` prompt tokens at the truth's

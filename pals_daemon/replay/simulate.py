@@ -288,14 +288,18 @@ def run_policy(
     current_seqs = {e.engine_id: e.configured_max_num_seqs for e in engines}
     targets: dict[str, EngineTargets] = {s.engine_id: s.targets for s in scenario.engines}
     gpu_idx = {e.engine_id: tuple(g.identity.index for g in gs) for e, gs in zip(engines, engine_gpus, strict=True)}
-    policy = policy_name if not isinstance(policy_name, str) else make_policy(
-        policy_name,
-        registry,
-        truths=prep.truths,
-        requests=prep.requests,
-        configured_max_num_seqs=max(s.max_num_seqs for s in scenario.engines),
-        qos_window_s=scenario.qos_window_s,
-        config=config,
+    policy = (
+        policy_name
+        if not isinstance(policy_name, str)
+        else make_policy(
+            policy_name,
+            registry,
+            truths=prep.truths,
+            requests=prep.requests,
+            configured_max_num_seqs=max(s.max_num_seqs for s in scenario.engines),
+            qos_window_s=scenario.qos_window_s,
+            config=config,
+        )
     )
     qos = {e.engine_id: QosWindows() for e in engines}
     tl = Timeline()

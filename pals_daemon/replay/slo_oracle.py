@@ -110,7 +110,9 @@ def judge(engine: SimEngine, first_finished: int, t_end_s: float, targets: Engin
             (math.isnan(first) and (t_end_s - arrival) * 1000.0 > ttft) or (first - arrival) * 1000.0 > ttft
         )
         late_tpot = (
-            tpot is not None and not math.isnan(first) and r.generated > 1
+            tpot is not None
+            and not math.isnan(first)
+            and r.generated > 1
             and (t_end_s - first) * 1000.0 / (r.generated - 1) > tpot
         )
         if late_ttft or late_tpot:
@@ -135,7 +137,9 @@ class _Shadow:
     def __init__(self, eng: EngineObservation, truth: ModelTruth, requests: Sequence[Request]) -> None:
         self.cell = [0.0]
         cell = self.cell
-        gpus = make_sim_gpus(truth.hardware.name, len(eng.gpu_indices), lambda: cell[0], first_index=min(eng.gpu_indices))
+        gpus = make_sim_gpus(
+            truth.hardware.name, len(eng.gpu_indices), lambda: cell[0], first_index=min(eng.gpu_indices)
+        )
         self.engine = SimEngine(
             eng.engine_id,
             truth,
@@ -170,8 +174,12 @@ class SloOraclePolicy:
         self._truths = dict(truths)
         self._requests = {k: list(v) for k, v in requests.items()}
         self.window_s = float(window_s)
-        self.lookahead_s = float(lookahead_s if lookahead_s is not None else (QUICK_LOOKAHEAD_S if quick else DEFAULT_LOOKAHEAD_S))
-        self.cap_step_w = float(cap_step_w if cap_step_w is not None else (QUICK_CAP_STEP_W if quick else FULL_CAP_STEP_W))
+        self.lookahead_s = float(
+            lookahead_s if lookahead_s is not None else (QUICK_LOOKAHEAD_S if quick else DEFAULT_LOOKAHEAD_S)
+        )
+        self.cap_step_w = float(
+            cap_step_w if cap_step_w is not None else (QUICK_CAP_STEP_W if quick else FULL_CAP_STEP_W)
+        )
         self.batches = tuple(batches if batches is not None else (QUICK_BATCHES if quick else FULL_BATCHES))
         self.slack = float(slack)
         self._shadows: dict[str, _Shadow] = {}
@@ -221,7 +229,9 @@ class SloOraclePolicy:
             if eng.engine_id not in self._shadows:
                 if eng.engine_id not in self._truths:
                     raise ValueError(f"slo-oracle: no truth for engine {eng.engine_id!r}")
-                self._shadows[eng.engine_id] = _Shadow(eng, self._truths[eng.engine_id], self._requests.get(eng.engine_id, []))
+                self._shadows[eng.engine_id] = _Shadow(
+                    eng, self._truths[eng.engine_id], self._requests.get(eng.engine_id, [])
+                )
             sh = self._shadows[eng.engine_id]
             sh.cell[0] = t
             sh.engine.advance(t)
@@ -255,4 +265,3 @@ class SloOraclePolicy:
                 has_profile=False,
             )
         return Decision(limits, engines, changed=False, reason="slo-oracle")
-
