@@ -154,7 +154,9 @@ def find_best_static(
     workers: int | None = None,
     tolerance: float = SLO_TOLERANCE,
 ) -> tuple[str | None, PolicyRun | None, dict[str, PolicyRun]]:
-    """Replay the static grid (in parallel) and return (best spec, its full run, every static's stripped run)."""
+    """Replay the static grid (in parallel) and return (best spec, its full run, every static's stripped run).
+
+    The best is None (and so is its run) when no static of the grid is within ``tolerance`` of default."""
     prep = prepared if prepared is not None else prepare(scenario)
     specs = list(grid if grid is not None else static_grid(scenario))
     if default is None:
@@ -162,9 +164,8 @@ def find_best_static(
     runs = run_jobs({"case": (scenario, prep)}, [Job("case", s, False) for s in specs], registry, workers=workers)
     statics = {s: runs[("case", s)] for s in specs}
     best = pick_best_static(default, statics, tolerance)
+    # The winner again with its timeline and requests (the grid kept only the figures); its policy is the spec.
     full = run_policy(scenario, best, registry, prep) if best is not None else None
-    if full is not None:
-        full = replace(full, policy=BEST_STATIC)
     return best, full, statics
 
 

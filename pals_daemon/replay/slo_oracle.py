@@ -30,7 +30,8 @@ from __future__ import annotations
 import copy
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pals_daemon.control.types import ControllerInput, Decision, EngineDecision, EngineObservation, EngineTargets
@@ -73,25 +74,51 @@ class Outcome:
 
 
 def fork_engine(engine: SimEngine, now_s: float) -> tuple[SimEngine, list[float]]:
-    """A deep copy of ``engine`` and its GPUs that runs on its own clock cell (set to ``now_s``).
+    """A copy of ``engine`` and its GPUs that runs on its own clock cell (set to ``now_s``).
 
-    The truth, the pending request list and the hardware profiles are shared (never mutated); each GPU's
-    lock is new and its clock reads the returned cell, so the fork and the original never interfere.
+    Every container attribute of the engine, its totals and its GPUs is copied (requests in flight and GPU
+    busy segments element by element, as they are mutated in place); the truth, the pending request list
+    (only read), frozen records and hardware profiles are shared. Each GPU gets a new lock and a clock that
+    reads the returned cell, so the fork and the original never interfere (tests/replay/test_slo_references.py
+    checks it). Hand-written instead of ``copy.deepcopy`` for speed: the fork is the oracle's inner loop.
     """
     cell = [float(now_s)]
 
     def clock() -> float:
         return cell[0]
 
-    memo: dict[int, object] = {id(engine.truth): engine.truth, id(engine._pending): engine._pending}
-    tot = engine.totals
-    for lst in (tot.finished, tot.ttft_ms, tot.tpot_ms):
-        memo[id(lst)] = list(lst)  # shallow: elements are immutable
-    for g in engine.gpus:
-        memo[id(g._clock)] = clock
-        memo[id(g._lock)] = threading.Lock()
-        memo[id(g.hardware)] = g.hardware
-    return copy.deepcopy(engine, memo), cell
+    fork = copy.copy(engine)
+    _copy_containers(fork)
+    fork._pending = engine._pending
+    fork._waiting = deque(_clone_req(r) for r in engine._waiting)
+    fork._running = [_clone_req(r) for r in engine._running]
+    fork.totals = copy.copy(engine.totals)
+    _copy_containers(fork.totals)
+    fork.gpus = [_fork_gpu(g, clock) for g in engine.gpus]
+    return fork, cell
+
+
+def _copy_containers(obj: object) -> None:
+    """Give ``obj`` shallow copies of its list / deque / dict / set attributes."""
+    for k, v in vars(obj).items():
+        if isinstance(v, (list, deque, dict, set)):
+            setattr(obj, k, copy.copy(v))
+
+
+def _clone_req(r: object) -> object:
+    n = object.__new__(type(r))
+    for slot in type(r).__slots__:  # type: ignore[attr-defined]
+        setattr(n, slot, getattr(r, slot))
+    return n
+
+
+def _fork_gpu(g: SimGpu, clock: Callable[[], float]) -> SimGpu:
+    f = copy.copy(g)
+    _copy_containers(f)
+    f._segments = deque(list(s) for s in g._segments)  # the last segment is extended in place
+    f._clock = clock
+    f._lock = threading.Lock()
+    return f
 
 
 def judge(engine: SimEngine, first_finished: int, t_end_s: float, targets: EngineTargets) -> tuple[int, int]:
@@ -167,6 +194,7 @@ class SloOraclePolicy:
         cap_step_w: float | None = None,
         batches: Sequence[int] | None = None,
         slack: float = DEFAULT_SLACK,
+        exhaustive: bool = False,
     ) -> None:
         if window_s <= 0:
             raise ValueError(f"window_s must be > 0, got {window_s!r}")
@@ -182,6 +210,7 @@ class SloOraclePolicy:
         )
         self.batches = tuple(batches if batches is not None else (QUICK_BATCHES if quick else FULL_BATCHES))
         self.slack = float(slack)
+        self.exhaustive = exhaustive
         self._shadows: dict[str, _Shadow] = {}
         self._next_search_s = 0.0
         # (time, engine, chosen cap, chosen batch, candidates tried) per search: what it did, for reports.
@@ -204,8 +233,8 @@ class SloOraclePolicy:
         n0 = len(e.totals.finished)
         tok0 = e.totals.output_tokens
         j0 = {g.identity.index: g.energy_j(t) for g in e.gpus}
-        outcomes = []
-        for cap, batch in self._candidates(sh, share_w):
+
+        def run(cap: float, batch: int) -> Outcome:
             fork, cell = fork_engine(e, t)
             _set_caps(fork.gpus, cap, dict(sh.requested_mw))
             fork.apply_limits(batch, scaled_batched_tokens(eng, batch))
@@ -213,7 +242,22 @@ class SloOraclePolicy:
             fork.advance(t_end)
             judged, misses = judge(fork, n0, t_end, targets)
             energy = sum(g.energy_j(t_end) - j0[g.identity.index] for g in fork.gpus)
-            outcomes.append(Outcome(cap, batch, energy, fork.totals.output_tokens - tok0, judged, misses))
+            return Outcome(cap, batch, energy, fork.totals.output_tokens - tok0, judged, misses)
+
+        by_batch: dict[int, list[float]] = {}
+        for cap, batch in self._candidates(sh, share_w):
+            by_batch.setdefault(batch, []).append(cap)
+        # Each batch at its top cap first; then down the caps while the misses stay within the allowance
+        # (pruning: a lower cap is assumed to miss no fewer; ``exhaustive`` turns it off).
+        outcomes = [run(max(caps), b) for b, caps in by_batch.items()]
+        fewest = min(o.misses for o in outcomes)
+        for b, caps in by_batch.items():
+            for cap in sorted(caps, reverse=True)[1:]:
+                o = run(cap, b)
+                outcomes.append(o)
+                fewest = min(fewest, o.misses)
+                if not self.exhaustive and o.misses > fewest + math.floor(self.slack * o.judged):
+                    break
         fewest = min(o.misses for o in outcomes)
         ok = [o for o in outcomes if o.misses <= fewest + math.floor(self.slack * o.judged)]
         # Least energy per output token; ties to the higher cap and batch (the safer setting).
@@ -235,6 +279,8 @@ class SloOraclePolicy:
             sh = self._shadows[eng.engine_id]
             sh.cell[0] = t
             sh.engine.advance(t)
+            for g in sh.engine.gpus:
+                g.read()  # folds old busy segments into the energy total, as the replay's readings do
         search = t >= self._next_search_s - 1e-9
         if search:
             self._next_search_s = t + self.window_s
