@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from pals_daemon.control.types import EngineTargets
-from pals_daemon.model.profile import load_profiles
+from pals_daemon.model.profile import ProfileRegistry, load_profiles
 from pals_daemon.replay.policies import POLICIES, validate_policy_spec
 from pals_daemon.replay.references import BEST_STATIC, find_best_static, policy_row, scenario_inputs
 from pals_daemon.replay.report import format_table, plot_runs, summarize, write_json
@@ -132,7 +132,7 @@ def _policy_arg(spec: str) -> str:
 
 
 def run_policies(
-    scenario: Scenario, registry: object, policies: list[str], show_progress: bool, workers: int | None
+    scenario: Scenario, registry: ProfileRegistry, policies: list[str], show_progress: bool, workers: int | None
 ) -> dict[str, PolicyRun]:
     """Every policy on the same prepared scenario; ``best-static`` runs the static grid against default."""
     prep = prepare(scenario)
@@ -140,10 +140,8 @@ def run_policies(
     for name in policies:
         if name == BEST_STATIC:
             if "default" not in runs:
-                runs["default"] = run_policy(scenario, "default", registry, prep)  # type: ignore[arg-type]
-            spec, best, _ = find_best_static(
-                scenario, registry, prep, runs["default"], workers=workers  # type: ignore[arg-type]
-            )
+                runs["default"] = run_policy(scenario, "default", registry, prep)
+            spec, best, _ = find_best_static(scenario, registry, prep, runs["default"], workers=workers)
             if best is None:
                 print("pals-replay: best-static: no static of the grid is within 1 pp of default", file=sys.stderr)
                 continue
@@ -151,7 +149,7 @@ def run_policies(
             runs[BEST_STATIC] = best
             continue
         bar = progress_bar(f"{scenario.name}: {name:<10}") if show_progress else None
-        runs[name] = run_policy(scenario, name, registry, prep, bar)  # type: ignore[arg-type]
+        runs[name] = run_policy(scenario, name, registry, prep, bar)
     return {n: runs[n] for n in [*policies, "default"] if n in runs}
 
 
