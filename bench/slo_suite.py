@@ -287,7 +287,11 @@ def verdict(rows: dict[str, dict[str, Any]], budget_w: float | None) -> dict[str
     if out["default_meets_90pct"]:
         ref = bs if bs is not None else d
         energy_ok = p["j_per_output_token"] <= ref["j_per_output_token"] * (1 + 1e-9)
-        out["rule"] = "pals J/out tok <= best-static's, SLO within 1 pp of default"
+        out["rule"] = (
+            "pals J/out tok <= best-static's, SLO within 1 pp of default"
+            if bs is not None
+            else "no (budget-respecting) static within 1 pp of default: pals J/out tok <= default's, SLO within 1 pp"
+        )
     else:
         energy_ok = p["j_per_output_token"] <= d["j_per_output_token"] * (1 + 1e-9)
         out["rule"] = "SLO infeasible for default: pals J/out tok <= default's, SLO within 1 pp of default or better"
