@@ -2,7 +2,8 @@
 
 Every layer is validated together and every problem is reported at once (ConfigError.problems).
 A key ``name`` is ``name`` in the file's top level (``[sim] gpu_kind`` for ``sim_gpu_kind``),
-``PALS_NAME`` in the environment and ``--name-with-dashes`` on the command line.
+``PALS_NAME`` in the environment and ``--name-with-dashes`` on the command line. The ``[controller]`` table
+(:mod:`pals_daemon.config_controller`) sets the controller's tuning the same way (``controller_hysteresis``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pals_daemon import config_controller
+from pals_daemon.control.config import ControllerConfig
 from pals_daemon.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -31,7 +34,7 @@ BACKENDS = ("nvml", "sim")
 MODES = ("enforce", "advise")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Tables in the TOML file whose keys are flattened as "<table>_<key>".
-TABLES = ("sim",)
+TABLES = ("sim", config_controller.TABLE)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class DaemonConfig:
     sim_gpu_count: int = 4
     # Simulated seconds per wall-clock second.
     sim_speed: float = 1.0
+    # The [controller] table; its period_s is replaced by this config's (see controller_config()).
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
     config_file: str = field(default="", compare=False)
 
     @property
@@ -85,10 +90,16 @@ class DaemonConfig:
         """Where the EngineLink socket lives."""
         return pathlib.Path(self.engine_socket or os.path.join(self.runtime_dir, "engine.sock"))
 
+    def controller_config(self) -> ControllerConfig:
+        """The controller's settings, at the period the daemon ticks at."""
+        return dataclasses.replace(self.controller, period_s=self.period_s)
+
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {
-    f.name: f for f in dataclasses.fields(DaemonConfig) if f.name != "config_file"
+    f.name: f for f in dataclasses.fields(DaemonConfig) if f.name not in ("config_file", "controller")
 }
+# Every key of every layer: the daemon's own, then the [controller] table's (controller_<field>).
+KEYS: tuple[str, ...] = (*FIELDS, *config_controller.controller_keys())
 
 
 def _flag(name: str) -> str:
@@ -97,6 +108,8 @@ def _flag(name: str) -> str:
 
 def _coerce(name: str, raw: Any, from_text: bool) -> Any:
     """Convert one raw value (TOML value, or text from env/flags) to the field's type."""
+    if name not in FIELDS:
+        return config_controller.coerce(name, raw, from_text)
     kind = FIELDS[name].type
     if name == "budget_w":
         if from_text and str(raw).strip().lower() in ("", "none", "unlimited"):
@@ -139,7 +152,10 @@ def _flatten_toml(doc: Mapping[str, Any], problems: list[str], where: str) -> di
         else:
             flat[key] = value
     for key in list(flat):
-        if key not in FIELDS:
+        if key in config_controller.EXCLUDED_KEYS:
+            problems.append(f"{where}: {key!r} is not an operator setting: {config_controller.EXCLUDED_KEYS[key]}")
+            del flat[key]
+        elif key not in KEYS:
             problems.append(f"{where}: unknown key {key!r}")
             del flat[key]
     return flat
@@ -186,15 +202,17 @@ def _validate(cfg: DaemonConfig) -> list[str]:
     if cfg.admin_socket_path == cfg.engine_socket_path:
         problems.append("admin_socket and engine_socket must differ: their modes authorize different clients")
     elif cfg.admin_socket_path.parent == cfg.engine_socket_path.parent:
-        problems.append("admin_socket and engine_socket must be in different directories: each directory's mode is "
-                        "part of its socket's access policy (admin 0700 root, engine 0750 root:<group>)")
+        problems.append(
+            "admin_socket and engine_socket must be in different directories: each directory's mode is "
+            "part of its socket's access policy (admin 0700 root, engine 0750 root:<group>)"
+        )
     return problems
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """Add --config and one flag per setting (default None: "not given on the command line")."""
     parser.add_argument("--config", help=f"TOML config file (default {DEFAULT_CONFIG_PATH}; env PALS_CONFIG)")
-    for name in FIELDS:
+    for name in KEYS:
         # No argparse choices: it would stop at the first bad value, load_config reports every problem at once.
         choices = {"backend": BACKENDS, "mode": MODES, "log_level": LOG_LEVELS}.get(name)
         metavar = "{" + ",".join(choices) + "}" if choices else None
@@ -210,7 +228,7 @@ def load_config(
 ) -> DaemonConfig:
     """Build the configuration from defaults, file, environment and flags; raise ConfigError with every problem."""
     env = os.environ if env is None else env
-    flags = {k: v for k, v in (flags or {}).items() if v is not None and k in FIELDS}
+    flags = {k: v for k, v in (flags or {}).items() if v is not None and k in KEYS}
     problems: list[str] = []
     values: dict[str, Any] = {}
 
@@ -226,12 +244,18 @@ def load_config(
     elif explicit:
         problems.append(f"config file {path} does not exist")
 
-    env_values = {n: env[ENV_PREFIX + n.upper()] for n in FIELDS if ENV_PREFIX + n.upper() in env}
+    env_values = {n: env[ENV_PREFIX + n.upper()] for n in KEYS if ENV_PREFIX + n.upper() in env}
     _apply(values, env_values, True, "environment", problems)
     _apply(values, flags, True, "flag", problems)
 
-    cfg = DaemonConfig(**values, config_file=str(path) if path.exists() else "")
+    own = {k: v for k, v in values.items() if k in FIELDS}
+    period_s = own.get("period_s", DaemonConfig.period_s)
+    controller, controller_problems = config_controller.build(
+        {k: v for k, v in values.items() if k not in FIELDS}, period_s
+    )
+    cfg = DaemonConfig(**own, controller=controller, config_file=str(path) if path.exists() else "")
     problems.extend(_validate(cfg))
+    problems.extend(controller_problems)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -241,4 +265,5 @@ def describe(cfg: DaemonConfig) -> dict[str, Any]:
     """The effective settings as plain data (for logs and ``pals-daemon --print-config``)."""
     out = {name: getattr(cfg, name) for name in FIELDS}
     out["gpus"] = list(cfg.gpus)
+    out.update(config_controller.describe(cfg.controller_config()))
     return out

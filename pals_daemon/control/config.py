@@ -58,6 +58,7 @@ class ControllerConfig:
     # (bench/run_scenarios.py --controller-set saturation_busy_fraction=0.5, 2026-11-22).
     saturation_busy_fraction: float = 0.5
     saturation_running_fraction: float = 0.9
+    # Batch limits the controller considers, ascending (the engine's configured maximum is always added).
     candidate_batches: tuple[int, ...] = DEFAULT_CANDIDATE_BATCHES
     # GPU kind passed to ProfileRegistry.find (e.g. "A100-SXM4"); None accepts any profile for the model.
     gpu_kind: str | None = None
@@ -78,6 +79,28 @@ class ControllerConfig:
     # Time for a new cap to act on the board's power. NVIDIA does not document it: modelled, the same 0.2 s
     # as the simulated GPUs (pals_daemon/sim/gpu.py DEFAULT_CAP_DELAY_S).
     cap_settle_s: float = 0.2
+    # Latency SLOs without a throughput target (control/slo.py): the SLO planner picks the cap with the least
+    # predicted energy per output token whose predicted p90 TTFT and TPOT stay below SLO x (1 - margin).
+    # Base margin and its ceiling (modelled choices: 10% covers one window's p90 noise; 50% is where the
+    # planner is anyway near the top cap).
+    slo_margin: float = 0.1
+    slo_margin_max: float = 0.5
+    # Margin integral: + gain x (measured p90 / SLO - 1) per breaching window; - decay per window with slack.
+    slo_margin_gain: float = 0.2
+    slo_margin_decay: float = 0.002
+    # Descent is rate-limited (one cap grid step per tick) and needs a predicted saving of at least this much;
+    # a breach or a threatening queue raises the cap by at least slo_release_w at once. 1000 W: to the top cap
+    # (a +100 W release cost 0.6 pp of SLO attainment on the Azure code trace for Mixtral at 2x load and OLMoE,
+    # bench/slo_suite.py, README section "Latency SLOs on real traffic"; modelled choice otherwise).
+    slo_step_down_w: float = 25.0
+    slo_release_w: float = 1000.0
+    slo_min_saving: float = 0.01
+    # The percentile of TTFT/TPOT the planner keeps under the SLO (90 or 99). 99: an operator judging SLO
+    # attainment per request (the share of requests meeting it) loses at most ~1% of them to the planner.
+    slo_percentile: int = 99
+    # The load forecast is the peak of the recent smoothed load over this window (control/slo.py; modelled
+    # choice: a minute covers the burst period of the public traces' busy stretches).
+    slo_forecast_window_s: float = 60.0
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -112,11 +135,24 @@ class ControllerConfig:
         fraction("meter_window_s", hi=60.0)
         fraction("cap_settle_s", hi=60.0)
         positive("demand_headroom")
+        for name in ("slo_step_down_w", "slo_release_w", "slo_forecast_window_s"):
+            positive(name)
+        fraction("slo_margin", hi=0.9)
+        fraction("slo_margin_max", hi=0.9)
+        fraction("slo_margin_gain", hi=10.0)
+        fraction("slo_margin_decay", hi=0.5)
+        fraction("slo_min_saving", hi=0.5)
         if not problems:
             if self.demand_headroom < 1.0:
                 problems.append(f"demand_headroom must be >= 1, got {self.demand_headroom!r}")
             if self.ratio_min > 1.0 or self.ratio_max < 1.0:
                 problems.append(f"ratio_min must be <= 1 <= ratio_max, got {self.ratio_min!r}, {self.ratio_max!r}")
+            if self.slo_percentile not in (90, 99):
+                problems.append(f"slo_percentile must be 90 or 99, got {self.slo_percentile!r}")
+            if self.slo_margin > self.slo_margin_max:
+                problems.append(
+                    f"slo_margin must be <= slo_margin_max, got {self.slo_margin!r} > {self.slo_margin_max!r}"
+                )
             if self.ttft_boost_max < 1.0:
                 problems.append(f"ttft_boost_max must be >= 1, got {self.ttft_boost_max!r}")
         batches = self.candidate_batches

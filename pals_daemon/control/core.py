@@ -29,7 +29,9 @@ from numpy.typing import NDArray
 
 from pals_daemon.control.allocate import Option, solve_budget
 from pals_daemon.control.config import ControllerConfig
+from pals_daemon.control.latency import LatencyModel
 from pals_daemon.control.meter import MeterCompensation, lower_to
+from pals_daemon.control.slo import SloEngine, slo_mode
 from pals_daemon.control.types import (
     ControllerInput,
     Decision,
@@ -76,6 +78,10 @@ class EngineFeedback:
     required_tokens_per_s: float
     cap_w: float | None
     batch: int | None
+    # Under latency SLOs (control/slo.py): the adaptive margin and the latency model's relative p90 errors.
+    slo_margin: float | None = None
+    tpot_p90_error: float | None = None
+    ttft_p90_error: float | None = None
 
 
 @dataclass
@@ -115,6 +121,20 @@ class _Plan:
     tpot_slo: float | None
     incumbent: tuple[int, int] | None
     options: list[tuple[float, float, tuple[int, int]]] = field(default_factory=list)
+    # Set for engines under latency SLOs: the planner that chose the rows' feasibility and energy.
+    slo: SloEngine | None = None
+
+
+@dataclass(frozen=True)
+class _CapGrid:
+    """An engine's candidate caps: grid (W), per-GPU limits per cap, and the cap its step really runs at."""
+
+    ctrl: list[GpuObservation]
+    fixed_w: list[float]
+    unseen: int
+    caps_w: FloatArray
+    limits_w: FloatArray
+    eff_cap_w: FloatArray
 
 
 def _floor_w(limit_w: FloatArray, min_w: FloatArray) -> FloatArray:
@@ -157,6 +177,10 @@ def _scaled_batched_tokens(engine: EngineObservation, max_num_seqs: int) -> int:
     return int(min(max(scaled, max_num_seqs), configured))
 
 
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(float(x)) else None
+
+
 def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
@@ -178,6 +202,7 @@ class Controller:
         self._prev_limits: dict[int, float] | None = None
         self._prev_batches: dict[str, tuple[int, int]] = {}
         self._meter = MeterCompensation(self.config.meter_window_s, self.config.cap_settle_s)
+        self._slo: dict[str, SloEngine] = {}
 
     # ----------------------------------------------------------------------------------------------
     # public
@@ -192,14 +217,27 @@ class Controller:
                 required_tokens_per_s=s.required_tokens_per_s,
                 cap_w=s.cap_w,
                 batch=s.batch,
+                **self._slo_feedback(eid),
             )
             for eid, s in self._states.items()
         }
+
+    def _slo_feedback(self, engine_id: str) -> dict[str, float | None]:
+        slo = self._slo.get(engine_id)
+        if slo is None:
+            return {}
+        lat = slo.latency
+
+        def err(x: float) -> float | None:
+            return None if math.isnan(x) else x
+
+        return {"slo_margin": slo.margin, "tpot_p90_error": err(lat.tpot_error), "ttft_p90_error": err(lat.ttft_error)}
 
     def reset(self) -> None:
         """Forget all feedback state and the previous decision."""
         self._meter = MeterCompensation(self.config.meter_window_s, self.config.cap_settle_s)
         self._states.clear()
+        self._slo.clear()
         self._prev_limits = None
         self._prev_batches.clear()
 
@@ -237,10 +275,15 @@ class Controller:
             target = inp.targets.get(eng.engine_id, EngineTargets())
             own = [gpus[i] for i in eng.gpu_indices if owner.get(i) == eng.engine_id]
             self._update_feedback(state, eng, model, own, target)
-            plans.append(self._plan(eng, model, state, own, target))
+            if slo_mode(target):
+                plans.append(self._slo_plan(eng, model, state, own, target))
+            else:
+                self._slo.pop(eng.engine_id, None)
+                plans.append(self._plan(eng, model, state, own, target))
         for eid in list(self._states):
             if eid not in live_ids:
                 del self._states[eid]
+                self._slo.pop(eid, None)
 
         unprof_ids = {e.engine_id for e in unprofiled}
         prof_ids = {p.engine.engine_id for p in plans}
@@ -266,6 +309,7 @@ class Controller:
             p.state.cap_w = float(p.caps_w[i])
             p.state.batch = batch
             p.state.predicted_ok = bool(p.tput[i, j] >= p.required * (1 - self.config.hysteresis))
+            pred = p.slo.prediction if p.slo is not None else None
             engine_decisions[eid] = EngineDecision(
                 engine_id=eid,
                 max_num_seqs=batch,
@@ -273,6 +317,8 @@ class Controller:
                 predicted_tokens_per_s=float(p.tput[i, j]),
                 predicted_power_w=float(p.power[i, j]),
                 has_profile=True,
+                predicted_ttft_p90_ms=_finite_or_none(pred.ttft_p90_ms[i]) if pred is not None else None,
+                predicted_tpot_p90_ms=_finite_or_none(pred.tpot_p90_ms[i]) if pred is not None else None,
             )
         for eng in unprofiled:
             seqs = max(1, eng.configured_max_num_seqs)
@@ -493,14 +539,7 @@ class Controller:
         cap = min(caps)
         return cap if _finite(cap) and cap > 0 else None
 
-    def _plan(
-        self,
-        eng: EngineObservation,
-        model: PerfModel,
-        state: _EngineState,
-        own: list[GpuObservation],
-        target: EngineTargets,
-    ) -> _Plan:
+    def _cap_grid(self, eng: EngineObservation, model: PerfModel, own: list[GpuObservation]) -> _CapGrid:
         cfg = self.config
         ctrl = [g for g in own if g.controlled]
         fixed = [g.enforced_limit_w for g in own if not g.controlled]
@@ -527,6 +566,20 @@ class Controller:
             # A tensor-parallel step runs at the pace of its most tightly capped GPU.
             eff_cap = np.minimum(eff_cap, min(fixed))
         eff_cap = np.maximum(eff_cap, 1.0)
+        return _CapGrid(ctrl, fixed, unseen, caps, limits, eff_cap)
+
+    def _plan(
+        self,
+        eng: EngineObservation,
+        model: PerfModel,
+        state: _EngineState,
+        own: list[GpuObservation],
+        target: EngineTargets,
+    ) -> _Plan:
+        cfg = self.config
+        grid = self._cap_grid(eng, model, own)
+        ctrl, fixed, unseen = grid.ctrl, grid.fixed_w, grid.unseen
+        caps, limits, eff_cap = grid.caps_w, grid.limits_w, grid.eff_cap_w
         if cfg.fixed_batch is not None:
             batches = np.array([min(cfg.fixed_batch, max(1, eng.configured_max_num_seqs))], dtype=np.int64)
         else:
@@ -577,6 +630,63 @@ class Controller:
         )
         return plan
 
+    def _slo_plan(
+        self,
+        eng: EngineObservation,
+        model: PerfModel,
+        state: _EngineState,
+        own: list[GpuObservation],
+        target: EngineTargets,
+    ) -> _Plan:
+        """Candidates of an engine under latency SLOs (control/slo.py): one column, the configured batch."""
+        grid = self._cap_grid(eng, model, own)
+        slo = self._slo.get(eng.engine_id)
+        if slo is None:
+            slo = SloEngine(LatencyModel(model, self._tput_scale(eng, model)), self.config)
+            self._slo[eng.engine_id] = slo
+        enforced = [g.enforced_limit_w for g in own if _finite(g.enforced_limit_w) and g.enforced_limit_w > 0]
+        cap_in_force = min(enforced) if enforced else model.max_cap_w
+        hot = self._hot_cap_w(eng, own) if self.config.routing_aware_caps else None
+        if hot is not None:
+            cap_in_force = hot
+        powers = [g.power_avg_w for g in own if _finite(g.power_avg_w) and g.power_avg_w > 0]
+        gpu_power_w = float(np.mean(powers)) if powers else 0.0
+        at_top = cap_in_force >= float(grid.eff_cap_w.max()) - 1.0
+        slo.observe(eng, cap_in_force, at_top, target, gpu_power_w)
+        n_gpus = len(eng.gpu_indices) or model.num_gpus
+        max_limit_w = max((g.max_limit_w for g in own), default=model.max_cap_w)
+        batch = max(1, eng.configured_max_num_seqs)
+        pred, power, ok, energy = slo.plan(
+            grid.eff_cap_w, n_gpus, max_limit_w, batch, eng.num_waiting, state.power_ratio, target
+        )
+        lam_d, _ = slo.forecast()
+        served = np.minimum(lam_d, pred.capacity_tokens_per_s)
+        incumbent = None
+        if state.cap_w is not None and state.batch == batch:
+            ci = np.flatnonzero(np.isclose(grid.caps_w, state.cap_w, rtol=0, atol=1e-6))
+            if ci.size:
+                incumbent = (int(ci[0]), 0)
+        return _Plan(
+            engine=eng,
+            model=model,
+            state=state,
+            ctrl=grid.ctrl,
+            caps_w=grid.caps_w,
+            limits_w=grid.limits_w,
+            cost_w=grid.limits_w.sum(axis=1),
+            batches=np.array([batch], dtype=np.int64),
+            tput=served[:, None],
+            power=power[:, None],
+            eff=(1.0 / np.maximum(energy, 1e-12))[:, None],
+            tpot=pred.tpot_p90_ms[:, None],
+            tpot_ok=ok[:, None],
+            meets=ok[:, None],
+            required=lam_d,
+            tpot_slo=_positive(target.tpot_ms),
+            incumbent=incumbent,
+            slo=slo,
+        )
+
     # ----------------------------------------------------------------------------------------------
     # choice
     @staticmethod
@@ -605,6 +715,10 @@ class Controller:
 
     def _choose_free(self, p: _Plan) -> tuple[tuple[int, int], str]:
         """The engine's choice ignoring the budget, with hysteresis against last tick's choice."""
+        if p.slo is not None:
+            inc = p.incumbent[0] if p.incumbent is not None else None
+            ch = p.slo.choose(1.0 / p.eff[:, 0], p.meets[:, 0], p.caps_w, inc)
+            return (ch.row, 0), ch.cause
         best = self._pick(p)
         if p.incumbent is None:
             return best, "first"

@@ -67,6 +67,4 @@ def lower_to(
     excess = total - ceiling_w
     keep = max(0.0, 1.0 - excess / spare) if spare > 0 else 0.0
     # Whole watts, rounded down (never above the ceiling), and never below a GPU's minimum.
-    return {
-        i: max(min_w.get(i, 0.0), math.floor(limits_w[i] - headroom[i] * (1.0 - keep))) for i in limits_w
-    }
+    return {i: max(min_w.get(i, 0.0), math.floor(limits_w[i] - headroom[i] * (1.0 - keep))) for i in limits_w}

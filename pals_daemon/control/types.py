@@ -62,6 +62,12 @@ class EngineObservation:
     current_max_num_seqs: int = 0
     # Per-GPU share of the engine's expert load (sums to 1 over the engine's GPUs); empty when unknown.
     expert_load_share: Mapping[int, float] = field(default_factory=dict)
+    # Steps run and requests arrived in the window (what the latency model learns from; 0 when unknown).
+    num_steps: int = 0
+    arrived_requests: int = 0
+    # 99th percentile TTFT/TPOT of requests finished in the window (the SLO planner's tail); None when none.
+    ttft_p99_ms: float | None = None
+    tpot_p99_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,9 @@ class EngineDecision:
     predicted_power_w: float
     # Whether the engine's model has a profile (without one only the budget share applies).
     has_profile: bool
+    # Under latency SLOs: the p90 TTFT and TPOT the latency model predicts at the chosen cap (None otherwise).
+    predicted_ttft_p90_ms: float | None = None
+    predicted_tpot_p90_ms: float | None = None
 
 
 @dataclass(frozen=True)

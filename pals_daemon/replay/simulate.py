@@ -141,7 +141,11 @@ def _slo(finished: Sequence[FinishedRequest], tg: EngineTargets) -> float | None
 
 
 def _p90(values: Sequence[float]) -> float | None:
-    return float(np.percentile(values, 90)) if values else None
+    return _pct(values, 90)
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
@@ -183,6 +187,10 @@ def observation(
         tpot_p90_ms=_p90([f.tpot_ms for f in w.finished]),
         current_max_num_seqs=current_seqs,
         expert_load_share=_expert_share(gpu_indices, w.expert_tokens_per_gpu),
+        num_steps=w.num_steps,
+        arrived_requests=w.arrived_requests,
+        ttft_p99_ms=_pct([f.ttft_ms for f in w.finished], 99),
+        tpot_p99_ms=_pct([f.tpot_ms for f in w.finished], 99),
     )
 
 

@@ -122,7 +122,7 @@ class Daemon:
         self.config = config
         self.backend = backend
         self.clock = clock
-        self.controller = Controller(profiles, controller_config or ControllerConfig(period_s=config.period_s))
+        self.controller = Controller(profiles, controller_config or config.controller_config())
         self.store = StateStore(config.state_dir)
         self.state = DaemonState()
         # Stamped on each original-limit record (set in start()).

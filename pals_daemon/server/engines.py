@@ -179,6 +179,10 @@ class EngineSession:
             tpot_p90_ms=float(np.percentile(w.tpot_ms, 90)) if w.tpot_ms else None,
             current_max_num_seqs=self.current_max_num_seqs,
             expert_load_share={g: t / total_load for g, t in load.tokens_by_gpu.items()} if total_load else {},
+            num_steps=w.num_steps,
+            arrived_requests=w.arrived_requests,
+            ttft_p99_ms=float(np.percentile(w.ttft_ms, 99)) if w.ttft_ms else None,
+            tpot_p99_ms=float(np.percentile(w.tpot_ms, 99)) if w.tpot_ms else None,
         )
 
 

@@ -4,7 +4,7 @@ Scheduling follows vLLM V1's ``Scheduler.schedule``: RUNNING requests first (a d
 step's token budget, an unfinished prompt takes a chunk of it), then WAITING requests are admitted in FIFO
 order while the running count is below ``max_num_seqs`` and the KV cache has room, each taking a prompt
 chunk of what is left of the budget. A request samples its first output token in the step that finishes its
-prompt. Step durations and power come from a :class:`~pals_daemon.sim.truth.ModelTruth` at the GPUs'
+prompt. Step durations and power come from a :class:`~pals_daemon.sim.model_truth.ModelTruth` at the GPUs'
 acting power limit. Time is simulated seconds passed in by the caller; nothing here reads a clock.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from pals_daemon.sim.gpu import SimGpu
-from pals_daemon.sim.truth import ModelTruth
+from pals_daemon.sim.model_truth import ModelTruth
 
 # Relative slack when counting how many whole steps fit before an event (float noise, not physics).
 _STEP_EPS = 1e-9

@@ -21,11 +21,12 @@ from pals_daemon.control.types import EngineTargets
 from pals_daemon.model.profile import load_profile_tree
 from pals_daemon.server.daemon import Daemon, default_profiles_dir
 from pals_daemon.server.runner import Runner
+from pals_daemon.sim.a100 import load_a100_truth
 from pals_daemon.sim.engine import Request, SimEngine
 from pals_daemon.sim.gpu import SimBackend, make_sim_gpus
 from pals_daemon.sim.link import SimEngineLink
+from pals_daemon.sim.model_truth import Perturbation
 from pals_daemon.sim.trace import DEFAULT_TRACE, load_trace_csv, poisson_requests
-from pals_daemon.sim.truth import Perturbation, load_a100_truth
 
 log = logging.getLogger(__name__)
 ENGINE_ID = "engine0"

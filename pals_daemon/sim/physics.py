@@ -19,8 +19,8 @@ operation ~ V^2, with the voltage rising with the clock). P grows monotonically 
 clock is the largest f in [f_min, 1] with P <= cap (DVFS: the clock falls only when the cap binds).
 
 Every coefficient in :class:`DecodePhysics` but idle power and the expert counts (cited) is MODELLED: fitted by
-:func:`fit_decode_physics` to measured sweeps (the fitted numbers live in :mod:`pals_daemon.sim.truth`) or set
-as labelled, not measured directly.
+:func:`fit_decode_physics` to measured sweeps (the fitted numbers are data with their provenance, read by
+:mod:`pals_daemon.sim.fitted`) or set as labelled, not measured directly.
 
 Expert parallelism skew: with experts spread over the GPUs, GPU i receives a share s_i of the routed tokens
 (uniform: 1 / N). Its expert work (weights of the experts its tokens touch, per-token compute) follows

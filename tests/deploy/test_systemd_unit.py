@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from pals_daemon.config_controller import controller_keys
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -41,6 +43,9 @@ TOP_LEVEL_KEYS = {
     "log_level",
 }
 SIM_KEYS = {"gpu_kind", "gpu_count", "speed"}
+# [controller]: every operator setting of ControllerConfig (pals_daemon/config_controller.py generates the section).
+CONTROLLER_KEYS = {spec.field for spec in controller_keys().values()}
+CONTROLLER_UNSET = {spec.field for spec in controller_keys().values() if spec.default is None}
 # TOML has no null: keys whose default is "unset" appear only as a commented-out line.
 UNSET_BY_DEFAULT = {"budget_w"}
 
@@ -164,9 +169,10 @@ def test_example_config_parses_with_exactly_the_daemon_keys() -> None:
     text = EXAMPLE.read_text()
     doc = tomllib.loads(text)
     top = {k for k, v in doc.items() if not isinstance(v, dict)}
-    assert set(doc) - top == {"sim"}
+    assert set(doc) - top == {"sim", "controller"}
     assert top == TOP_LEVEL_KEYS - UNSET_BY_DEFAULT
     assert set(doc["sim"]) == SIM_KEYS
+    assert set(doc["controller"]) == CONTROLLER_KEYS - CONTROLLER_UNSET
     for key in UNSET_BY_DEFAULT:
         assert re.search(rf"^# {key} = ", text, re.MULTILINE), f"{key} should be shown commented out"
 
@@ -175,7 +181,7 @@ def test_example_config_documents_every_default() -> None:
     lines = EXAMPLE.read_text().splitlines()
     for i, line in enumerate(lines):
         match = re.match(r"^#? ?([a-z_]+) = ", line)
-        if match and match.group(1) in TOP_LEVEL_KEYS | SIM_KEYS:
+        if match and match.group(1) in TOP_LEVEL_KEYS | SIM_KEYS | CONTROLLER_KEYS:
             comments = [prev for prev in lines[max(0, i - 4) : i] if prev.startswith("#")]
             assert any(c.startswith("# Default:") for c in comments), f"{match.group(1)} lacks a '# Default:' line"
     assert "PALS_" in "".join(lines[:12]) and "--sim-gpu-kind" in "".join(lines[:12])

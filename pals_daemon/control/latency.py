@@ -1,0 +1,242 @@
+"""Per-engine latency model: step time vs cap and workload mix, learned online on top of the profile.
+
+Physics as the prior (nothing here reads a simulator's truth; only the engine's profile and its telemetry):
+- decode is memory-bound: a decode step over ``b`` sequences takes ``b / tokens_per_s(cap, b)``, the profile's
+  own throughput at that cap and batch (it already holds how weakly a cap slows decode);
+- prefill is compute-bound and slows with the SM clock a binding cap leaves. The prior for its cap dependence is
+  the profile's throughput at its largest measured batch (the most compute-bound point it has):
+  ``g(cap) = tokens_per_s(cap_max, b_max) / tokens_per_s(cap, b_max)``, 1 at the top cap, rising below;
+- a window's busy time is then ``theta_d x sum over steps of t_dec(cap, b) + theta_p x prefill tokens x
+  tpp0 x g(cap)``. ``theta_d`` and ``theta_p`` are learned by recursive least squares with forgetting on every
+  window that ran steps (the EngineLink report already carries steps, busy time and prefill tokens).
+
+From it, at any cap, for a forecast load (decode tokens/s ``lam_d``, prefill tokens/s ``lam_p``): continuous
+batching runs steps back to back while busy, so the running batch is ``B = lam_d x tau`` (Little's law) and the
+step time solves ``tau = theta_d t_dec(cap, B) + lam_p tau tpp(cap)``; ``tau`` is the mean time per output
+token (TPOT) and ``rho = lam_p tpp(cap) + lam_d t_dec / B`` the busy fraction. TTFT adds the queued prompt
+tokens ahead of a request and its own prefill. p90s come from these means through per-engine calibration
+factors (measured p90 / predicted mean at the configuration in force, an EWMA), whose error is reported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from pals_daemon.model.perf_model import PerfModel
+
+FloatArray = NDArray[np.float64]
+
+# Modelled prior for prefill time per prompt token at the top cap, as a fraction of the decode time per
+# token at the profile's largest batch: a prompt token costs the same FLOPs as a decode token but prefill
+# runs at far higher arithmetic intensity (thousands of tokens per weight read against tens). 0.02 is a loose
+# prior (a 2 ms/token batch-64 decode against ~40 us/token prefill); the RLS term theta_p corrects it within a
+# few windows that carry prefill, inside a 20x band either way.
+PREFILL_PRIOR_FRACTION = 0.02
+# RLS forgetting factor per window (0.5 s): an effective memory of ~1 / (1 - 0.98) = 50 windows, 25 s.
+RLS_FORGETTING = 0.98
+# Bounds on the learned corrections: outside them the profile is wrong, not off.
+THETA_D_RANGE = (0.5, 2.0)
+THETA_P_RANGE = (0.05, 20.0)  # x the prior: 0.001 to 0.4 of a decode token
+# Percentile / mean calibration factors: priors and clamp (modelled: per-request TPOT/TTFT spread around the
+# mean; the p99 of a 0.5 s window is close to its worst request).
+CAL_PRIOR = {90: 1.3, 99: 2.0}
+CAL_RANGE = (0.5, 10.0)
+CAL_ALPHA = 0.15
+# Fixed-point iterations of the step-time equation (converges in a few; 16 leaves margin).
+_FIXED_POINT_ITERS = 16
+# Bound of the per-engine log of (predicted, measured) p90 pairs (the suite's error report reads it).
+_P90_LOG_MAX = 100_000
+
+
+@dataclass
+class _Rls:
+    """Two-parameter recursive least squares with forgetting (theta_d, theta_p)."""
+
+    theta: FloatArray = field(default_factory=lambda: np.array([1.0, 1.0]))
+    cov: FloatArray = field(default_factory=lambda: np.diag([0.5, 5.0]))
+    samples: int = 0
+
+    def update(self, x: FloatArray, y: float) -> float:
+        """Fold one window in; returns the prior prediction's relative error (for the report)."""
+        pred = float(x @ self.theta)
+        px = self.cov @ x
+        gain = px / (RLS_FORGETTING + float(x @ px))
+        self.theta = self.theta + gain * (y - pred)
+        self.cov = (self.cov - np.outer(gain, px)) / RLS_FORGETTING
+        self.theta[0] = min(max(self.theta[0], THETA_D_RANGE[0]), THETA_D_RANGE[1])
+        self.theta[1] = min(max(self.theta[1], THETA_P_RANGE[0]), THETA_P_RANGE[1])
+        # Keep the covariance bounded when a feature is absent for long (no prefill): forgetting would blow it up.
+        self.cov = (
+            np.minimum(self.cov, np.diag([0.5, 5.0]) * 10) if np.isfinite(self.cov).all() else np.diag([0.5, 5.0])
+        )
+        self.samples += 1
+        return abs(pred - y) / y if y > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the model predicts at each candidate cap (arrays over caps)."""
+
+    caps_w: FloatArray
+    step_s: FloatArray  # mean step time = mean TPOT (s)
+    batch: FloatArray  # running decode batch
+    busy: FloatArray  # busy fraction in [0, 1]
+    work: FloatArray  # offered work per second of wall time (busy before clipping at 1; > 1: overloaded)
+    prefill_share: FloatArray  # fraction of busy time spent in prefill
+    overloaded: NDArray[np.bool_]  # arrivals exceed what the cap can serve at the batch limit
+    tpot_p90_ms: FloatArray
+    ttft_p90_ms: FloatArray
+    tpot_p99_ms: FloatArray
+    ttft_p99_ms: FloatArray
+    capacity_tokens_per_s: FloatArray
+
+    def tail_ms(self, kind: str, percentile: int) -> FloatArray:
+        """Predicted ``kind`` ("tpot" or "ttft") at ``percentile`` (90 or 99), per cap."""
+        return getattr(self, f"{kind}_p{percentile}_ms")  # type: ignore[no-any-return]
+
+
+class LatencyModel:
+    """One engine's online step-time model (see module docstring)."""
+
+    def __init__(self, model: PerfModel, tput_scale: float) -> None:
+        self.model = model
+        self.tput_scale = tput_scale
+        self._rls = _Rls()
+        b_max = float(model.batches[-1])
+        self._b_max = b_max
+        top = float(model.tokens_per_s(model.max_cap_w, b_max)) * tput_scale
+        self._tpp0_s = PREFILL_PRIOR_FRACTION / max(top, 1e-9)
+        self._top_tput = top
+        # Calibration factor per (metric, percentile): measured percentile / predicted mean, EWMA.
+        self.cal: dict[tuple[str, int], float] = {(k, q): CAL_PRIOR[q] for k in ("tpot", "ttft") for q in CAL_PRIOR}
+        # Relative errors of the p90 predictions (EWMA over windows), reported.
+        self.tpot_error = math.nan
+        self.ttft_error = math.nan
+        # Every (window, predicted p90, measured p90) kept for offline error reports (bounded).
+        self.p90_log: list[tuple[str, float, float]] = []
+        self.busy_error = math.nan
+
+    # ---- priors -------------------------------------------------------------------------------------------
+    def decode_step_s(self, cap_w: FloatArray, batch: FloatArray) -> FloatArray:
+        """Prior decode step time (s) at per-GPU cap and decode batch (broadcasts)."""
+        b = np.maximum(batch, 1.0)
+        tput = self.model.tokens_per_s(cap_w, b) * self.tput_scale
+        return b / np.maximum(tput, 1e-9)
+
+    def prefill_slowdown(self, cap_w: FloatArray) -> FloatArray:
+        """g(cap): prefill time at ``cap_w`` relative to the top cap (>= 1)."""
+        t = self.model.tokens_per_s(cap_w, self._b_max) * self.tput_scale
+        return np.maximum(self._top_tput / np.maximum(t, 1e-9), 1.0)
+
+    def prefill_s_per_token(self, cap_w: FloatArray) -> FloatArray:
+        """Learned prefill time per prompt token (s) at ``cap_w``."""
+        return self._rls.theta[1] * self._tpp0_s * self.prefill_slowdown(cap_w)
+
+    @property
+    def theta(self) -> tuple[float, float]:
+        """The learned (decode, prefill) corrections of the prior."""
+        return float(self._rls.theta[0]), float(self._rls.theta[1])
+
+    # ---- learning -----------------------------------------------------------------------------------------
+    def observe_window(
+        self, cap_w: float, num_steps: int, decode_tokens: int, prefill_tokens: int, busy_s: float
+    ) -> None:
+        """Fold one telemetry window into the step-time correction (RLS)."""
+        if num_steps <= 0 or busy_s <= 0 or not math.isfinite(busy_s):
+            return
+        b_mean = max(1.0, decode_tokens / num_steps)
+        x_d = num_steps * float(self.decode_step_s(np.float64(cap_w), np.float64(b_mean)))
+        x_p = prefill_tokens * self._tpp0_s * float(self.prefill_slowdown(np.float64(cap_w)))
+        err = self._rls.update(np.array([x_d, x_p]), busy_s)
+        self.busy_error = err if math.isnan(self.busy_error) else 0.9 * self.busy_error + 0.1 * err
+
+    def calibrate(
+        self, predicted: Prediction | None, index: int, measured: dict[tuple[str, int], float | None]
+    ) -> None:
+        """Update the calibration factors from what the last tick predicted at the configuration in force.
+
+        ``measured`` maps (metric, percentile) to the window's measured value (None: nothing finished).
+        """
+        if predicted is None:
+            return
+        for (kind, q), value in measured.items():
+            if value is None or not math.isfinite(value) or value <= 0:
+                continue
+            pred = float(predicted.tail_ms(kind, q)[index])
+            cal = self.cal[(kind, q)]
+            if not math.isfinite(pred) or pred <= 0:
+                continue
+            sample = min(max(value / (pred / cal), CAL_RANGE[0]), CAL_RANGE[1])
+            self.cal[(kind, q)] = (1 - CAL_ALPHA) * cal + CAL_ALPHA * sample
+            if q != 90:
+                continue
+            err = abs(pred - value) / value
+            if len(self.p90_log) < _P90_LOG_MAX:
+                self.p90_log.append((kind, pred, value))
+            if kind == "tpot":
+                self.tpot_error = err if math.isnan(self.tpot_error) else 0.9 * self.tpot_error + 0.1 * err
+            else:
+                self.ttft_error = err if math.isnan(self.ttft_error) else 0.9 * self.ttft_error + 0.1 * err
+
+    # ---- prediction ---------------------------------------------------------------------------------------
+    def predict(
+        self,
+        caps_w: FloatArray,
+        decode_tokens_per_s: float,
+        prefill_tokens_per_s: float,
+        batch_limit: int,
+        prompt_tokens: float,
+        backlog_prompt_tokens: float,
+        backlog_output_tokens: float = 0.0,
+    ) -> Prediction:
+        """Step time, batch, busy fraction and p90 TPOT/TTFT at each cap for the forecast load."""
+        caps = np.asarray(caps_w, dtype=np.float64)
+        lam_d = max(decode_tokens_per_s, 0.0)
+        tpp = self.prefill_s_per_token(caps)
+        theta_d = self._rls.theta[0]
+        rho_p = prefill_tokens_per_s * tpp
+        b_lim = float(max(1, batch_limit))
+        tau = theta_d * self.decode_step_s(caps, np.ones_like(caps))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for _ in range(_FIXED_POINT_ITERS):
+                b = np.clip(lam_d * tau, 1.0, b_lim)
+                tau_dec = theta_d * self.decode_step_s(caps, b)
+                tau = np.where(rho_p < 1.0, tau_dec / np.maximum(1.0 - rho_p, 1e-3), np.inf)
+            b = np.clip(lam_d * tau, 1.0, b_lim)
+            capacity = (
+                b_lim
+                / np.maximum(theta_d * self.decode_step_s(caps, np.full_like(caps, b_lim)), 1e-9)
+                * np.maximum(1.0 - rho_p, 0.0)
+            )
+            overloaded = (rho_p >= 0.98) | (lam_d > capacity)
+            # Busy: decode steps run while a sequence is running; at batch b each step serves b tokens.
+            dec_busy = np.where(b > 0, lam_d * theta_d * self.decode_step_s(caps, b) / b, 0.0)
+            work = dec_busy + rho_p
+            busy = np.clip(work, 0.0, 1.0)
+            prefill_share = np.where(busy > 0, np.minimum(rho_p / np.maximum(busy, 1e-9), 1.0), 0.0)
+            own = prompt_tokens * tpp
+            # Ahead of a new request: the queued prompts' prefill, and when the batch is full the decode of the
+            # queued requests' outputs at the cap's capacity (they wait for seats).
+            queue = backlog_prompt_tokens * tpp / np.maximum(1.0 - busy, 0.05)
+            queue = queue + np.where(b >= b_lim, backlog_output_tokens / np.maximum(capacity, 1e-9), 0.0)
+            ttft_s = tau + own + queue
+            ttft_s = np.where(overloaded, np.inf, ttft_s)
+            tpot_s = np.where(overloaded & (b >= b_lim), tau, tau)
+        return Prediction(
+            caps_w=caps,
+            step_s=tau,
+            batch=b,
+            busy=busy,
+            work=work,
+            prefill_share=prefill_share,
+            overloaded=overloaded,
+            tpot_p90_ms=1000.0 * tpot_s * self.cal[("tpot", 90)],
+            ttft_p90_ms=1000.0 * ttft_s * self.cal[("ttft", 90)],
+            tpot_p99_ms=1000.0 * tpot_s * self.cal[("tpot", 99)],
+            ttft_p99_ms=1000.0 * ttft_s * self.cal[("ttft", 99)],
+            capacity_tokens_per_s=capacity,
+        )

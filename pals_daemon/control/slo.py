@@ -1,0 +1,228 @@
+"""SLO-driven model-predictive choice of an engine's cap: the least energy per output token whose predicted p90
+TTFT and TPOT stay within the SLOs with a margin (pure; one ``SloEngine`` per engine with latency SLOs).
+
+Every tick, for each cap of the grid, the latency model (control/latency.py) predicts the step time, running
+batch, busy fraction and p90 TTFT/TPOT under the load forecast for the next seconds; the power model (the
+profile) gives the GPUs' power at that operating point; energy per output token follows. The choice:
+- feasible caps: not overloaded and both predicted p90s within ``SLO x (1 - margin)``;
+- the feasible cap with the least predicted energy per output token; none feasible: the top cap (the most
+  goodput; a lower cap only adds misses);
+- fast release: a cap above the one in force is taken at once, and a measured SLO breach or a growing queue
+  raises it by at least ``slo_release_w`` the next tick;
+- rate-limited descent: at most ``slo_step_down_w`` per tick, and only for a predicted saving of at least
+  ``slo_min_saving``;
+- the margin adapts from measured slack: an integral on (measured p90 / SLO - 1) when it is above 1, with
+  anti-windup (no growth while at the top cap, where a larger margin cannot help), decaying slowly with slack.
+The batch limit stays at the engine's configured maximum: under overload a lower limit only builds a queue
+(the issue's "never cut the batch below what keeps up with arrivals"), and below overload it does not bind.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from pals_daemon.control.config import ControllerConfig
+from pals_daemon.control.latency import LatencyModel, Prediction
+from pals_daemon.control.types import EngineObservation, EngineTargets
+
+FloatArray = NDArray[np.float64]
+
+# Modelled: per-GPU power while prefilling (compute-bound) is the cap, up to this fraction of the GPU's
+# maximum limit (prefill draws near TDP uncapped; GreenLLM, arXiv 2508.16449).
+PREFILL_POWER_FRACTION = 0.9
+# Load forecast from ARRIVALS (what is processed lags demand under overload): the request rate smoothed over a
+# few seconds (EWMA weight per window), and the forecast is its peak over the last ``slo_forecast_window_s``:
+# bursty traffic is planned for at the bursts of the recent past, so the cap stays up while bursts recur and
+# comes down after a quiet stretch (a steady load is planned at its mean). Mean prompt and output tokens per
+# request are long-run ratios of processed tokens to arrivals (sums decaying by SIZE_DECAY per window, a
+# memory of ~4 minutes at 0.5 s windows), which equal the arrivals' sizes over time.
+FAST_ALPHA = 0.1
+SIZE_DECAY = 0.998
+
+
+@dataclass(frozen=True)
+class SloChoice:
+    """The SLO planner's pick for one engine this tick."""
+
+    row: int
+    cause: str
+
+
+class SloEngine:
+    """Forecast, latency model, margin and last prediction of one engine under latency SLOs."""
+
+    def __init__(self, latency: LatencyModel, config: ControllerConfig) -> None:
+        self.latency = latency
+        self.config = config
+        self.requests_fast = 0.0
+        self._sum_arrived = self._sum_prefill = self._sum_decode = 0.0
+        self.prompt_tokens = 0.0
+        self.output_tokens = 0.0
+        self.margin = config.slo_margin
+        self.last_waiting = 0
+        self.breach = False
+        self.queue_growing = False
+        self.idle_w: float | None = None
+        self.prediction: Prediction | None = None
+        # (time s, smoothed decode tokens/s, smoothed prefill tokens/s) over the forecast window.
+        self._history: deque[tuple[float, float, float]] = deque()
+        self._clock_s = 0.0
+        self._last_breach_s = -math.inf
+
+    # ---- per-window learning ------------------------------------------------------------------------------
+    def observe(
+        self, eng: EngineObservation, cap_in_force_w: float, at_top: bool, target: EngineTargets, gpu_power_w: float
+    ) -> None:
+        """Fold the window into the forecast, the step-time model, the p90 calibration and the margin."""
+        self.queue_growing = eng.num_waiting > self.last_waiting and eng.num_waiting > 0
+        self.last_waiting = eng.num_waiting
+        self.breach = False
+        if eng.window_s <= 0:
+            return
+        span = eng.window_s
+        self.requests_fast = (1 - FAST_ALPHA) * self.requests_fast + FAST_ALPHA * eng.arrived_requests / span
+        self._sum_arrived = SIZE_DECAY * self._sum_arrived + eng.arrived_requests
+        self._sum_prefill = SIZE_DECAY * self._sum_prefill + eng.prefill_tokens
+        self._sum_decode = SIZE_DECAY * self._sum_decode + eng.decode_tokens
+        if self._sum_arrived >= 1.0:
+            self.prompt_tokens = self._sum_prefill / self._sum_arrived
+            self.output_tokens = self._sum_decode / self._sum_arrived
+        self._clock_s += span
+        hist = self._history
+        hist.append((self._clock_s, self.requests_fast, 0.0))
+        while hist and hist[0][0] < self._clock_s - self.config.slo_forecast_window_s:
+            hist.popleft()
+        busy_s = eng.busy_fraction * span
+        if eng.busy_fraction < 0.02 and gpu_power_w > 0:
+            self.idle_w = gpu_power_w if self.idle_w is None else 0.8 * self.idle_w + 0.2 * gpu_power_w
+        self.latency.observe_window(cap_in_force_w, eng.num_steps, eng.decode_tokens, eng.prefill_tokens, busy_s)
+        pred = self.prediction
+        if pred is not None and pred.caps_w.size:
+            row = int(np.argmin(np.abs(pred.caps_w - cap_in_force_w)))
+            self.latency.calibrate(
+                pred,
+                row,
+                {
+                    ("tpot", 90): eng.tpot_p90_ms,
+                    ("ttft", 90): eng.ttft_p90_ms,
+                    ("tpot", 99): eng.tpot_p99_ms,
+                    ("ttft", 99): eng.ttft_p99_ms,
+                },
+            )
+        ratio = _slo_ratio(eng, target, self.config.slo_percentile)
+        if ratio is None:
+            return
+        cfg = self.config
+        if ratio > 1.0:
+            self.breach = True
+            self._last_breach_s = self._clock_s
+            if not at_top:  # anti-windup: at the top cap a larger margin cannot help
+                self.margin = min(cfg.slo_margin_max, self.margin + cfg.slo_margin_gain * (ratio - 1.0))
+        elif ratio < 1.0 - self.margin:
+            self.margin = max(cfg.slo_margin, self.margin - cfg.slo_margin_decay)
+
+    # ---- per-tick planning --------------------------------------------------------------------------------
+    def forecast(self) -> tuple[float, float]:
+        """(decode tokens/s, prefill tokens/s) expected over the next seconds."""
+        rate = max((h[1] for h in self._history), default=self.requests_fast)
+        return rate * self.output_tokens, rate * self.prompt_tokens
+
+    def plan(
+        self,
+        eff_caps_w: FloatArray,
+        n_gpus: int,
+        max_limit_w: float,
+        batch_limit: int,
+        num_waiting: int,
+        power_ratio: float,
+        target: EngineTargets,
+    ) -> tuple[Prediction, FloatArray, NDArray[np.bool_], FloatArray]:
+        """(prediction, predicted engine power W, feasible, energy per output token J) at each cap."""
+        lam_d, lam_p = self.forecast()
+        backlog = num_waiting * self.prompt_tokens
+        pred = self.latency.predict(
+            eff_caps_w, lam_d, lam_p, batch_limit, self.prompt_tokens, backlog, num_waiting * self.output_tokens
+        )
+        self.prediction = pred
+        model = self.latency.model
+        eff_caps = eff_caps_w
+        p_dec = np.minimum(model.gpu_power_w(eff_caps, pred.batch) * power_ratio, eff_caps)
+        p_pre = np.minimum(eff_caps, PREFILL_POWER_FRACTION * max_limit_w)
+        p_busy = pred.prefill_share * p_pre + (1 - pred.prefill_share) * p_dec
+        idle = self.idle_w if self.idle_w is not None else float(np.min(p_dec))
+        idle = min(idle, float(np.min(p_dec)))
+        power = n_gpus * (pred.busy * p_busy + (1 - pred.busy) * idle)
+        # Energy per output token from the work, not the clipped busy time: past saturation a slower cap still
+        # costs its power for longer per token.
+        energy = n_gpus * (pred.work * p_busy + np.maximum(0.0, 1 - pred.work) * idle) / max(lam_d, 1e-6)
+        m = self.margin
+        ok = ~pred.overloaded
+        q = self.config.slo_percentile
+        if target.tpot_ms is not None and target.tpot_ms > 0:
+            ok &= pred.tail_ms("tpot", q) <= target.tpot_ms * (1 - m)
+        if target.ttft_ms is not None and target.ttft_ms > 0:
+            ok &= pred.tail_ms("ttft", q) <= target.ttft_ms * (1 - m)
+        return pred, power, ok, energy
+
+    def choose(
+        self, energy: FloatArray, feasible: NDArray[np.bool_], caps_w: FloatArray, incumbent: int | None
+    ) -> SloChoice:
+        """The row to run next tick (see module docstring)."""
+        cfg = self.config
+        top = caps_w.size - 1
+        if feasible.any():
+            # The highest feasible cap within slo_min_saving of the least energy: where the cap does not
+            # matter (idle, or below where it binds) a higher one costs nothing and absorbs the next burst.
+            best = float(np.min(np.where(feasible, energy, np.inf)))
+            near = feasible & (energy <= best * (1 + cfg.slo_min_saving))
+            want = int(np.flatnonzero(near)[-1])
+            cause = "slo-energy"
+        else:
+            want, cause = top, "slo-infeasible"
+        first = incumbent is None
+        if incumbent is None:
+            incumbent = top  # a new engine starts from the top cap and comes down at the rate limit
+        row = want
+        recent_breach = self._clock_s - self._last_breach_s < cfg.slo_forecast_window_s
+        if want < incumbent and (recent_breach or self._clock_s < cfg.slo_forecast_window_s):
+            # No descent within a forecast window of a measured breach (the load that caused it may recur), nor
+            # before the engine has been watched for one forecast window (its bursts are not known yet).
+            row, cause = incumbent, "hold"
+        elif want < incumbent:
+            floor_w = caps_w[incumbent] - cfg.slo_step_down_w
+            lowest = int(np.searchsorted(caps_w, floor_w - 1e-9))
+            row = max(want, min(lowest, incumbent))
+            # Judged at the destination: one grid step down may save nothing where the cap does not bind.
+            if not energy[want] < energy[incumbent] * (1 - cfg.slo_min_saving):
+                row, cause = incumbent, "hold"
+        elif want == incumbent:
+            cause = "hold"
+        threatened = self.queue_growing and not bool(feasible[incumbent])
+        if self.breach or threatened:
+            up = int(np.searchsorted(caps_w, caps_w[incumbent] + cfg.slo_release_w - 1e-9))
+            row = max(row, min(up, top))
+            cause = "slo-release"
+        return SloChoice(row, "first" if first else cause)
+
+
+def _slo_ratio(eng: EngineObservation, target: EngineTargets, percentile: int) -> float | None:
+    """The worst measured percentile / SLO of the window, None when nothing finished."""
+    ratios = []
+    ttft = eng.ttft_p99_ms if percentile == 99 else eng.ttft_p90_ms
+    tpot = eng.tpot_p99_ms if percentile == 99 else eng.tpot_p90_ms
+    if target.ttft_ms and ttft is not None and math.isfinite(ttft):
+        ratios.append(ttft / target.ttft_ms)
+    if target.tpot_ms and tpot is not None and math.isfinite(tpot):
+        ratios.append(tpot / target.tpot_ms)
+    return max(ratios) if ratios else None
+
+
+def slo_mode(target: EngineTargets) -> bool:
+    """Latency SLOs without a throughput target: the SLO planner decides the engine's cap."""
+    has_slo = bool((target.ttft_ms and target.ttft_ms > 0) or (target.tpot_ms and target.tpot_ms > 0))
+    return has_slo and not (target.tokens_per_s and target.tokens_per_s > 0)
