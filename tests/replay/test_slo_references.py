@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from pals_daemon.cli.replay import main as replay_main
-from pals_daemon.control.types import ControllerInput, Decision, EngineDecision, EngineTargets
+from pals_daemon.control.types import ControllerInput, Decision, EngineTargets
 from pals_daemon.model.profile import load_profiles
 from pals_daemon.replay.latency import prediction_error, window_p90
 from pals_daemon.replay.policies import (
@@ -288,12 +288,6 @@ def test_capacity_is_measured_and_grows_with_a_lighter_mix() -> None:
     assert 0 < heavy < light
 
 
-@dataclass(frozen=True)
-class _PredictingDecision(EngineDecision):
-    predicted_ttft_p90_ms: float | None = None
-    predicted_tpot_p90_ms: float | None = None
-
-
 def test_prediction_error_is_none_without_predictions_and_measures_them_when_present() -> None:
     sc = _poisson(rate=4.0, duration_s=120.0)
     prep = prepare(sc)
@@ -309,8 +303,8 @@ def test_prediction_error_is_none_without_predictions_and_measures_them_when_pre
             k = min(int(inp.now_s // 30.0), measured.t_s.size - 1)
             ttft, tpot = measured.ttft_p90_ms[k], measured.tpot_p90_ms[k]
             engines = {
-                e: _PredictingDecision(
-                    **vars(v),
+                e: replace(
+                    v,
                     predicted_ttft_p90_ms=2 * ttft if math.isfinite(ttft) else None,
                     predicted_tpot_p90_ms=2 * tpot if math.isfinite(tpot) else None,
                 )
