@@ -12,13 +12,13 @@ from pals_daemon.replay.simulate import PolicyRun
 # Window for p90-over-time figures and for judging predictions (the SLO oracle's window too).
 DEFAULT_WINDOW_S = 30.0
 # Columns of EngineResult.finished.
-_FINISH, _TTFT, _TPOT, _OUT = 0, 2, 3, 4
+_FINISH, _ARRIVAL, _TTFT, _TPOT, _OUT = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
 class WindowP90:
-    """Per window (by finish time): start s, p90 TTFT ms and p90 TPOT ms of the requests finished in it (NaN
-    where none; TPOT over requests with more than one output token)."""
+    """Per window: start s, p90 TTFT ms of the requests whose first token came in it, and p90 TPOT ms of those
+    that finished in it (NaN where none; TPOT over requests with more than one output token)."""
 
     t_s: np.ndarray
     ttft_p90_ms: np.ndarray
@@ -26,19 +26,20 @@ class WindowP90:
 
 
 def window_p90(finished: np.ndarray, t_end_s: float, window_s: float = DEFAULT_WINDOW_S) -> WindowP90:
-    """p90 TTFT and TPOT per ``window_s`` window of finish time over ``[0, t_end_s)``."""
+    """p90 TTFT (by first-token time) and TPOT (by finish time) per ``window_s`` window over ``[0, t_end_s)``."""
     n = max(1, math.ceil(t_end_s / window_s))
     starts = np.arange(n) * window_s
     ttft = np.full(n, np.nan)
     tpot = np.full(n, np.nan)
     if finished.size:
-        k = np.minimum((finished[:, _FINISH] // window_s).astype(int), n - 1)
+        first_token_s = finished[:, _ARRIVAL] + finished[:, _TTFT] / 1000.0
+        k = np.clip((first_token_s // window_s).astype(int), 0, n - 1)
         for i in np.unique(k):
-            rows = finished[k == i]
-            ttft[i] = np.percentile(rows[:, _TTFT], 90)
-            multi = rows[rows[:, _OUT] > 1]
-            if multi.size:
-                tpot[i] = np.percentile(multi[:, _TPOT], 90)
+            ttft[i] = np.percentile(finished[k == i, _TTFT], 90)
+        multi = finished[finished[:, _OUT] > 1]
+        k = np.clip((multi[:, _FINISH] // window_s).astype(int), 0, n - 1)
+        for i in np.unique(k):
+            tpot[i] = np.percentile(multi[k == i, _TPOT], 90)
     return WindowP90(starts, ttft, tpot)
 
 

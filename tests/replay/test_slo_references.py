@@ -316,3 +316,19 @@ def test_prediction_error_is_none_without_predictions_and_measures_them_when_pre
     assert err is not None and err.windows_ttft >= 3
     assert err.ttft_mdape_pct == pytest.approx(100.0, abs=1e-6)
     assert err.tpot_mdape_pct == pytest.approx(100.0, abs=1e-6)
+
+
+def test_window_p90_buckets_ttft_by_first_token_and_tpot_by_finish() -> None:
+    # (finish s, arrival s, TTFT ms, TPOT ms, output tokens)
+    fin = np.array(
+        [
+            [40.0, 5.0, 1000.0, 50.0, 10],  # first token at 6 s (window 0), finished in window 1
+            [12.0, 10.0, 500.0, 0.0, 1],  # one output token: no TPOT
+            [70.0, 35.0, 2000.0, 80.0, 20],  # first token at 37 s (window 1), finished in window 2
+        ]
+    )
+    w = window_p90(fin, 90.0, 30.0)
+    assert list(w.t_s) == [0.0, 30.0, 60.0]
+    assert w.ttft_p90_ms[0] == pytest.approx(np.percentile([1000.0, 500.0], 90))
+    assert w.ttft_p90_ms[1] == 2000.0 and math.isnan(w.ttft_p90_ms[2])
+    assert math.isnan(w.tpot_p90_ms[0]) and w.tpot_p90_ms[1] == 50.0 and w.tpot_p90_ms[2] == 80.0
