@@ -20,7 +20,8 @@ budget's uniform share; batch defaults to the configured one), ``best-static`` (
 output token whose SLO attainment is within 1 pp of default's, found by replaying a grid in parallel;
 ``--workers``), ``slo-oracle`` / ``slo-oracle-quick`` (an SLO-aware greedy windowed search in hindsight, see
 pals_daemon/replay/slo_oracle.py). summary.json holds, per policy, the SLO figures (``slo``: J per output token
-and per token, SLO attainment, TTFT/TPOT p50/p90/p99, time and ticks over budget) and the inputs.
+and per token, SLO attainment, TTFT/TPOT p50/p90/p99, time and ticks over budget; not for tput-oracle, which is
+SLO-blind) and the inputs.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from pals_daemon.control.types import EngineTargets
 from pals_daemon.model.profile import ProfileRegistry, load_profiles
-from pals_daemon.replay.policies import POLICIES, validate_policy_spec
+from pals_daemon.replay.policies import POLICIES, SLO_BLIND_POLICIES, validate_policy_spec
 from pals_daemon.replay.references import BEST_STATIC, find_best_static, policy_row, scenario_inputs
 from pals_daemon.replay.report import format_table, plot_runs, summarize, write_json
 from pals_daemon.replay.scenario import Budget, EngineSpec, PoissonLoad, Scenario, TraceLoad, load_scenario
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     summary["scenario"] = scenario.name
     summary["inputs"] = scenario_inputs(scenario)
     for name, run in runs.items():
+        if name in SLO_BLIND_POLICIES:  # kept out of SLO tables: its "saving" there comes from missed TTFTs
+            summary["policies"][name]["slo_blind"] = True
+            continue
         summary["policies"][name]["slo"] = policy_row(run)
         if name == BEST_STATIC:
             summary["policies"][name]["spec"] = run.policy

@@ -252,9 +252,11 @@ def test_cli_writes_slo_rows_and_inputs(tmp_path) -> None:
     path.write_text(json.dumps(sc))
     out = tmp_path / "out"
     args = ["--scenario", str(path), "--out", str(out), "--no-plots", "--quiet", "--workers", "1"]
-    assert replay_main([*args, "--policies", "static:250:32", "best-static"]) == 0
+    assert replay_main([*args, "--policies", "static:250:32", "best-static", "tput-oracle"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["policies"]) == {"static:250:32", "best-static", "default"}
+    assert set(summary["policies"]) == {"static:250:32", "best-static", "tput-oracle", "default"}
+    tput = summary["policies"].pop("tput-oracle")
+    assert tput["slo_blind"] is True and "slo" not in tput  # kept out of SLO tables
     assert summary["policies"]["best-static"]["spec"].startswith("static:")
     assert summary["inputs"]["engines"][0]["slo"] == {"ttft_ms": 500.0, "tpot_ms": 60.0}
     for row in (p["slo"] for p in summary["policies"].values()):
