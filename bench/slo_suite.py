@@ -412,14 +412,16 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"\r{done[0]}/{len(jobs)} replays, {time.perf_counter() - t0:.0f} s")
             sys.stderr.flush()
 
-    runs = run_jobs(built, jobs, registry, config, workers, tick)
+    cpu_s: dict[tuple[str, str], float] = {}
+    runs = run_jobs(built, jobs, registry, config, workers, tick, cpu_s)
     sys.stderr.write("\n")
     best: dict[str, str | None] = {}
     for c in cases:
         statics = {s: runs[(c.name, s)] for s in grids[c.name]}
         best[c.name] = pick_best_static(runs[(c.name, "default")], statics)
     # The chosen statics again, with their timelines for the plots.
-    again = run_jobs(built, [Job(n, s) for n, s in best.items() if s is not None], registry, config, workers)
+    rerun = [Job(n, s) for n, s in best.items() if s is not None]
+    again = run_jobs(built, rerun, registry, config, workers, None, cpu_s)
 
     results = []
     case_runs: dict[str, dict[str, PolicyRun]] = {}
@@ -465,7 +467,11 @@ def main(argv: list[str] | None = None) -> int:
             med = float(np.median(vals)) if vals else None
             summary += f"\nmedian over cases of the per-window median abs % error, {k}: {_f(med, '.1f')}"
     wall = time.perf_counter() - t0
-    summary += f"\nwall {wall:.0f} s ({t_prep:.0f} s preparing), {len(jobs)} replays on {workers} workers"
+    cpu = sum(cpu_s.values())
+    summary += (
+        f"\nwall {wall:.0f} s ({t_prep:.0f} s preparing), {len(jobs)} replays on {workers} workers, "
+        f"{cpu:.0f} CPU s in replays (slo-oracle {sum(v for (_, p), v in cpu_s.items() if p == oracle):.0f} s)"
+    )
     print(summary)
     doc = {
         "quick": q,
@@ -478,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases": results,
         "passed": n_pass,
         "wall_s": wall,
+        "replay_cpu_s": cpu,
         "workers": workers,
     }
     write_json(doc, out / "slo_suite.json")

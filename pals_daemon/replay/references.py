@@ -10,10 +10,12 @@ that inherit the prepared truths and request lists (fork start method: built onc
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -99,10 +101,11 @@ def strip_detail(run: PolicyRun) -> PolicyRun:
     return replace(run, timeline=Timeline(), engines=[replace(e, finished=np.zeros((0, 5))) for e in run.engines])
 
 
-def _run_job(job: Job) -> tuple[Job, PolicyRun]:
+def _run_job(job: Job) -> tuple[Job, PolicyRun, float]:
+    started = time.process_time()
     scenario, prep = _SHARED["cases"][job.case]
     run = run_policy(scenario, job.policy, _SHARED["registry"], prep, config=_SHARED["config"])
-    return job, run if job.keep_detail else strip_detail(run)
+    return job, run if job.keep_detail else strip_detail(run), time.process_time() - started
 
 
 def run_jobs(
@@ -111,25 +114,28 @@ def run_jobs(
     registry: ProfileRegistry,
     config: ControllerConfig | None = None,
     workers: int | None = None,
-    on_done: Any = None,
+    on_done: Callable[[Job, PolicyRun], None] | None = None,
+    cpu_s: dict[tuple[str, str], float] | None = None,
 ) -> dict[tuple[str, str], PolicyRun]:
-    """Run every job (in ``workers`` processes; 1: in this process) and return runs by (case, policy)."""
+    """Run every job (in ``workers`` processes; 1: in this process) and return runs by (case, policy).
+
+    ``cpu_s``, when given, receives each replay's CPU seconds (what predicts the time on idle cores)."""
     jobs = list(jobs)
     workers = default_workers() if workers is None else max(1, workers)
     _SHARED.update(cases=cases, registry=registry, config=config)
     out: dict[tuple[str, str], PolicyRun] = {}
     try:
-        if workers == 1 or len(jobs) <= 1:
-            results: Iterable[tuple[Job, PolicyRun]] = map(_run_job, jobs)
-            for job, run in results:
+        with contextlib.ExitStack() as stack:
+            if workers == 1 or len(jobs) <= 1:
+                results: Iterable[tuple[Job, PolicyRun, float]] = map(_run_job, jobs)
+            else:
+                ctx = multiprocessing.get_context("fork")
+                pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=ctx))
+                results = pool.map(_run_job, jobs, chunksize=1)
+            for job, run, cpu in results:
                 out[(job.case, job.policy)] = run
-                if on_done is not None:
-                    on_done(job, run)
-            return out
-        ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            for job, run in pool.map(_run_job, jobs, chunksize=1):
-                out[(job.case, job.policy)] = run
+                if cpu_s is not None:
+                    cpu_s[(job.case, job.policy)] = cpu
                 if on_done is not None:
                     on_done(job, run)
         return out
