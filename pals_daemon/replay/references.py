@@ -24,7 +24,7 @@ import numpy as np
 
 from pals_daemon.control.config import ControllerConfig
 from pals_daemon.model.profile import ProfileRegistry
-from pals_daemon.replay.policies import STATIC_PREFIX, StaticSpec
+from pals_daemon.replay.policies import StaticSpec
 from pals_daemon.replay.scenario import Scenario
 from pals_daemon.replay.simulate import PolicyRun, Prepared, Timeline, prepare, run_policy
 from pals_daemon.sim.hardware import hardware_profile
@@ -251,7 +251,3 @@ def scenario_inputs(scenario: Scenario) -> dict[str, Any]:
         ],
     }
 
-
-def is_static_spec(name: str) -> bool:
-    """True for ``static:...`` specs."""
-    return name.startswith(STATIC_PREFIX)
