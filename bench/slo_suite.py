@@ -265,14 +265,17 @@ def _trace_file(trace: str) -> str:
     return "data/azure_llm_code_2023.csv"
 
 
-def verdict(rows: dict[str, dict[str, Any]], budget_w: float | None) -> dict[str, Any]:
-    """Issue 9's acceptance for one case, from the policy rows."""
-    d, p = rows["default"], rows.get("pals")
+def verdict(
+    rows: dict[str, dict[str, Any]], budget_w: float | None, errors: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Issue 9's acceptance for one case, from the policy rows (ERROR where a policy it needs raised)."""
+    d, p = rows.get("default"), rows.get("pals")
     bs = rows.get(BEST_STATIC)
+    if d is None or p is None:
+        missing = "default" if d is None else "pals"
+        why = (errors or {}).get(missing, "not run")
+        return {"default_meets_90pct": None, "pass": False, "verdict": f"ERROR ({missing}: {why})"}
     out: dict[str, Any] = {"default_meets_90pct": (d["slo_attainment"] or 0.0) >= DEFAULT_MEETS}
-    if p is None:
-        out["verdict"] = "no pals run"
-        return out
     slo_ok = (p["slo_attainment"] or 0.0) >= (d["slo_attainment"] or 0.0) - SLO_TOLERANCE - 1e-12
     budget_ok = budget_w is None or p["limit_over_budget_ticks"] == 0
     out["pals_slo_within_1pp"] = slo_ok
@@ -326,6 +329,10 @@ def plot_cases(
         _PLOT.clear()
 
 
+def _yes_no(v: bool | None) -> str:
+    return "-" if v is None else "yes" if v else "no"
+
+
 def _f(v: Any, spec: str) -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
@@ -352,7 +359,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
             f"{_f(j['pals'], '.3f')} | "
             f"{_f(v.get('pals_over_best_static'), '.3f')} | "
             + " / ".join(_f(None if slo[p] is None else 100 * slo[p], ".1f") for p in POLICY_ORDER)
-            + f" | {'yes' if v['default_meets_90pct'] else 'no'} | {v['verdict']} | {err} |"
+            + f" | {_yes_no(v['default_meets_90pct'])} | {v['verdict']} | {err} |"
         )
     return "\n".join(lines)
 
@@ -413,27 +420,32 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
 
     cpu_s: dict[tuple[str, str], float] = {}
-    runs = run_jobs(built, jobs, registry, config, workers, tick, cpu_s)
+    errors: dict[tuple[str, str], str] = {}
+    runs = run_jobs(built, jobs, registry, config, workers, tick, cpu_s, errors)
     sys.stderr.write("\n")
     best: dict[str, str | None] = {}
     for c in cases:
-        statics = {s: runs[(c.name, s)] for s in grids[c.name]}
-        best[c.name] = pick_best_static(runs[(c.name, "default")], statics)
+        statics = {s: runs[(c.name, s)] for s in grids[c.name] if (c.name, s) in runs}
+        d = runs.get((c.name, "default"))
+        best[c.name] = pick_best_static(d, statics) if d is not None else None
     # The chosen statics again, with their timelines for the plots.
     rerun = [Job(n, s) for n, s in best.items() if s is not None]
-    again = run_jobs(built, rerun, registry, config, workers, None, cpu_s)
+    again = run_jobs(built, rerun, registry, config, workers, None, cpu_s, errors)
 
     results = []
     case_runs: dict[str, dict[str, PolicyRun]] = {}
     for c in cases:
-        per: dict[str, PolicyRun] = {"default": runs[(c.name, "default")]}
-        if best[c.name] is not None:
-            per[BEST_STATIC] = replace(again[(c.name, best[c.name])], policy=BEST_STATIC)
-        per["slo-oracle"] = replace(runs[(c.name, oracle)], policy="slo-oracle")
-        per["pals"] = runs[(c.name, "pals")]
+        found = {
+            "default": runs.get((c.name, "default")),
+            BEST_STATIC: again.get((c.name, best[c.name])) if best[c.name] is not None else None,
+            "slo-oracle": runs.get((c.name, oracle)),
+            "pals": runs.get((c.name, "pals")),
+        }
+        per = {p: replace(r, policy=p) for p, r in found.items() if r is not None}
         case_runs[c.name] = per
         rows = {p: policy_row(r) for p, r in per.items()}
-        pe = prediction_error(per["pals"])
+        case_errors = {p: e for (n, p), e in errors.items() if n == c.name}
+        pe = prediction_error(per["pals"]) if "pals" in per else None
         results.append(
             {
                 "case": c.name,
@@ -446,8 +458,10 @@ def main(argv: list[str] | None = None) -> int:
                         "slo_attainment": policy_row(runs[(c.name, s)])["slo_attainment"],
                     }
                     for s in grids[c.name]
+                    if (c.name, s) in runs
                 },
-                "verdict": verdict(rows, c.budget_w),
+                "errors": case_errors,
+                "verdict": verdict(rows, c.budget_w, case_errors),
                 "prediction_error": None if pe is None else vars(pe),
             }
         )
@@ -458,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     n_pass = sum(r["verdict"].get("pass", False) for r in results)
     summary = f"\n{n_pass}/{len(results)} cases pass issue 9's acceptance (per-case rule in the verdict column)."
+    for (case, pol), err in sorted(errors.items()):
+        summary += f"\nERROR: {pol} on {case}: {err}"
     errs = [r["prediction_error"] for r in results if r["prediction_error"] is not None]
     if not errs:
         summary += "\nLatency-model prediction error: n/a (the controller's decisions expose no predicted p90)."
@@ -483,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         "controller_config_overrides": overrides,
         "cases": results,
         "passed": n_pass,
+        "errors": [{"case": c, "policy": p, "error": e} for (c, p), e in sorted(errors.items())],
         "wall_s": wall,
         "replay_cpu_s": cpu,
         "workers": workers,

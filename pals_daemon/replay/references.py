@@ -15,9 +15,11 @@ import math
 import multiprocessing
 import os
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,11 +103,16 @@ def strip_detail(run: PolicyRun) -> PolicyRun:
     return replace(run, timeline=Timeline(), engines=[replace(e, finished=np.zeros((0, 5))) for e in run.engines])
 
 
-def _run_job(job: Job) -> tuple[Job, PolicyRun, float]:
+def _run_job(job: Job) -> tuple[Job, PolicyRun | None, float, str | None]:
     started = time.process_time()
     scenario, prep = _SHARED["cases"][job.case]
-    run = run_policy(scenario, job.policy, _SHARED["registry"], prep, config=_SHARED["config"])
-    return job, run if job.keep_detail else strip_detail(run), time.process_time() - started
+    try:
+        run = run_policy(scenario, job.policy, _SHARED["registry"], prep, config=_SHARED["config"])
+    except Exception as e:  # noqa: BLE001 (a policy's failure is reported per job, not fatal to a suite)
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        error = f"{type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno})"
+        return job, None, time.process_time() - started, error
+    return job, run if job.keep_detail else strip_detail(run), time.process_time() - started, None
 
 
 def run_jobs(
@@ -116,10 +123,13 @@ def run_jobs(
     workers: int | None = None,
     on_done: Callable[[Job, PolicyRun], None] | None = None,
     cpu_s: dict[tuple[str, str], float] | None = None,
+    errors: dict[tuple[str, str], str] | None = None,
 ) -> dict[tuple[str, str], PolicyRun]:
     """Run every job (in ``workers`` processes; 1: in this process) and return runs by (case, policy).
 
-    ``cpu_s``, when given, receives each replay's CPU seconds (what predicts the time on idle cores)."""
+    ``cpu_s``, when given, receives each replay's CPU seconds (what predicts the time on idle cores).
+    A replay that raises is left out of the result and its error recorded in ``errors`` when given;
+    without ``errors`` the first one raises RuntimeError here."""
     jobs = list(jobs)
     workers = default_workers() if workers is None else max(1, workers)
     _SHARED.update(cases=cases, registry=registry, config=config)
@@ -127,15 +137,20 @@ def run_jobs(
     try:
         with contextlib.ExitStack() as stack:
             if workers == 1 or len(jobs) <= 1:
-                results: Iterable[tuple[Job, PolicyRun, float]] = map(_run_job, jobs)
+                results: Iterable[tuple[Job, PolicyRun | None, float, str | None]] = map(_run_job, jobs)
             else:
                 ctx = multiprocessing.get_context("fork")
                 pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=ctx))
                 results = pool.map(_run_job, jobs, chunksize=1)
-            for job, run, cpu in results:
-                out[(job.case, job.policy)] = run
+            for job, run, cpu, error in results:
                 if cpu_s is not None:
                     cpu_s[(job.case, job.policy)] = cpu
+                if run is None:
+                    if errors is None:
+                        raise RuntimeError(f"{job.policy} on {job.case}: {error}")
+                    errors[(job.case, job.policy)] = str(error)
+                    continue
+                out[(job.case, job.policy)] = run
                 if on_done is not None:
                     on_done(job, run)
         return out

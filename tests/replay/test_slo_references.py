@@ -21,10 +21,12 @@ from pals_daemon.replay.policies import (
     validate_policy_spec,
 )
 from pals_daemon.replay.references import (
+    Job,
     find_best_static,
     node_slo_attainment,
     pick_best_static,
     policy_row,
+    run_jobs,
     static_grid,
 )
 from pals_daemon.replay.scenario import Budget, BurstyLoad, EngineSpec, PoissonLoad, Scenario
@@ -334,3 +336,15 @@ def test_window_p90_buckets_ttft_by_first_token_and_tpot_by_finish() -> None:
     assert w.ttft_p90_ms[0] == pytest.approx(np.percentile([1000.0, 500.0], 90))
     assert w.ttft_p90_ms[1] == 2000.0 and math.isnan(w.ttft_p90_ms[2])
     assert math.isnan(w.tpot_p90_ms[0]) and w.tpot_p90_ms[1] == 50.0 and w.tpot_p90_ms[2] == 80.0
+
+
+def test_run_jobs_records_a_failing_replay_without_losing_the_others() -> None:
+    sc = _poisson(duration_s=20.0)
+    cases = {"c": (sc, prepare(sc))}
+    jobs = [Job("c", "default"), Job("c", "no-such-policy")]
+    errors: dict[tuple[str, str], str] = {}
+    runs = run_jobs(cases, jobs, REGISTRY, workers=1, errors=errors)
+    assert set(runs) == {("c", "default")}
+    assert "unknown policy 'no-such-policy'" in errors[("c", "no-such-policy")]
+    with pytest.raises(RuntimeError, match="no-such-policy on c"):
+        run_jobs(cases, jobs, REGISTRY, workers=1)
