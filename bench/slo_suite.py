@@ -22,8 +22,9 @@ Traces (request sizes and burst structure; the rate is set per load level):
 Load levels, from each model's MEASURED capacity, the same rule for every model and trace: capacity is the
 requests/s the default configuration completes when saturated with the trace's request mix (a replay with
 every request queued, ``traffic.measure_capacity_req_per_s``); a level sets the trace's 95th percentile of the
-30 s arrival rate to a fraction of it: light 0.5, near capacity 1.0, overloaded 1.5 (so a bursty trace gets a
-lower mean rate than a smooth one at the same level).
+30 s arrival rate to a fraction of it: light 0.3, near capacity 0.75, overloaded 1.5 (so a bursty trace gets a
+lower mean rate than a smooth one at the same level; the Azure code trace's bursts are shorter than 30 s, so
+"near" already breaks the SLO for a share of its requests).
 
 SLOs per model (TTFT / TPOT; a request meets the SLO when it meets both, TPOT judged with > 1 output token):
 the issue's, from interactive-serving practice: OLMoE-1B-7B 2 s / 100 ms, Qwen1.5-MoE-A2.7B 2 s / 100 ms,
@@ -99,7 +100,9 @@ SLOS: dict[str, tuple[float, float]] = {
 INFEASIBLE = ("mixtral-8x7b-instruct", 3000.0, 10.0)
 QUICK_MODELS = ("olmoe-1b-7b", "qwen1.5-moe-a2.7b", "mixtral-8x7b-instruct")
 # Level -> p95 of the 30 s arrival rate as a fraction of the measured capacity.
-LEVELS: dict[str, float] = {"light": 0.5, "near": 1.0, "over": 1.5}
+# Measured (2026-12-06, default policy, Azure code trace, 5 min): at 0.3 the default meets the SLO for >= 95%
+# of requests with every model; at 0.5 Qwen drops to 61% and Mixtral to 75% (its bursts are sub-30 s).
+LEVELS: dict[str, float] = {"light": 0.3, "near": 0.75, "over": 1.5}
 RATE_WINDOW_S = 30.0
 RATE_PERCENTILE = 95.0
 TRACES = ("azure-code", "azure-week-shape", "mooncake")
