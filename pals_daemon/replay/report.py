@@ -245,8 +245,8 @@ def plot_slo_case(
         ax_t.axhline(ttft_slo_ms / 1000.0, color="r", ls=":", lw=1.2, label="SLO")
     if tpot_slo_ms is not None:
         ax_o.axhline(tpot_slo_ms, color="r", ls=":", lw=1.2, label="SLO")
-    ax_t.set_yscale("symlog", linthresh=1.0)
-    ax_o.set_yscale("symlog", linthresh=100.0)
+    ax_t.set_yscale("log")
+    ax_o.set_yscale("log")
     ax_p.set_ylabel("node GPU power (W)")
     ax_c.set_ylabel("cap per GPU (W)")
     ax_b.set_ylabel("batch limit")
