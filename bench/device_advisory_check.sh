@@ -9,7 +9,7 @@
 #      before and after, no NVML setter call in the daemon's log or the sweep's output. Prints PASS or FAIL.
 #
 # READ-ONLY. The daemon runs in advise mode only (it never writes limits there: Daemon.enforcing is False), and
-# every python3 started here imports a guard (sitecustomize.py written below) that replaces pynvml's
+# every python3 started here imports a guard (bench/nvml_guard/sitecustomize.py) that replaces pynvml's
 # nvmlDeviceSet*/Reset*/Clear* functions by ones that refuse and print "PALS-GUARD", so a setter call could
 # neither happen nor go unnoticed. Never nvidia-smi -pl/-lgc/-pm/-ac here.
 #
@@ -18,7 +18,8 @@
 #
 # Environment (defaults for the device): PYTHON=python3, SWEEP_PYTHON=$PYTHON, SWEEP_MODELS="mixtral llama",
 # SWEEP_RUNS (see below), SWEEP_TIMEOUT=210 (s per run), SWEEP_BATCHES=1,4,16,64,128,256,
-# SWEEP_EXTRA="" (e.g. --dry-run for a local smoke test), METRICS_PORT=9400, PALS_TMP=/tmp/pals.
+# SWEEP_EXTRA="" (e.g. --dry-run for a local smoke test), METRICS_PORT=10400 (the daemon's default; 9400 is
+# dcgm-exporter's), PALS_TMP=/tmp/pals.
 set -u
 
 OUT=${OUT:-/tmp/pals_out}
@@ -34,11 +35,11 @@ if [ -z "${SWEEP_RUNS:-}" ]; then
     SWEEP_RUNS=""
     for m in $SWEEP_MODELS; do SWEEP_RUNS="$SWEEP_RUNS$m|--model $m;"; done
 fi
-METRICS_PORT=${METRICS_PORT:-9400}
+METRICS_PORT=${METRICS_PORT:-10400}
 PALS_TMP=${PALS_TMP:-/tmp/pals}
 RUN_DIR=$PALS_TMP/run
 STATE_DIR=$PALS_TMP/state
-GUARD_DIR=$PALS_TMP/guard
+GUARD_DIR=$PWD/bench/nvml_guard
 SOCK=$RUN_DIR/admin/admin.sock
 DLOG=$PALS_TMP/daemon.log
 CHECK=$OUT/check.txt
@@ -46,7 +47,7 @@ STATUS_TXT=$OUT/status.txt
 METRICS=$OUT/metrics.txt
 SMI=$OUT/nvidia_smi_power.txt
 
-mkdir -p "$OUT" "$RUN_DIR" "$STATE_DIR" "$GUARD_DIR"
+mkdir -p "$OUT" "$RUN_DIR" "$STATE_DIR"
 rm -f "$SOCK" "$DLOG"
 export PYTHONUNBUFFERED=1
 FAILURES=()
@@ -55,44 +56,6 @@ say() { echo "$*" | tee -a "$CHECK"; }
 fail() { FAILURES+=("$*"); say "FAIL: $*"; }
 
 # --- the setter guard --------------------------------------------------------------------------------------
-cat >"$GUARD_DIR/sitecustomize.py" <<'EOF'
-"""Read-only guard (bench/device_advisory_check.sh): pynvml setters refuse and say so on stderr."""
-import sys
-
-
-def _install():
-    try:
-        import pynvml
-    except Exception:  # no pynvml in this interpreter: nothing to guard
-        return
-    prefixes = ("nvmlDeviceSet", "nvmlDeviceReset", "nvmlDeviceClear", "nvmlUnitSet", "nvmlSystemSet")
-
-    def blocked_factory(name):
-        def blocked(*args, **kwargs):
-            sys.stderr.write(f"PALS-GUARD: blocked NVML setter {name}{args[1:]!r}\n")
-            sys.stderr.flush()
-            raise pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)
-
-        return blocked
-
-    for name in dir(pynvml):
-        if name.startswith(prefixes) and callable(getattr(pynvml, name)):
-            setattr(pynvml, name, blocked_factory(name))
-
-
-_install()
-
-# Chain to the interpreter's own sitecustomize, if any, which this file shadows.
-import importlib.machinery as _m  # noqa: E402
-import os as _os  # noqa: E402
-
-_here = _os.path.dirname(_os.path.abspath(__file__))
-_spec = _m.PathFinder.find_spec("sitecustomize", [p for p in sys.path if _os.path.abspath(p or ".") != _here])
-if _spec is not None and _spec.loader is not None:
-    _code = _spec.loader.get_code("sitecustomize")
-    if _code is not None:
-        exec(_code, {"__name__": "sitecustomize_chained", "__file__": _spec.origin})
-EOF
 export PYTHONPATH="$GUARD_DIR:${PYTHONPATH:+$PYTHONPATH:}$PWD"
 
 palsctl() { "$PYTHON" -m pals_daemon.cli.palsctl --socket "$SOCK" "$@"; }

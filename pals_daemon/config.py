@@ -22,6 +22,7 @@ from typing import Any
 from pals_daemon import config_controller
 from pals_daemon.control.config import ControllerConfig
 from pals_daemon.errors import ConfigError
+from pals_daemon.sim.hardware import hardware_profile, known_hardware
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,7 +35,37 @@ BACKENDS = ("nvml", "sim")
 MODES = ("enforce", "advise")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Tables in the TOML file whose keys are flattened as "<table>_<key>".
-TABLES = ("sim", config_controller.TABLE)
+TABLES = ("sim", "clocks", config_controller.TABLE)
+# Spellings of a boolean in the environment or on the command line (TOML has its own true/false).
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+DEFAULT_METRICS_PORT = 10400
+# What `pals-daemon restore` reads: it must restore the GPUs whatever else the file gets wrong.
+RESTORE_KEYS = ("backend", "state_dir", "log_level")
+
+# One line per key for --help (deploy/systemd/pals.toml.example says more).
+HELP = {
+    "backend": "GPU backend: nvml (real GPUs, root) or sim (simulated GPUs, no driver needed)",
+    "mode": "enforce: apply caps and batch limits; advise: compute and export them, change nothing",
+    "period_s": "control period, s",
+    "runtime_dir": "directory of the sockets",
+    "admin_socket": "PowerAdmin socket ('' = <runtime_dir>/admin/admin.sock)",
+    "engine_socket": "EngineLink socket ('' = <runtime_dir>/engine.sock)",
+    "engine_socket_group": "group allowed to connect engines ('' = root's group)",
+    "state_dir": "persistent state: original limits, budget, targets",
+    "profiles_dir": "directory of model profiles ('' = the profiles shipped with the package)",
+    "metrics_address": "Prometheus /metrics listen address",
+    "metrics_port": "Prometheus /metrics port (0 disables)",
+    "directive_ttl_s": "seconds an engine keeps a batch-limit directive (>= 2 periods)",
+    "qos_window_s": "length of the QoS windows, s",
+    "budget_w": "initial node GPU budget, W, when none is persisted ('none': no budget)",
+    "gpus": "comma-separated GPU indices to control ('' = all)",
+    "gpu_timeout_s": "an NVML call slower than this marks its GPU wedged, s",
+    "log_level": "log level",
+    "sim_gpu_kind": "simulated GPU model (sim backend)",
+    "sim_gpu_count": "number of simulated GPUs (sim backend)",
+    "sim_speed": "simulated seconds per wall-clock second (sim backend)",
+}
 
 
 @dataclass(frozen=True)
@@ -55,8 +86,9 @@ class DaemonConfig:
     # Empty: the profiles shipped with the package.
     profiles_dir: str = ""
     metrics_address: str = "127.0.0.1"
-    # 0 disables the metrics endpoint.
-    metrics_port: int = 9400
+    # 0 disables the metrics endpoint. Not 9400 (dcgm-exporter's default, on the same GPU nodes) nor any port of
+    # 9100-9999 (the Prometheus exporter range, fully allocated): 10400 (README "Metrics").
+    metrics_port: int = DEFAULT_METRICS_PORT
     # An engine falls back to its own limits this long after the last directive.
     directive_ttl_s: float = 5.0
     # QoS (PALS: fraction of windows below the throughput target) is judged over windows this long: a
@@ -76,6 +108,12 @@ class DaemonConfig:
     sim_gpu_count: int = 4
     # Simulated seconds per wall-clock second.
     sim_speed: float = 1.0
+    # [clocks] enabled: the operator's switch for the locked-SM-clock knob. On by default: on Hopper the power
+    # cap rarely binds at light and medium load, so without the clock the daemon saves close to nothing there;
+    # every lock is recorded and reset on every exit path like a power limit, a GPU without the feature falls
+    # back to cap-only control, and an operator's own clock setting is left alone. false: the daemon never
+    # locks a clock (it still resets clocks a crashed run left locked).
+    clocks_enabled: bool = True
     # The [controller] table; its period_s is replaced by this config's (see controller_config()).
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     config_file: str = field(default="", compare=False)
@@ -122,6 +160,15 @@ def _coerce(name: str, raw: Any, from_text: bool) -> Any:
         if not isinstance(raw, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in raw):
             raise ValueError("must be a list of GPU indices")
         return tuple(raw)
+    if kind == "bool":
+        if from_text:
+            text = str(raw).strip().lower()
+            if text in _TRUE or text in _FALSE:
+                return text in _TRUE
+            raise ValueError(f"must be one of {', '.join(_TRUE + _FALSE)}")
+        if not isinstance(raw, bool):
+            raise ValueError("must be true or false")
+        return raw
     if kind == "float":
         return _as_float(raw, from_text)
     if kind == "int":
@@ -181,8 +228,11 @@ def _validate(cfg: DaemonConfig) -> list[str]:
         value = getattr(cfg, name)
         if not math.isfinite(value) or value <= 0:
             problems.append(f"{name}: must be a finite number > 0, got {value!r}")
-    if math.isfinite(cfg.period_s) and math.isfinite(cfg.directive_ttl_s) and cfg.directive_ttl_s < 2 * cfg.period_s:
-        problems.append("directive_ttl_s: must be at least two control periods, or directives expire between ticks")
+    if 0 < cfg.period_s < math.inf and 0 < cfg.directive_ttl_s < 2 * cfg.period_s:
+        problems.append(
+            f"directive_ttl_s: {cfg.directive_ttl_s:g} s is less than two control periods "
+            f"(2 x period_s {cfg.period_s:g} s = {2 * cfg.period_s:g} s): directives would expire between ticks"
+        )
     if cfg.budget_w is not None and (not math.isfinite(cfg.budget_w) or cfg.budget_w <= 0):
         problems.append(f"budget_w: must be a finite number of watts > 0, got {cfg.budget_w!r}")
     if not 0 <= cfg.metrics_port <= 65535:
@@ -199,6 +249,12 @@ def _validate(cfg: DaemonConfig) -> list[str]:
     for name in ("admin_socket", "engine_socket"):
         if getattr(cfg, name) and not os.path.isabs(getattr(cfg, name)):
             problems.append(f"{name}: must be an absolute path, got {getattr(cfg, name)!r}")
+    if cfg.profiles_dir and not os.path.isdir(cfg.profiles_dir):
+        problems.append(f"profiles_dir: {cfg.profiles_dir!r} is not a directory")
+    try:
+        hardware_profile(cfg.sim_gpu_kind)
+    except ValueError:
+        problems.append(f"sim_gpu_kind: {cfg.sim_gpu_kind!r} is not one of {', '.join(known_hardware())}")
     if cfg.admin_socket_path == cfg.engine_socket_path:
         problems.append("admin_socket and engine_socket must differ: their modes authorize different clients")
     elif cfg.admin_socket_path.parent == cfg.engine_socket_path.parent:
@@ -209,15 +265,39 @@ def _validate(cfg: DaemonConfig) -> list[str]:
     return problems
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _default_text(name: str) -> str:
+    if name not in FIELDS:
+        value = config_controller.controller_keys()[name].default
+        return "none" if value is None else str(value)
+    value = FIELDS[name].default
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "''"
+    return repr(value) if value == "" else str(value)
+
+
+def _help(name: str) -> str:
+    if name in HELP:
+        return HELP[name]
+    key = config_controller.controller_keys().get(name)
+    text = key.description.split(". ")[0] if key is not None and key.description else name
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
     """Add --config and one flag per setting (default None: "not given on the command line")."""
     parser.add_argument("--config", help=f"TOML config file (default {DEFAULT_CONFIG_PATH}; env PALS_CONFIG)")
-    for name in KEYS:
+    for name in names or KEYS:
         # No argparse choices: it would stop at the first bad value, load_config reports every problem at once.
         choices = {"backend": BACKENDS, "mode": MODES, "log_level": LOG_LEVELS}.get(name)
-        metavar = "{" + ",".join(choices) + "}" if choices else None
+        metavar = "{" + ",".join(choices) + "}" if choices else name.rsplit("_", 1)[-1].upper()
         parser.add_argument(
-            _flag(name), dest=name, default=None, metavar=metavar, help=f"(env {ENV_PREFIX}{name.upper()})"
+            _flag(name),
+            dest=name,
+            default=None,
+            metavar=metavar,
+            help=f"{_help(name)} (default {_default_text(name)}; env {ENV_PREFIX}{name.upper()})",
         )
 
 
@@ -227,9 +307,53 @@ def load_config(
     config_path: str | None = None,
 ) -> DaemonConfig:
     """Build the configuration from defaults, file, environment and flags; raise ConfigError with every problem."""
+    problems: list[str] = []
+    values, path = _read_layers(flags, env, config_path, problems)
+    own = {k: v for k, v in values.items() if k in FIELDS}
+    period_s = own.get("period_s", DaemonConfig.period_s)
+    controller, controller_problems = config_controller.build(
+        {k: v for k, v in values.items() if k not in FIELDS}, period_s
+    )
+    cfg = DaemonConfig(**own, controller=controller, config_file=str(path) if path.exists() else "")
+    problems.extend(_validate(cfg))
+    problems.extend(controller_problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_restore_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_path: str | None = None,
+) -> tuple[DaemonConfig, list[str]]:
+    """The settings ``pals-daemon restore`` needs (RESTORE_KEYS), and every problem found in the layers.
+
+    Never raises: a restore after a crash must put the GPUs back even when an unrelated key is wrong (it is
+    reported, not fatal). A needed key that is wrong falls back to its default, and is reported too.
+    """
+    problems: list[str] = []
+    values, path = _read_layers(flags, env, config_path, problems)
+    kept = {k: v for k, v in values.items() if k in RESTORE_KEYS}
+    for problem in _validate(DaemonConfig(**{k: v for k, v in values.items() if k in FIELDS})):
+        name = problem.split(":", 1)[0]
+        if name in RESTORE_KEYS:
+            problems.append(f"{problem}; using the default {_default_text(name)}")
+            kept.pop(name, None)
+        else:
+            problems.append(problem)
+    return DaemonConfig(**kept, config_file=str(path) if path.exists() else ""), problems
+
+
+def _read_layers(
+    flags: Mapping[str, Any] | None,
+    env: Mapping[str, str] | None,
+    config_path: str | None,
+    problems: list[str],
+) -> tuple[dict[str, Any], pathlib.Path]:
+    """Coerced values of file, environment and flags (later layers win); problems appended, never raised."""
     env = os.environ if env is None else env
     flags = {k: v for k, v in (flags or {}).items() if v is not None and k in KEYS}
-    problems: list[str] = []
     values: dict[str, Any] = {}
 
     explicit = config_path or env.get(ENV_PREFIX + "CONFIG")
@@ -247,18 +371,7 @@ def load_config(
     env_values = {n: env[ENV_PREFIX + n.upper()] for n in KEYS if ENV_PREFIX + n.upper() in env}
     _apply(values, env_values, True, "environment", problems)
     _apply(values, flags, True, "flag", problems)
-
-    own = {k: v for k, v in values.items() if k in FIELDS}
-    period_s = own.get("period_s", DaemonConfig.period_s)
-    controller, controller_problems = config_controller.build(
-        {k: v for k, v in values.items() if k not in FIELDS}, period_s
-    )
-    cfg = DaemonConfig(**own, controller=controller, config_file=str(path) if path.exists() else "")
-    problems.extend(_validate(cfg))
-    problems.extend(controller_problems)
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return values, path
 
 
 def describe(cfg: DaemonConfig) -> dict[str, Any]:

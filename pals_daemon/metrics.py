@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from pals_daemon.api import pals_pb2
+from pals_daemon.server.metrics_http import CachedExposition, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,10 @@ class StatusCollector(Collector):
         failed = gauge("pals_gpu_failed", "1 once a fatal NVML error (lost, reset, permission, unsupported, hung)")
         drift = gauge("pals_gpu_power_limit_drift", "1 while someone else caps the GPU below the daemon's request")
         external = gauge("pals_gpu_power_limit_external_watts", "The cap someone else set (only while one is known)")
+        clock_control = gauge("pals_gpu_clock_control", "1 while the daemon may lock the SM clock (0: cap-only)")
+        clock_external = gauge("pals_gpu_clock_external", "1 once someone else's clock setting was detected")
+        lock_requested = gauge("pals_gpu_clock_locked_requested_hertz", "SM clock ceiling the daemon locked (if any)")
+        lock_decided = gauge("pals_gpu_clock_locked_decided_hertz", "SM clock ceiling the controller chose")
         for g in s.gpus:
             key = [str(g.index), g.uuid]
             power.add_metric(key, g.power_w)
@@ -76,6 +81,12 @@ class StatusCollector(Collector):
             drift.add_metric(key, float(g.limit_drift))
             if g.HasField("external_limit_w"):
                 external.add_metric(key, g.external_limit_w)
+            clock_control.add_metric(key, float(g.clock_control))
+            clock_external.add_metric(key, float(g.clock_external))
+            if g.HasField("locked_clock_requested_mhz"):
+                lock_requested.add_metric(key, g.locked_clock_requested_mhz * HZ_PER_MHZ)
+            if g.HasField("locked_clock_decided_mhz"):
+                lock_decided.add_metric(key, g.locked_clock_decided_mhz * HZ_PER_MHZ)
         yield from (
             power,
             instant,
@@ -91,10 +102,21 @@ class StatusCollector(Collector):
             failed,
             drift,
             external,
+            clock_control,
+            clock_external,
+            lock_requested,
+            lock_decided,
         )
 
     def _node_metrics(self, s: pals_pb2.NodeStatus) -> Iterator[Metric]:
         yield GaugeMetricFamily("pals_node_power_watts", "Sum of the GPUs' averaged power", value=s.budget.node_power_w)
+        # Always exported: pals_node_power_budget_watts is absent without a budget, and an absent series cannot
+        # tell "no budget" from "not scraped".
+        yield GaugeMetricFamily(
+            "pals_node_power_budget_set",
+            "1 while a node GPU power budget is in force, 0 without one",
+            value=float(s.budget.HasField("effective_budget_w")),
+        )
         if s.budget.HasField("effective_budget_w"):
             yield GaugeMetricFamily(
                 "pals_node_power_budget_watts",
@@ -114,7 +136,8 @@ class StatusCollector(Collector):
         )
 
     def _engine_metrics(self, s: pals_pb2.NodeStatus) -> Iterator[Metric]:
-        labels = ["engine"]
+        # model: what the engine serves ("" for an engine known only by its targets), to group and join by.
+        labels = ["engine", "model"]
 
         def gauge(name: str, doc: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, labels=labels)
@@ -127,16 +150,22 @@ class StatusCollector(Collector):
         ttft = gauge("pals_engine_target_ttft_seconds", "Time-to-first-token SLO")
         tpot = gauge("pals_engine_target_tpot_seconds", "Time-per-output-token SLO")
         connected = gauge("pals_engine_connected", "1 while the engine's session is open")
+        has_profile = gauge(
+            "pals_engine_has_profile",
+            "0 while a connected engine's model has no profile for these GPUs: its GPUs get their default limit "
+            "or an equal share of the budget, and it keeps its own batch limit",
+        )
         violations = CounterMetricFamily(
             "pals_engine_qos_violation_windows", "Control windows with throughput below target", labels=labels
         )
         windows = CounterMetricFamily("pals_engine_windows", "Control windows with telemetry", labels=labels)
         for e in s.engines:
-            key = [e.engine_id]
+            key = [e.engine_id, e.model]
             throughput.add_metric(key, e.throughput_tokens_per_s)
             efficiency.add_metric(key, e.tokens_per_joule)
             connected.add_metric(key, float(e.connected))
             if e.connected:
+                has_profile.add_metric(key, float(e.has_profile))
                 seqs.add_metric(key, e.max_num_seqs_limit)
                 tokens.add_metric(key, e.max_num_batched_tokens_limit)
             if e.targets.HasField("tokens_per_s"):
@@ -147,7 +176,8 @@ class StatusCollector(Collector):
                 tpot.add_metric(key, e.targets.tpot_ms / MS_PER_S)
             windows.add_metric(key, e.windows)
             violations.add_metric(key, e.qos_violation_windows)
-        yield from (throughput, efficiency, seqs, tokens, target, ttft, tpot, connected, violations, windows)
+        yield from (throughput, efficiency, seqs, tokens, target, ttft, tpot, connected, has_profile)
+        yield from (violations, windows)
 
 
 class Metrics:
@@ -162,15 +192,20 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=self.registry,
         )
+        self.exposition = CachedExposition(self.registry)
         self._server = None
 
     def observe_tick(self, duration_s: float) -> None:
-        """Record one tick's duration."""
+        """Record one tick's duration (a new snapshot: the next scrape renders afresh)."""
         self.tick_duration.observe(duration_s)
+        self.exposition.invalidate()
 
     def serve(self, address: str, port: int) -> int:
-        """Start the HTTP endpoint; returns the bound port (useful with port 0 in tests)."""
-        server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        """Start the HTTP endpoint (bounded: server/metrics_http.py); returns the bound port (port 0 in tests)."""
+        try:
+            server = serve_metrics(address, port, self.exposition)
+        except OSError as exc:  # name the address: "Address already in use" alone does not say which
+            raise OSError(exc.errno, f"metrics endpoint {address}:{port}: {exc.strerror or exc}") from exc
         self._server = server
         bound = server.server_address[1]
         log.info("metrics on http://%s:%d/metrics", address, bound)

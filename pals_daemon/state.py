@@ -1,4 +1,4 @@
-"""Persisted daemon state: the node budget, engine targets and every GPU's original power limit.
+"""Persisted daemon state: the node budget, engine targets and every GPU's original power limit and clocks.
 
 The original limits are the record that lets any exit path (graceful stop, crash, SIGKILL followed by
 ``pals-daemon restore`` from systemd's ExecStopPost, start-up after a crash) put each GPU back as it was
@@ -32,16 +32,33 @@ from pals_daemon.errors import StateError
 log = logging.getLogger(__name__)
 
 STATE_FILE_NAME = "state.json"
-# Version 2 added boot_id and driver_version to each original-limit record.
-SCHEMA_VERSION = 2
+# Version 2 added boot_id and driver_version to each original-limit record; version 3 the budget ramp. The
+# optional "original_clocks" object came without a version bump on purpose: a version that ignores unknown keys
+# still reads every power-limit record.
+SCHEMA_VERSION = 3
 # Older versions still read (an upgrade must not lose the records of GPUs left capped).
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 # The kernel's random UUID for this boot (proc(5): /proc/sys/kernel/random/boot_id).
 BOOT_ID_PATH = pathlib.Path("/proc/sys/kernel/random/boot_id")
 # Chosen engineering bound on a boot id / driver version string in a record (both are ~36 and ~10 chars).
 MAX_TAG_LEN = 80
 # Suffix of a set-aside state file: state.json.unsafe-<UTC timestamp>.
 UNSAFE_SUFFIX = ".unsafe-"
+# Prefix of save()'s temporary files; one left by a kill -9 mid-save is removed at the next load().
+TEMP_PREFIX = ".state-"
+
+
+@dataclass(frozen=True)
+class BudgetRamp:
+    """A budget ramp in progress: from ``start_w`` at wall time ``start_unix_s`` to the budget over ``ramp_s``.
+
+    Wall time, not the monotonic clock: a restart must resume the ramp where it is, not start it again or
+    jump to its end.
+    """
+
+    start_w: float
+    start_unix_s: float
+    ramp_s: float
 
 
 @dataclass(frozen=True)
@@ -56,17 +73,31 @@ class OriginalLimit:
 
 
 @dataclass(frozen=True)
+class OriginalClock:
+    """A GPU's SM clocks before the daemon first locked them: at the driver default (not locked), since the
+    daemon never touches a GPU whose clocks someone else set. Restoring is nvmlDeviceResetGpuLockedClocks."""
+
+    gpu_index: int
+    boot_id: str | None = None
+    driver_version: str | None = None
+
+
+@dataclass(frozen=True)
 class DaemonState:
     """Everything that must survive a restart."""
 
     budget_w: float | None = None
+    # The ramp towards budget_w, while one is in progress (None: budget_w is in force).
+    budget_ramp: BudgetRamp | None = None
     targets: dict[str, EngineTargets] = field(default_factory=dict)
     # Keyed by GPU UUID: indices can change across reboots, UUIDs cannot.
     original_limits: dict[str, OriginalLimit] = field(default_factory=dict)
+    # Keyed by GPU UUID: GPUs whose clocks the daemon locked (or is about to), to be reset on exit.
+    original_clocks: dict[str, OriginalClock] = field(default_factory=dict)
 
-    def with_budget(self, budget_w: float | None) -> DaemonState:
-        """A copy with a new budget."""
-        return replace(self, budget_w=budget_w)
+    def with_budget(self, budget_w: float | None, ramp: BudgetRamp | None = None) -> DaemonState:
+        """A copy with a new budget (reached by ``ramp`` when given)."""
+        return replace(self, budget_w=budget_w, budget_ramp=ramp if budget_w is not None else None)
 
     def with_targets(self, engine_id: str, targets: EngineTargets) -> DaemonState:
         """A copy with one engine's targets replaced; empty targets remove the engine's entry."""
@@ -84,6 +115,16 @@ class DaemonState:
         """A copy without a GPU's original limit (after it was restored)."""
         return replace(self, original_limits={k: v for k, v in self.original_limits.items() if k != uuid})
 
+    def with_original_clock(self, uuid: str, original: OriginalClock) -> DaemonState:
+        """A copy recording a GPU's original clocks, unless already recorded (the first one wins)."""
+        if uuid in self.original_clocks:
+            return self
+        return replace(self, original_clocks={**self.original_clocks, uuid: original})
+
+    def without_original_clock(self, uuid: str) -> DaemonState:
+        """A copy without a GPU's clock record (after its clocks were reset, or were found taken over)."""
+        return replace(self, original_clocks={k: v for k, v in self.original_clocks.items() if k != uuid})
+
 
 def current_boot_id() -> str | None:
     """This boot's id, or None where the kernel does not offer it."""
@@ -93,7 +134,7 @@ def current_boot_id() -> str | None:
         return None
 
 
-def origin_notes(original: OriginalLimit, boot_id: str | None, driver_version: str | None) -> list[str]:
+def origin_notes(original: OriginalLimit | OriginalClock, boot_id: str | None, driver_version: str | None) -> list[str]:
     """How a record's boot and driver differ from now (empty when the same or unknown now)."""
     notes = []
     if original.boot_id is None:
@@ -146,6 +187,7 @@ class StateStore:
         StateError only when the directory itself is unsafe.
         """
         self.ensure_directory()
+        self._remove_stale_temp_files()
         try:
             raw = self._read_trusted()
         except _Untrusted as exc:
@@ -158,6 +200,19 @@ class StateStore:
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             self._set_aside(f"state file {self.path} fails the schema: {exc}")
             return DaemonState()
+
+    def _remove_stale_temp_files(self) -> None:
+        """Remove save()'s temporary files left by a process killed mid-save (only our own regular files)."""
+        for entry in os.scandir(self.directory):
+            if not entry.name.startswith(TEMP_PREFIX):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                    os.unlink(entry.path)
+                    log.info("removed %s, left by an interrupted save", entry.path)
+            except OSError as exc:
+                log.warning("cannot remove %s, left by an interrupted save: %s", entry.path, exc)
 
     def _read_trusted(self) -> bytes | None:
         """The file's bytes (None when absent); _Untrusted when it is not a private regular file of ours."""
@@ -207,7 +262,7 @@ class StateStore:
         """Write the state atomically (readers see the old or the new file, never a torn one)."""
         self.ensure_directory()
         data = json.dumps(encode_state(state), indent=2, sort_keys=True).encode()
-        fd, tmp = tempfile.mkstemp(prefix=".state-", dir=self.directory)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.directory)
         try:
             os.fchmod(fd, 0o600)
             os.write(fd, data)
@@ -237,6 +292,13 @@ def encode_state(state: DaemonState) -> dict[str, Any]:
     return {
         "version": SCHEMA_VERSION,
         "budget_w": state.budget_w,
+        "budget_ramp": None
+        if state.budget_ramp is None
+        else {
+            "start_w": state.budget_ramp.start_w,
+            "start_unix_s": state.budget_ramp.start_unix_s,
+            "ramp_s": state.budget_ramp.ramp_s,
+        },
         "targets": {
             eid: {"tokens_per_s": t.tokens_per_s, "ttft_ms": t.ttft_ms, "tpot_ms": t.tpot_ms}
             for eid, t in state.targets.items()
@@ -249,6 +311,10 @@ def encode_state(state: DaemonState) -> dict[str, Any]:
                 "driver_version": o.driver_version,
             }
             for uuid, o in state.original_limits.items()
+        },
+        "original_clocks": {
+            uuid: {"gpu_index": o.gpu_index, "boot_id": o.boot_id, "driver_version": o.driver_version}
+            for uuid, o in state.original_clocks.items()
         },
     }
 
@@ -301,8 +367,33 @@ def decode_state(doc: Any) -> DaemonState:
             boot_id = _tag_or_none(o["boot_id"], f"boot_id of {uuid}")
             driver = _tag_or_none(o["driver_version"], f"driver_version of {uuid}")
         originals[str(uuid)] = OriginalLimit(index, limit, boot_id=boot_id, driver_version=driver)
+    clocks = {}
+    # Absent in files written before the clock knob: no clock was ever locked by those versions.
+    for uuid, o in _mapping(doc.get("original_clocks", {}), "original_clocks").items():
+        o = _mapping(o, f"original clocks of {uuid}")
+        index = o["gpu_index"]
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise ValueError(f"original clocks of {uuid} are malformed")
+        clocks[str(uuid)] = OriginalClock(
+            index,
+            boot_id=_tag_or_none(o["boot_id"], f"boot_id of {uuid}"),
+            driver_version=_tag_or_none(o["driver_version"], f"driver_version of {uuid}"),
+        )
+    budget_w = _positive_or_none(doc.get("budget_w"), "budget_w")
+    ramp = None
+    raw_ramp = doc.get("budget_ramp")
+    if raw_ramp is not None and budget_w is not None:
+        raw_ramp = _mapping(raw_ramp, "budget_ramp")
+        start_w = _positive_or_none(raw_ramp["start_w"], "budget_ramp.start_w")
+        start_unix_s = _positive_or_none(raw_ramp["start_unix_s"], "budget_ramp.start_unix_s")
+        ramp_s = _positive_or_none(raw_ramp["ramp_s"], "budget_ramp.ramp_s")
+        if start_w is None or start_unix_s is None or ramp_s is None:
+            raise ValueError("budget_ramp needs start_w, start_unix_s and ramp_s")
+        ramp = BudgetRamp(start_w, start_unix_s, ramp_s)
     return DaemonState(
-        budget_w=_positive_or_none(doc.get("budget_w"), "budget_w"),
+        budget_w=budget_w,
+        budget_ramp=ramp,
         targets=targets,
         original_limits=originals,
+        original_clocks=clocks,
     )

@@ -21,7 +21,7 @@ PROFILE_STATE_FAILED: ProfileState
 PROFILE_STATE_CANCELLED: ProfileState
 
 class GpuStatus(_message.Message):
-    __slots__ = ("index", "uuid", "name", "min_limit_w", "max_limit_w", "default_limit_w", "requested_limit_w", "enforced_limit_w", "original_limit_w", "power_w", "power_instant_w", "energy_j", "sm_clock_mhz", "clock_event_reasons", "power_capped", "controlled", "fault", "engine_id", "decided_limit_w", "limit_drift", "external_limit_w")
+    __slots__ = ("index", "uuid", "name", "min_limit_w", "max_limit_w", "default_limit_w", "requested_limit_w", "enforced_limit_w", "original_limit_w", "power_w", "power_instant_w", "energy_j", "sm_clock_mhz", "clock_event_reasons", "power_capped", "controlled", "fault", "engine_id", "decided_limit_w", "limit_drift", "external_limit_w", "clock_control", "clock_control_note", "locked_clock_requested_mhz", "locked_clock_decided_mhz", "min_clock_mhz", "max_clock_mhz", "clock_external")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,13 @@ class GpuStatus(_message.Message):
     DECIDED_LIMIT_W_FIELD_NUMBER: _ClassVar[int]
     LIMIT_DRIFT_FIELD_NUMBER: _ClassVar[int]
     EXTERNAL_LIMIT_W_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_CONTROL_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_CONTROL_NOTE_FIELD_NUMBER: _ClassVar[int]
+    LOCKED_CLOCK_REQUESTED_MHZ_FIELD_NUMBER: _ClassVar[int]
+    LOCKED_CLOCK_DECIDED_MHZ_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLOCK_MHZ_FIELD_NUMBER: _ClassVar[int]
+    MAX_CLOCK_MHZ_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_EXTERNAL_FIELD_NUMBER: _ClassVar[int]
     index: int
     uuid: str
     name: str
@@ -64,7 +71,14 @@ class GpuStatus(_message.Message):
     decided_limit_w: float
     limit_drift: bool
     external_limit_w: float
-    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., min_limit_w: _Optional[float] = ..., max_limit_w: _Optional[float] = ..., default_limit_w: _Optional[float] = ..., requested_limit_w: _Optional[float] = ..., enforced_limit_w: _Optional[float] = ..., original_limit_w: _Optional[float] = ..., power_w: _Optional[float] = ..., power_instant_w: _Optional[float] = ..., energy_j: _Optional[float] = ..., sm_clock_mhz: _Optional[int] = ..., clock_event_reasons: _Optional[int] = ..., power_capped: _Optional[bool] = ..., controlled: _Optional[bool] = ..., fault: _Optional[str] = ..., engine_id: _Optional[str] = ..., decided_limit_w: _Optional[float] = ..., limit_drift: _Optional[bool] = ..., external_limit_w: _Optional[float] = ...) -> None: ...
+    clock_control: bool
+    clock_control_note: str
+    locked_clock_requested_mhz: int
+    locked_clock_decided_mhz: int
+    min_clock_mhz: int
+    max_clock_mhz: int
+    clock_external: bool
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., min_limit_w: _Optional[float] = ..., max_limit_w: _Optional[float] = ..., default_limit_w: _Optional[float] = ..., requested_limit_w: _Optional[float] = ..., enforced_limit_w: _Optional[float] = ..., original_limit_w: _Optional[float] = ..., power_w: _Optional[float] = ..., power_instant_w: _Optional[float] = ..., energy_j: _Optional[float] = ..., sm_clock_mhz: _Optional[int] = ..., clock_event_reasons: _Optional[int] = ..., power_capped: _Optional[bool] = ..., controlled: _Optional[bool] = ..., fault: _Optional[str] = ..., engine_id: _Optional[str] = ..., decided_limit_w: _Optional[float] = ..., limit_drift: _Optional[bool] = ..., external_limit_w: _Optional[float] = ..., clock_control: _Optional[bool] = ..., clock_control_note: _Optional[str] = ..., locked_clock_requested_mhz: _Optional[int] = ..., locked_clock_decided_mhz: _Optional[int] = ..., min_clock_mhz: _Optional[int] = ..., max_clock_mhz: _Optional[int] = ..., clock_external: _Optional[bool] = ...) -> None: ...
 
 class EngineTargets(_message.Message):
     __slots__ = ("tokens_per_s", "ttft_ms", "tpot_ms")
@@ -139,7 +153,7 @@ class BudgetStatus(_message.Message):
     def __init__(self, budget_w: _Optional[float] = ..., effective_budget_w: _Optional[float] = ..., ramp_remaining_s: _Optional[float] = ..., min_budget_w: _Optional[float] = ..., max_budget_w: _Optional[float] = ..., sum_requested_limits_w: _Optional[float] = ..., sum_enforced_limits_w: _Optional[float] = ..., node_power_w: _Optional[float] = ...) -> None: ...
 
 class ControllerStatus(_message.Message):
-    __slots__ = ("mode", "backend", "period_s", "ticks", "decisions_changed", "last_tick_duration_s", "last_reason", "last_tick_started_unix_s")
+    __slots__ = ("mode", "backend", "period_s", "ticks", "decisions_changed", "last_tick_duration_s", "last_reason", "last_tick_started_unix_s", "state_save_error", "state_save_failures")
     MODE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     PERIOD_S_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +162,8 @@ class ControllerStatus(_message.Message):
     LAST_TICK_DURATION_S_FIELD_NUMBER: _ClassVar[int]
     LAST_REASON_FIELD_NUMBER: _ClassVar[int]
     LAST_TICK_STARTED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    STATE_SAVE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    STATE_SAVE_FAILURES_FIELD_NUMBER: _ClassVar[int]
     mode: str
     backend: str
     period_s: float
@@ -156,7 +172,9 @@ class ControllerStatus(_message.Message):
     last_tick_duration_s: float
     last_reason: str
     last_tick_started_unix_s: float
-    def __init__(self, mode: _Optional[str] = ..., backend: _Optional[str] = ..., period_s: _Optional[float] = ..., ticks: _Optional[int] = ..., decisions_changed: _Optional[int] = ..., last_tick_duration_s: _Optional[float] = ..., last_reason: _Optional[str] = ..., last_tick_started_unix_s: _Optional[float] = ...) -> None: ...
+    state_save_error: str
+    state_save_failures: int
+    def __init__(self, mode: _Optional[str] = ..., backend: _Optional[str] = ..., period_s: _Optional[float] = ..., ticks: _Optional[int] = ..., decisions_changed: _Optional[int] = ..., last_tick_duration_s: _Optional[float] = ..., last_reason: _Optional[str] = ..., last_tick_started_unix_s: _Optional[float] = ..., state_save_error: _Optional[str] = ..., state_save_failures: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
     __slots__ = ("timestamp_unix_s", "gpus", "engines", "budget", "controller")

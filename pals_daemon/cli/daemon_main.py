@@ -11,14 +11,24 @@ from collections.abc import Sequence
 
 import uvloop
 
+from pals_daemon import __version__
 from pals_daemon.clock import Clock, MonotonicClock, ScaledClock
-from pals_daemon.config import DaemonConfig, add_config_flags, describe, load_config
-from pals_daemon.errors import ConfigError, PalsError
+from pals_daemon.config import (
+    RESTORE_KEYS,
+    DaemonConfig,
+    add_config_flags,
+    describe,
+    load_config,
+    load_restore_config,
+)
+from pals_daemon.errors import ConfigError, GpuLibraryError, PalsError
 from pals_daemon.gpu.backend import GpuBackend
 from pals_daemon.model.profile import load_profile_tree
 from pals_daemon.restore import restore_originals
 from pals_daemon.server.daemon import default_profiles_dir
+from pals_daemon.server.logsafety import EscapingFormatter, filter_native_stderr
 from pals_daemon.server.runner import Runner
+from pals_daemon.server.signals import ignore_early
 from pals_daemon.state import StateStore
 
 log = logging.getLogger("pals_daemon")
@@ -32,6 +42,8 @@ def setup_logging(level: str) -> None:
         else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(EscapingFormatter(fmt))  # client text never starts a log line of its own
 
 
 def make_clock(cfg: DaemonConfig) -> Clock:
@@ -57,18 +69,40 @@ def profiles_dir(cfg: DaemonConfig) -> str:
 
 async def serve(cfg: DaemonConfig) -> None:
     """Run the daemon until SIGTERM/SIGINT."""
+    ignore_early()  # HUP/USR1/USR2 until the runner takes them over (their default would kill the daemon)
     clock = make_clock(cfg)
-    runner = Runner(cfg, make_backend(cfg, clock), load_profile_tree(profiles_dir(cfg)), clock)
+    backend = make_backend(cfg, clock)
+    directory = profiles_dir(cfg)
+    profiles = load_profile_tree(directory)
+    log.info("%d profile(s) from %s", len(profiles.profiles), directory)
+    runner = Runner(cfg, backend, profiles, clock)
     await runner.start()
     await runner.run()
 
 
-def _config_from(argv: Sequence[str], prog: str, description: str) -> tuple[argparse.Namespace, DaemonConfig]:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+USAGE = "pals-daemon [restore] [options]"
+DESCRIPTION = "\n".join(
+    (
+        "Run the pals-daemon (the default command), or `pals-daemon restore`: put every GPU back to the power limit",
+        "recorded in <state_dir>/state.json (systemd's ExecStopPost; it reads only backend, state_dir and log_level",
+        "from the configuration, so an unrelated mistake there cannot stop the GPUs being restored).",
+        "Settings: defaults, then the TOML file, then PALS_<KEY> variables, then these flags.",
+    )
+)
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of ``pals-daemon`` (``command`` "run") or ``pals-daemon restore``."""
+    parser = argparse.ArgumentParser(
+        prog="pals-daemon" if command == "run" else "pals-daemon restore",
+        usage=USAGE,
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pals-daemon {__version__}")
     parser.add_argument("--print-config", action="store_true", help="print the effective settings and exit")
     add_config_flags(parser)
-    args = parser.parse_args(argv)
-    return args, load_config(vars(args), config_path=args.config)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,23 +111,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "restore" if argv[:1] == ["restore"] else "run"
     if command == "restore":
         argv = argv[1:]
+    args = build_parser(command).parse_args(argv)
+    if command == "restore":
+        cfg, problems = load_restore_config(vars(args), config_path=args.config)
+        if args.print_config:
+            print(json.dumps({k: describe(cfg)[k] for k in RESTORE_KEYS}, indent=2))
+            return 0
+        setup_logging(cfg.log_level)
+        for problem in problems:
+            log.warning("configuration: %s (ignored by restore)", problem)
+        try:
+            return restore(cfg)
+        except (PalsError, OSError) as exc:
+            log.error("%s", _with_hint(cfg, exc))
+            return 1
     try:
-        args, cfg = _config_from(argv, f"pals-daemon {command}".strip(), __doc__)
+        cfg = load_config(vars(args), config_path=args.config)
     except ConfigError as exc:
         print(f"pals-daemon: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
         print(json.dumps(describe(cfg), indent=2))
         return 0
+    if command == "run":
+        filter_native_stderr()  # gRPC core's own log lines quote clients: escape them too
     setup_logging(cfg.log_level)
     try:
-        if command == "restore":
-            return restore(cfg)
         uvloop.run(serve(cfg))
     except (PalsError, OSError) as exc:
-        log.error("%s", exc)
+        log.error("%s", _with_hint(cfg, exc))
         return 1
     return 0
+
+
+def _with_hint(cfg: DaemonConfig, exc: BaseException) -> str:
+    """The error, with what to try when the NVIDIA library is missing (a machine without the driver)."""
+    if cfg.backend == "nvml" and isinstance(exc, GpuLibraryError):
+        return f"{exc} (no NVIDIA driver on this machine? `--backend sim` runs the daemon on simulated GPUs)"
+    return str(exc)
 
 
 def restore(cfg: DaemonConfig) -> int:

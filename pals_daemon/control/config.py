@@ -67,7 +67,7 @@ class ControllerConfig:
     # configured maximum; "cap-only"). None: the controller chooses freely (the daemon's default).
     fixed_cap_w: float | None = None
     fixed_batch: int | None = None
-    # MoE routing skew (DESIGN.md section 3): with a known, skewed per-GPU expert load share, keep the most
+    # MoE routing skew (docs/ARCHITECTURE.md section 4): with a known, skewed per-GPU expert load share, keep the most
     # loaded GPU at the engine's chosen cap and lower the others as far as they can go without becoming the
     # straggler (Controller._per_gpu_limits; only ever lowers). False: every GPU of an engine at one cap.
     routing_aware_caps: bool = True
@@ -101,6 +101,12 @@ class ControllerConfig:
     # The load forecast is the peak of the recent smoothed load over this window (control/slo.py; modelled
     # choice: a minute covers the burst period of the public traces' busy stretches).
     slo_forecast_window_s: float = 60.0
+    # Overload regime: when more than this fraction of the windows with finished requests breached the SLO
+    # percentile (averaged over slo_regime_window_s), the SLO is not being met and the planner holds the top cap
+    # (most goodput; a lower cap would only add misses). Modelled choices: at the 99th percentile a met SLO
+    # breaches in ~1% of windows (0.3% for OLMoE on the Azure code trace), an overloaded engine in 14-33%.
+    slo_infeasible_breach_rate: float = 0.05
+    slo_regime_window_s: float = 300.0
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -142,6 +148,8 @@ class ControllerConfig:
         fraction("slo_margin_gain", hi=10.0)
         fraction("slo_margin_decay", hi=0.5)
         fraction("slo_min_saving", hi=0.5)
+        fraction("slo_infeasible_breach_rate", lo_open=True)
+        positive("slo_regime_window_s")
         if not problems:
             if self.demand_headroom < 1.0:
                 problems.append(f"demand_headroom must be >= 1, got {self.demand_headroom!r}")

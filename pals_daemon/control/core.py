@@ -4,7 +4,7 @@ Pure and deterministic: no I/O, no clock reads. Between calls it keeps only feed
 measured/predicted ratios, an integral term, the configuration chosen last tick), so the same sequence of
 inputs always yields the same sequence of decisions, live or in trace replay.
 
-One tick, per engine with a profile (DESIGN.md section 3):
+One tick, per engine with a profile (docs/ARCHITECTURE.md section 4):
 1. feedback: update the throughput and power ratios from the last window when it is comparable with the
    model (the engine was saturated), and the integral term on the throughput error against the target;
 2. requirement: the throughput target (x (1 + integral)), or the observed demand with headroom when there
@@ -657,7 +657,14 @@ class Controller:
         max_limit_w = max((g.max_limit_w for g in own), default=model.max_cap_w)
         batch = max(1, eng.configured_max_num_seqs)
         pred, power, ok, energy = slo.plan(
-            grid.eff_cap_w, n_gpus, max_limit_w, batch, eng.num_waiting, state.power_ratio, target
+            grid.eff_cap_w,
+            n_gpus,
+            max_limit_w,
+            batch,
+            max(1, eng.configured_max_num_batched_tokens),
+            eng.num_waiting,
+            state.power_ratio,
+            target,
         )
         lam_d, _ = slo.forecast()
         served = np.minimum(lam_d, pred.capacity_tokens_per_s)
@@ -744,7 +751,12 @@ class Controller:
             meets = p.tput[i, j] >= p.required * (1 - slack) and (
                 p.tpot_slo is None or p.tpot[i, j] <= p.tpot_slo * (1 + slack)
             )
-            frac = 1.0 if p.required <= 0 else min(1.0, p.tput[i, j] * (1 + slack) / p.required)
+            if p.slo is not None and p.slo.closeness.size == p.caps_w.size:
+                # Under latency SLOs the budget split weighs how close a cap comes to the SLO, not throughput
+                # (at a binding budget every cap may serve the arrivals; the higher ones keep the tail shorter).
+                frac = min(1.0, float(p.slo.closeness[i]) * (1 + slack))
+            else:
+                frac = 1.0 if p.required <= 0 else min(1.0, p.tput[i, j] * (1 + slack) / p.required)
             effn = min(1.0, p.eff[i, j] * (1 + slack) / eff_max)
             return _W_MEET * meets + _W_FRACTION * frac + effn
 
@@ -767,7 +779,7 @@ class Controller:
         """The engine's per-GPU limits for the chosen cap row (and batch column).
 
         Uniform (``p.limits_w[row]``) unless ``routing_aware_caps`` is set and the engine reports a skewed
-        expert load share over all its GPUs (DESIGN.md section 3, MoE specifics). Then the most loaded GPU keeps
+        expert load share over all its GPUs (docs/ARCHITECTURE.md section 4, MoE skew). Then the most loaded GPU keeps
         its limit and every other controlled GPU gets the lowest limit at which its predicted step time does
         not exceed the straggler's. Modelled: the profile gives throughput vs cap under uniform routing; a GPU
         with share s at cap c takes (1 - phi + phi x s x N) x the uniform step time at c (N GPUs, phi =

@@ -41,8 +41,13 @@ RLS_FORGETTING = 0.98
 # Bounds on the learned corrections: outside them the profile is wrong, not off.
 THETA_D_RANGE = (0.5, 2.0)
 THETA_P_RANGE = (0.05, 20.0)  # x the prior: 0.001 to 0.4 of a decode token
-# Percentile / mean calibration factors: priors and clamp (modelled: per-request TPOT/TTFT spread around the
-# mean; the p99 of a 0.5 s window is close to its worst request).
+# TTFT: percentile / mean calibration factors, priors and clamp (modelled: per-request TTFT spreads around
+# the mean; the p99 of a 0.5 s window is close to its worst request). TPOT's tail is additive instead: a
+# request's TPOT percentile is the mean step time plus k prefill chunks' worth of interference, because the
+# tail comes from steps that carry a large prompt chunk, and only that part slows strongly with the cap (a
+# uniform factor learned at a high cap under-predicts the tail at a low one). k per percentile, learned.
+TPOT_CHUNKS_PRIOR = {90: 0.3, 99: 1.0}
+TPOT_CHUNKS_MAX = 20.0
 CAL_PRIOR = {90: 1.3, 99: 2.0}
 CAL_RANGE = (0.5, 10.0)
 CAL_ALPHA = 0.15
@@ -88,6 +93,7 @@ class Prediction:
     work: FloatArray  # offered work per second of wall time (busy before clipping at 1; > 1: overloaded)
     prefill_share: FloatArray  # fraction of busy time spent in prefill
     overloaded: NDArray[np.bool_]  # arrivals exceed what the cap can serve at the batch limit
+    chunk_s: FloatArray  # time of one full prefill chunk (s)
     tpot_p90_ms: FloatArray
     ttft_p90_ms: FloatArray
     tpot_p99_ms: FloatArray
@@ -112,7 +118,8 @@ class LatencyModel:
         self._tpp0_s = PREFILL_PRIOR_FRACTION / max(top, 1e-9)
         self._top_tput = top
         # Calibration factor per (metric, percentile): measured percentile / predicted mean, EWMA.
-        self.cal: dict[tuple[str, int], float] = {(k, q): CAL_PRIOR[q] for k in ("tpot", "ttft") for q in CAL_PRIOR}
+        self.cal: dict[tuple[str, int], float] = {("ttft", q): CAL_PRIOR[q] for q in CAL_PRIOR}
+        self.tpot_chunks: dict[int, float] = dict(TPOT_CHUNKS_PRIOR)
         # Relative errors of the p90 predictions (EWMA over windows), reported.
         self.tpot_error = math.nan
         self.ttft_error = math.nan
@@ -167,11 +174,17 @@ class LatencyModel:
             if value is None or not math.isfinite(value) or value <= 0:
                 continue
             pred = float(predicted.tail_ms(kind, q)[index])
-            cal = self.cal[(kind, q)]
             if not math.isfinite(pred) or pred <= 0:
                 continue
-            sample = min(max(value / (pred / cal), CAL_RANGE[0]), CAL_RANGE[1])
-            self.cal[(kind, q)] = (1 - CAL_ALPHA) * cal + CAL_ALPHA * sample
+            if kind == "ttft":
+                cal = self.cal[(kind, q)]
+                sample = min(max(value / (pred / cal), CAL_RANGE[0]), CAL_RANGE[1])
+                self.cal[(kind, q)] = (1 - CAL_ALPHA) * cal + CAL_ALPHA * sample
+            else:
+                tau, chunk = float(predicted.step_s[index]), float(predicted.chunk_s[index])
+                if math.isfinite(tau) and chunk > 0:
+                    sample = min(max((value / 1000.0 - tau) / chunk, 0.0), TPOT_CHUNKS_MAX)
+                    self.tpot_chunks[q] = (1 - CAL_ALPHA) * self.tpot_chunks[q] + CAL_ALPHA * sample
             if q != 90:
                 continue
             err = abs(pred - value) / value
@@ -192,6 +205,7 @@ class LatencyModel:
         prompt_tokens: float,
         backlog_prompt_tokens: float,
         backlog_output_tokens: float = 0.0,
+        chunk_tokens: float = 0.0,
     ) -> Prediction:
         """Step time, batch, busy fraction and p90 TPOT/TTFT at each cap for the forecast load."""
         caps = np.asarray(caps_w, dtype=np.float64)
@@ -225,7 +239,8 @@ class LatencyModel:
             queue = queue + np.where(b >= b_lim, backlog_output_tokens / np.maximum(capacity, 1e-9), 0.0)
             ttft_s = tau + own + queue
             ttft_s = np.where(overloaded, np.inf, ttft_s)
-            tpot_s = np.where(overloaded & (b >= b_lim), tau, tau)
+            tpot_s = tau
+            chunk_s = max(chunk_tokens, 0.0) * tpp
         return Prediction(
             caps_w=caps,
             step_s=tau,
@@ -234,9 +249,10 @@ class LatencyModel:
             work=work,
             prefill_share=prefill_share,
             overloaded=overloaded,
-            tpot_p90_ms=1000.0 * tpot_s * self.cal[("tpot", 90)],
+            chunk_s=chunk_s,
+            tpot_p90_ms=1000.0 * (tpot_s + self.tpot_chunks[90] * chunk_s),
             ttft_p90_ms=1000.0 * ttft_s * self.cal[("ttft", 90)],
-            tpot_p99_ms=1000.0 * tpot_s * self.cal[("tpot", 99)],
+            tpot_p99_ms=1000.0 * (tpot_s + self.tpot_chunks[99] * chunk_s),
             ttft_p99_ms=1000.0 * ttft_s * self.cal[("ttft", 99)],
             capacity_tokens_per_s=capacity,
         )

@@ -69,10 +69,14 @@ class SloEngine:
         self.queue_growing = False
         self.idle_w: float | None = None
         self.prediction: Prediction | None = None
+        # Per cap of the last plan: 1 when the SLO is predicted met, else how close (the budget split's score).
+        self.closeness: FloatArray = np.zeros(0)
         # (time s, smoothed decode tokens/s, smoothed prefill tokens/s) over the forecast window.
         self._history: deque[tuple[float, float, float]] = deque()
         self._clock_s = 0.0
         self._last_breach_s = -math.inf
+        # Fraction of the windows with finished requests that breached, averaged over slo_regime_window_s.
+        self.breach_rate = 0.0
 
     # ---- per-window learning ------------------------------------------------------------------------------
     def observe(
@@ -118,6 +122,8 @@ class SloEngine:
         if ratio is None:
             return
         cfg = self.config
+        a = min(1.0, span / cfg.slo_regime_window_s)
+        self.breach_rate = (1 - a) * self.breach_rate + a * (1.0 if ratio > 1.0 else 0.0)
         if ratio > 1.0:
             self.breach = True
             self._last_breach_s = self._clock_s
@@ -138,6 +144,7 @@ class SloEngine:
         n_gpus: int,
         max_limit_w: float,
         batch_limit: int,
+        batched_tokens_limit: int,
         num_waiting: int,
         power_ratio: float,
         target: EngineTargets,
@@ -146,7 +153,15 @@ class SloEngine:
         lam_d, lam_p = self.forecast()
         backlog = num_waiting * self.prompt_tokens
         pred = self.latency.predict(
-            eff_caps_w, lam_d, lam_p, batch_limit, self.prompt_tokens, backlog, num_waiting * self.output_tokens
+            eff_caps_w,
+            lam_d,
+            lam_p,
+            batch_limit,
+            self.prompt_tokens,
+            backlog,
+            num_waiting * self.output_tokens,
+            # A step's prompt chunk: the token budget, or less when prompts are short (modelled: two prompts).
+            chunk_tokens=min(float(batched_tokens_limit), 2.0 * self.prompt_tokens),
         )
         self.prediction = pred
         model = self.latency.model
@@ -161,12 +176,19 @@ class SloEngine:
         # costs its power for longer per token.
         energy = n_gpus * (pred.work * p_busy + np.maximum(0.0, 1 - pred.work) * idle) / max(lam_d, 1e-6)
         m = self.margin
-        ok = ~pred.overloaded
         q = self.config.slo_percentile
-        if target.tpot_ms is not None and target.tpot_ms > 0:
-            ok &= pred.tail_ms("tpot", q) <= target.tpot_ms * (1 - m)
-        if target.ttft_ms is not None and target.ttft_ms > 0:
-            ok &= pred.tail_ms("ttft", q) <= target.ttft_ms * (1 - m)
+        # How close each cap comes to the SLO: 1 when every predicted tail is within SLO x (1 - margin), else
+        # the worst (allowed / predicted) ratio; an overloaded cap scores what it can serve of the arrivals.
+        closeness = np.ones_like(energy)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for kind, slo_ms in (("tpot", target.tpot_ms), ("ttft", target.ttft_ms)):
+                if slo_ms is not None and slo_ms > 0:
+                    ratio = slo_ms * (1 - m) / pred.tail_ms(kind, q)
+                    closeness = np.minimum(closeness, np.nan_to_num(ratio, nan=0.0, posinf=1.0, neginf=0.0))
+            served = np.minimum(1.0, pred.capacity_tokens_per_s / max(lam_d, 1e-9))
+        closeness = np.where(pred.overloaded, np.minimum(closeness, 0.5 * served), closeness)
+        self.closeness = np.clip(closeness, 0.0, 1.0)
+        ok = ~pred.overloaded & (closeness >= 1.0)
         return pred, power, ok, energy
 
     def choose(
@@ -175,7 +197,11 @@ class SloEngine:
         """The row to run next tick (see module docstring)."""
         cfg = self.config
         top = caps_w.size - 1
-        if feasible.any():
+        if self.breach_rate > cfg.slo_infeasible_breach_rate:
+            # The SLO is not being met at the caps tried: serve the most goodput (the top cap), and come back
+            # down only once breaches have become rare again.
+            want, cause = top, "slo-overload"
+        elif feasible.any():
             # The highest feasible cap within slo_min_saving of the least energy: where the cap does not
             # matter (idle, or below where it binds) a higher one costs nothing and absorbs the next burst.
             best = float(np.min(np.where(feasible, energy, np.inf)))

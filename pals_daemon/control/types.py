@@ -24,6 +24,12 @@ class GpuObservation:
     power_capped: bool
     # False once a fatal error stopped the daemon controlling this GPU: its limit is left alone.
     controlled: bool = True
+    # The clock knob: True while the daemon may lock this GPU's SM clock (Decision.gpu_locked_clocks_mhz);
+    # the supported range (0 when unknown) and the ceiling locked now (None: unlocked).
+    clock_control: bool = False
+    min_clock_mhz: int = 0
+    max_clock_mhz: int = 0
+    locked_clock_mhz: int | None = None
 
 
 @dataclass(frozen=True)
@@ -110,3 +116,5 @@ class Decision:
     changed: bool
     # One short line on why (budget cut, target missed, better efficiency, hold).
     reason: str
+    # Per-GPU SM clock ceiling in MHz (the locked-clock actuator); absent or None: leave the clock unlocked.
+    gpu_locked_clocks_mhz: Mapping[int, int | None] = field(default_factory=dict)

@@ -13,6 +13,11 @@ from typing import Protocol
 # NVML clock-event (throttle) reason bit for the software power cap (nvml.h:
 # nvmlClocksEventReasonSwPowerCap = 0x0000000000000004).
 CLOCK_EVENT_SW_POWER_CAP = 0x4
+# NVML clock-event reason bit "clocks are set to application-specific values" (nvml.h:
+# nvmlClocksEventReasonApplicationsClocksSetting = 0x0000000000000002). NVML has no getter for locked clocks;
+# this bit is how a clock setting made by someone else (nvidia-smi -lgc / -ac) shows while it holds the
+# clock down (see pals_daemon/actuators/clock.py).
+CLOCK_EVENT_APPLICATIONS_CLOCKS_SETTING = 0x2
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,34 @@ class GpuReading:
         return bool(self.clock_event_reasons & CLOCK_EVENT_SW_POWER_CAP)
 
 
+@dataclass(frozen=True)
+class ClockInfo:
+    """What a GPU's SM clock can be locked to (MHz), read once at start-up."""
+
+    # Supported graphics clocks at the highest supported memory clock, highest first
+    # (GetSupportedMemoryClocks / GetSupportedGraphicsClocks).
+    supported_sm_clocks_mhz: tuple[int, ...]
+    # The applications clock target and its default (GetClock(GRAPHICS, APP_CLOCK_TARGET / APP_CLOCK_DEFAULT));
+    # None where the driver does not report them.
+    app_clock_mhz: int | None = None
+    default_app_clock_mhz: int | None = None
+
+    @property
+    def min_mhz(self) -> int:
+        """The lowest supported clock."""
+        return min(self.supported_sm_clocks_mhz)
+
+    @property
+    def max_mhz(self) -> int:
+        """The highest supported clock."""
+        return max(self.supported_sm_clocks_mhz)
+
+    def snap_down(self, mhz: int) -> int:
+        """The highest supported clock at or below ``mhz`` (the lowest supported one when ``mhz`` is below all)."""
+        below = [c for c in self.supported_sm_clocks_mhz if c <= mhz]
+        return max(below) if below else self.min_mhz
+
+
 class GpuDevice(Protocol):
     """One GPU. Blocking calls; called from that GPU's serial worker only."""
 
@@ -76,6 +109,18 @@ class GpuDevice(Protocol):
 
     def set_power_limit_mw(self, limit_mw: int) -> int:
         """Request ``limit_mw`` and return the enforced limit read back afterwards."""
+        ...
+
+    def clock_info(self) -> ClockInfo:
+        """Supported SM clocks and application clocks (GpuNotSupportedError where the GPU cannot tell)."""
+        ...
+
+    def set_locked_clocks_mhz(self, min_mhz: int, max_mhz: int) -> int:
+        """Lock the SM clock into [min_mhz, max_mhz] (root); returns the SM clock read back afterwards."""
+        ...
+
+    def reset_locked_clocks(self) -> int:
+        """Undo any locked SM clocks (back to the driver's default); returns the SM clock read back."""
         ...
 
 

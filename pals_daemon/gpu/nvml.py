@@ -1,4 +1,4 @@
-"""The NVML backend: power caps and power/energy readings through nvidia-ml-py (imported as ``pynvml``).
+"""The NVML backend: power caps, locked SM clocks and power/energy readings through nvidia-ml-py (``pynvml``).
 
 Every pynvml call goes through ``_call``, which turns pynvml's errors into the typed errors of
 ``pals_daemon.errors`` through one table (``_ERROR_TABLE``) and tags them with the GPU index: no pynvml
@@ -24,7 +24,7 @@ from pals_daemon.errors import (
     GpuResetRequiredError,
     GpuTransientError,
 )
-from pals_daemon.gpu.backend import GpuDevice, GpuIdentity, GpuReading, PowerConstraints
+from pals_daemon.gpu.backend import ClockInfo, GpuDevice, GpuIdentity, GpuReading, PowerConstraints
 
 # NVML return code -> typed error; the only such table. Values are nvmlReturn_t from nvml.h (pynvml mirrors
 # them as NVML_ERROR_*). A code not listed here (TIMEOUT 10, IN_USE 19, UNKNOWN 999, ...) is worth retrying:
@@ -55,6 +55,17 @@ _CLOCK_REASON_FUNCTIONS = tuple(
     for name in ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons")
     if hasattr(pynvml, name)
 )
+
+
+# Optional getters: a driver without them answers one of these, which means "not reported", not a failure.
+_ABSENT = frozenset({pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND})
+
+
+def _mhz(value: object, what: str, gpu_index: int) -> int:
+    """``value`` as a clock in MHz: a positive int (bool excluded), else GpuInvalidArgumentError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) <= 0:
+        raise GpuInvalidArgumentError(f"{what} must be a positive integer of MHz, got {value!r}", gpu_index)
+    return int(value)
 
 
 def _error(code: int, op: str, gpu_index: int | None) -> GpuError:
@@ -88,6 +99,7 @@ class NvmlDevice:
         self.identity = identity
         self._handle = handle
         self._constraints: PowerConstraints | None = None
+        self._clock_info: ClockInfo | None = None
         self._reason_functions = _CLOCK_REASON_FUNCTIONS
 
     def _call(self, op: str, *args: Any, tolerate: frozenset[int] = frozenset()) -> Any:
@@ -128,6 +140,49 @@ class NvmlDevice:
         self._call("nvmlDeviceSetPowerManagementLimit", limit_mw)
         # Another tool's lower cap wins: report what the driver enforces, not what was asked.
         return int(self._call("nvmlDeviceGetEnforcedPowerLimit"))
+
+    def clock_info(self) -> ClockInfo:
+        """Supported SM clocks at the highest memory clock, and the applications clocks (cached for the setter).
+
+        GpuNotSupportedError where the driver lists no clocks (the GPU then keeps cap-only control).
+        """
+        index = self.identity.index
+        memory_mhz = [int(c) for c in self._call("nvmlDeviceGetSupportedMemoryClocks")]
+        if not memory_mhz:
+            raise GpuNotSupportedError("the driver lists no supported memory clocks", index)
+        graphics_mhz = self._call("nvmlDeviceGetSupportedGraphicsClocks", max(memory_mhz))
+        supported = tuple(sorted({int(c) for c in graphics_mhz if int(c) > 0}, reverse=True))
+        if not supported:
+            raise GpuNotSupportedError("the driver lists no supported graphics clocks", index)
+        app = self._call("nvmlDeviceGetClock", pynvml.NVML_CLOCK_GRAPHICS, pynvml.NVML_CLOCK_ID_APP_CLOCK_TARGET,
+                         tolerate=_ABSENT)
+        default = self._call("nvmlDeviceGetClock", pynvml.NVML_CLOCK_GRAPHICS,
+                             pynvml.NVML_CLOCK_ID_APP_CLOCK_DEFAULT, tolerate=_ABSENT)
+        self._clock_info = ClockInfo(
+            supported_sm_clocks_mhz=supported,
+            app_clock_mhz=None if app is None else int(app),
+            default_app_clock_mhz=None if default is None else int(default),
+        )
+        return self._clock_info
+
+    def set_locked_clocks_mhz(self, min_mhz: int, max_mhz: int) -> int:
+        """nvmlDeviceSetGpuLockedClocks after checking the range against the supported clocks; returns the SM
+        clock read back (the clock in force; NVML offers no getter of the locked range itself)."""
+        index = self.identity.index
+        low, high = _mhz(min_mhz, "min clock", index), _mhz(max_mhz, "max clock", index)
+        info = self._clock_info or self.clock_info()
+        if not info.min_mhz <= low <= high <= info.max_mhz:
+            raise GpuInvalidArgumentError(
+                f"locked clocks [{low}, {high}] MHz not an ordered range within [{info.min_mhz}, {info.max_mhz}] MHz",
+                index,
+            )
+        self._call("nvmlDeviceSetGpuLockedClocks", low, high)
+        return int(self._call("nvmlDeviceGetClockInfo", pynvml.NVML_CLOCK_SM))
+
+    def reset_locked_clocks(self) -> int:
+        """nvmlDeviceResetGpuLockedClocks; returns the SM clock read back."""
+        self._call("nvmlDeviceResetGpuLockedClocks")
+        return int(self._call("nvmlDeviceGetClockInfo", pynvml.NVML_CLOCK_SM))
 
     def _instant_power_mw(self) -> int | None:
         # Unsupported (per field, or the whole call on an old driver) is None, not an error.

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from pals_daemon.errors import GpuError, GpuFatalError, GpuTransientError
-from pals_daemon.gpu.backend import GpuDevice, GpuReading, PowerConstraints
+from pals_daemon.gpu.backend import ClockInfo, GpuDevice, GpuReading, PowerConstraints
 
 T = TypeVar("T")
 
@@ -59,6 +59,18 @@ class GpuWorker:
     async def set_power_limit_mw(self, limit_mw: int) -> int:
         """Set the limit; returns the enforced limit read back."""
         return await self._call(lambda: self.device.set_power_limit_mw(limit_mw))
+
+    async def clock_info(self) -> ClockInfo:
+        """Supported SM clocks and application clocks."""
+        return await self._call(self.device.clock_info)
+
+    async def set_locked_clocks_mhz(self, min_mhz: int, max_mhz: int) -> int:
+        """Lock the SM clock into [min_mhz, max_mhz]; returns the SM clock read back."""
+        return await self._call(lambda: self.device.set_locked_clocks_mhz(min_mhz, max_mhz))
+
+    async def reset_locked_clocks(self) -> int:
+        """Reset locked SM clocks to the driver default; returns the SM clock read back."""
+        return await self._call(self.device.reset_locked_clocks)
 
     def call_blocking(self, fn: Callable[[GpuDevice], T]) -> T:
         """Run ``fn(device)`` on the worker from synchronous code (shutdown paths), waiting for it."""

@@ -1,11 +1,10 @@
 """Replay a scenario in simulated time: the daemon's tick (observe, decide, apply) without sockets or sleeps.
 
-Per control period the clock (a float) moves to the tick time; every SimEngine advances to it; the windows
-and the GPU readings become a ControllerInput exactly as ``server/daemon.py`` builds it (``Daemon.tick``,
-``_gpu_observation``, ``EngineSession.take_observation``); the policy decides; caps go to
-``SimGpu.set_power_limit_mw`` (decreases first, like ``Daemon._apply_limits``) and batch limits to
-``SimEngine.apply_limits`` (the directive the engine would receive). QoS windows are counted by the
-daemon's own ``control.qos.QosWindows``.
+Per control period the clock (a float) moves to the tick time and the simulated node (``replay/node.py``)
+runs the daemon's own tick pipeline (``pals_daemon/tick.py``): its engines advance and report their windows
+into engine sessions, the GPUs are read, the policy decides, the limits are written in the pipeline's order
+and the batch limits reach the engines as directives. This module keeps the figures: energy, tokens, QoS
+windows (the daemon's own ``control.qos.QosWindows``), SLOs, time over budget and the timeline.
 """
 
 from __future__ import annotations
@@ -20,14 +19,14 @@ import numpy as np
 
 from pals_daemon.control.config import ControllerConfig
 from pals_daemon.control.qos import QosWindows
-from pals_daemon.control.types import ControllerInput, EngineObservation, EngineTargets, GpuObservation
+from pals_daemon.control.types import ControllerInput, Decision, EngineTargets
 from pals_daemon.model.profile import ProfileRegistry
+from pals_daemon.replay.node import ReplayNode
 from pals_daemon.replay.policies import POLICIES, Policy, make_policy
 from pals_daemon.replay.scenario import GPUS_PER_SERVER, SERVER_BASE_W_PER_SERVER, SERVER_POWER_SLOPE, Scenario
-from pals_daemon.sim.engine import FinishedRequest, Request, SimEngine, StepWindow
-from pals_daemon.sim.gpu import SimGpu, make_sim_gpus
+from pals_daemon.sim.engine import FinishedRequest, Request
 from pals_daemon.sim.truth import ModelTruth, load_a100_truth
-from pals_daemon.units import mj_to_j, mw_to_w, w_to_mw
+from pals_daemon.units import mw_to_w
 
 # Plots need no more points than this; it bounds memory on week-long replays (modelled choice).
 MAX_TIMELINE_SAMPLES = 20_000
@@ -148,10 +147,6 @@ def _pct(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def _pct(values: Sequence[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
 def _finished_array(finished: Sequence[FinishedRequest]) -> np.ndarray:
     """(finish s, arrival s, TTFT ms, TPOT ms, output tokens) per finished request."""
     rows = [(f.finish_s, f.arrival_s, f.ttft_ms, f.tpot_ms, f.output_tokens) for f in finished]
@@ -162,64 +157,6 @@ def _predicted(decision: object, field_name: str) -> float:
     """A decision's optional latency prediction (ms), NaN where the policy does not expose it."""
     v = getattr(decision, field_name, None)
     return float(v) if v is not None else math.nan
-
-
-def observation(
-    engine: SimEngine, model: str, gpu_indices: tuple[int, ...], w: StepWindow, elapsed_s: float, current_seqs: int
-) -> EngineObservation:
-    """A window as the daemon's EngineSession.take_observation would hand it to the controller."""
-    span_s = w.window_s if w.window_s > 0 else max(elapsed_s, 1e-9)
-    return EngineObservation(
-        engine_id=engine.engine_id,
-        model=model,
-        gpu_indices=gpu_indices,
-        configured_max_num_seqs=engine.configured_max_num_seqs,
-        configured_max_num_batched_tokens=engine.configured_max_num_batched_tokens,
-        window_s=w.window_s,
-        throughput_tokens_per_s=w.decode_tokens / span_s,
-        prefill_tokens=w.prefill_tokens,
-        decode_tokens=w.decode_tokens,
-        num_running=w.num_running,
-        num_waiting=w.num_waiting,
-        kv_cache_usage=w.kv_cache_usage,
-        busy_fraction=min(1.0, w.busy_s / span_s),
-        ttft_p90_ms=_p90([f.ttft_ms for f in w.finished]),
-        tpot_p90_ms=_p90([f.tpot_ms for f in w.finished]),
-        current_max_num_seqs=current_seqs,
-        expert_load_share=_expert_share(gpu_indices, w.expert_tokens_per_gpu),
-        num_steps=w.num_steps,
-        arrived_requests=w.arrived_requests,
-        ttft_p99_ms=_pct([f.ttft_ms for f in w.finished], 99),
-        tpot_p99_ms=_pct([f.tpot_ms for f in w.finished], 99),
-    )
-
-
-def _expert_share(gpu_indices: tuple[int, ...], tokens: tuple[int, ...]) -> dict[int, float]:
-    """Per-GPU share of the window's expert load, as ``EngineSession.take_observation`` computes it."""
-    total = sum(tokens)
-    if not total or len(tokens) != len(gpu_indices):
-        return {}
-    return {g: t / total for g, t in zip(gpu_indices, tokens, strict=True)}
-
-
-def gpu_observation(g: SimGpu, requested_mw: int) -> GpuObservation:
-    """A SimGpu reading as the daemon's ``_gpu_observation`` builds it."""
-    r, c = g.read(), g.constraints()
-    return GpuObservation(
-        index=g.identity.index,
-        uuid=g.identity.uuid,
-        min_limit_w=mw_to_w(c.min_limit_mw),
-        max_limit_w=mw_to_w(c.max_limit_mw),
-        default_limit_w=mw_to_w(c.default_limit_mw),
-        requested_limit_w=mw_to_w(requested_mw),
-        enforced_limit_w=mw_to_w(r.enforced_limit_mw),
-        power_avg_w=mw_to_w(r.power_avg_mw),
-        power_instant_w=None if r.power_instant_mw is None else mw_to_w(r.power_instant_mw),
-        energy_j=mj_to_j(r.energy_mj),
-        sm_clock_mhz=r.sm_clock_mhz,
-        power_capped=r.power_capped,
-        controlled=True,
-    )
 
 
 @dataclass
@@ -262,6 +199,8 @@ def run_policy(
     prepared: Prepared | None = None,
     progress: Callable[[float], None] | None = None,
     config: ControllerConfig | None = None,
+    # Called with every tick's input and decision (the parity test; per-tick analyses).
+    on_tick: Callable[[ControllerInput, Decision], None] | None = None,
 ) -> PolicyRun:
     """Replay ``scenario`` under one policy (a name, a ``static:CAP[:BATCH]`` spec, or a Policy object)."""
     started = time.perf_counter()
@@ -271,29 +210,8 @@ def run_policy(
     def clock() -> float:
         return now[0]
 
-    engines: list[SimEngine] = []
-    engine_gpus: list[list[SimGpu]] = []
-    first = 0
-    for spec in scenario.engines:
-        gpus = make_sim_gpus(spec.gpu_kind, spec.num_gpus, clock, first_index=first)
-        first += spec.num_gpus
-        engines.append(
-            SimEngine(
-                spec.engine_id,
-                prep.truths[spec.engine_id],
-                gpus,
-                prep.requests[spec.engine_id],
-                spec.max_num_seqs,
-                spec.max_num_batched_tokens,
-                expert_load_share=spec.expert_load_share,
-            )
-        )
-        engine_gpus.append(gpus)
-    all_gpus = [g for gs in engine_gpus for g in gs]
-    requested_mw = {g.identity.index: g.read().requested_limit_mw for g in all_gpus}
-    max_mw = {g.identity.index: g.constraints().max_limit_mw for g in all_gpus}
-    min_mw = {g.identity.index: g.constraints().min_limit_mw for g in all_gpus}
-    current_seqs = {e.engine_id: e.configured_max_num_seqs for e in engines}
+    node = ReplayNode(scenario, prep.truths, prep.requests, clock)
+    engines, engine_gpus, sessions = node.engines, node.engine_gpus, node.sessions
     targets: dict[str, EngineTargets] = {s.engine_id: s.targets for s in scenario.engines}
     gpu_idx = {e.engine_id: tuple(g.identity.index for g in gs) for e, gs in zip(engines, engine_gpus, strict=True)}
     policy = (
@@ -319,7 +237,7 @@ def run_policy(
         tl.predicted_tpot_p90_ms[e.engine_id] = []
     period = scenario.period_s
     n_ticks = int(math.ceil(scenario.duration_s / period - 1e-9))
-    n_gpus = len(all_gpus)
+    n_gpus = len(node.gpus)
     # Timeline samples kept: every tick up to MAX_TIMELINE_SAMPLES, decimated beyond (week-long traces).
     stride = max(1, n_ticks // MAX_TIMELINE_SAMPLES)
     over_s = longest_s = run_s = 0.0
@@ -333,35 +251,15 @@ def run_policy(
         now[0] = t
         elapsed = max(t - last_t, 1e-6)
         last_t = t
-        for e in engines:
-            e.advance(t)
-        gpu_obs = tuple(gpu_observation(g, requested_mw[g.identity.index]) for g in all_gpus)
-        obs = []
-        for e, spec in zip(engines, scenario.engines, strict=True):
-            w = e.take_window()
-            obs.append(observation(e, spec.model, gpu_idx[e.engine_id], w, elapsed, current_seqs[e.engine_id]))
         budget_w = scenario.budget.gpu_w(t, n_gpus)
-        inp = ControllerInput(now_s=t, budget_w=budget_w, gpus=gpu_obs, engines=tuple(obs), targets=targets)
+        inp = node.observe(t, elapsed, budget_w, targets)
         decision = policy.decide(inp)
+        if on_tick is not None:
+            on_tick(inp, decision)
         if progress is not None and (k % 200 == 0 or k == n_ticks - 1):
             progress((k + 1) / n_ticks)
-        # Apply: decreases first, then increases (Daemon._apply_limits); the simulated writes are instant.
-        changes = []
-        for g in all_gpus:
-            idx = g.identity.index
-            if idx not in decision.gpu_limits_w:
-                continue
-            mw = min(max(w_to_mw(decision.gpu_limits_w[idx]), min_mw[idx]), max_mw[idx])
-            if mw != requested_mw[idx]:
-                changes.append((mw - requested_mw[idx], g, mw))
-        for _, g, mw in sorted(changes, key=lambda c: c[0]):
-            g.set_power_limit_mw(mw)
-            requested_mw[g.identity.index] = mw
-        for e in engines:
-            d = decision.engines.get(e.engine_id)
-            if d is not None:
-                e.apply_limits(d.max_num_seqs, d.max_num_batched_tokens)
-                current_seqs[e.engine_id] = d.max_num_seqs
+        node.actuate(decision, t)
+        requested_mw = node.requested_mw()
         if base is None and t >= scenario.warmup_s:
             base = [
                 (
@@ -375,10 +273,10 @@ def run_policy(
             t_base = t
         # Accounting (Daemon._account; after the warm-up) and the budget checks (always).
         if base is not None and t > t_base:
-            for o in obs:
+            for o in inp.engines:
                 tgt = targets.get(o.engine_id, EngineTargets()).tokens_per_s
                 qos[o.engine_id].add(o.decode_tokens, o.window_s, scenario.qos_window_s, tgt)
-        power_w = sum(g.power_avg_w for g in gpu_obs)
+        power_w = sum(g.power_avg_w for g in inp.gpus)
         if budget_w is not None:
             excess = sum(mw_to_w(v) for v in requested_mw.values()) - budget_w
             if excess > 1e-6:
@@ -397,9 +295,9 @@ def run_policy(
         tl.budget_w.append(math.nan if budget_w is None else budget_w)
         for idx, mw in requested_mw.items():
             tl.gpu_cap_w.setdefault(idx, []).append(mw_to_w(mw))
-        for e, o in zip(engines, obs, strict=True):
+        for e, session, o in zip(engines, sessions, inp.engines, strict=True):
             tl.cap_w[e.engine_id].append(mw_to_w(requested_mw[gpu_idx[e.engine_id][0]]))
-            tl.batch[e.engine_id].append(current_seqs[e.engine_id])
+            tl.batch[e.engine_id].append(session.current_max_num_seqs)
             tl.tokens_per_s[e.engine_id].append(o.throughput_tokens_per_s)
             d = decision.engines.get(e.engine_id)
             tl.predicted_ttft_p90_ms[e.engine_id].append(_predicted(d, "predicted_ttft_p90_ms"))

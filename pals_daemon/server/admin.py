@@ -7,16 +7,21 @@ authorization (gRPC gives handlers no peer credentials over Unix sockets).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
 from pals_daemon.api import pals_pb2, pals_pb2_grpc
+from pals_daemon.control.types import EngineTargets
 from pals_daemon.errors import InvalidRequestError
 from pals_daemon.server import validate
 from pals_daemon.server.daemon import Daemon
 from pals_daemon.server.profiler import ProfileConflictError, ProfileNotFoundError
 
+log = logging.getLogger(__name__)
+# Trailing-metadata key of a warning attached to a reply that succeeded (palsctl prints it).
+WARNING_METADATA_KEY = "pals-warning"
 # Watch snapshots no faster than this (wall seconds), whatever the client asks.
 MIN_WATCH_INTERVAL_S = 0.05
 
@@ -61,7 +66,15 @@ class PowerAdminServicer(pals_pb2_grpc.PowerAdminServicer):
             self.daemon.set_targets(engine_id, targets)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return self.daemon.engine_status(engine_id)
+        # The snapshot too, so that a GetStatus right after this call (palsctl target get) shows the new targets.
+        self.daemon.status = self.daemon.build_status()
+        reply = self.daemon.engine_status(engine_id)
+        if not reply.connected and targets != EngineTargets():
+            # Accepted (an engine may connect later), but a typo in the id would otherwise go unnoticed.
+            warning = f"engine {engine_id!r} is not connected: the targets are kept and apply when it connects"
+            log.warning("%s", warning)
+            context.set_trailing_metadata(((WARNING_METADATA_KEY, warning),))
+        return reply
 
     async def StartProfile(self, request: pals_pb2.StartProfileRequest, context):  # noqa: N802
         """Start an online profile sweep of an engine (see pals_daemon/server/profiler.py)."""

@@ -1,7 +1,8 @@
 """The daemon: GPUs, engine sessions, the control tick, persisted state, and every exit path restoring limits.
 
 Layering (GEOPM style): the gRPC servicers are thin facades that call the methods here; the decisions come
-from the pure controller core; only the GpuWorkers touch a backend.
+from the pure controller core; only the GpuWorkers touch a backend, and each hardware knob (power limit,
+locked clock) is one actuator (pals_daemon/actuators) that reads, applies, records and restores it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pals_daemon import resources
+from pals_daemon.actuators import LockedClockActuator, all_actuators
 from pals_daemon.api import pals_pb2
 from pals_daemon.clock import Clock
 from pals_daemon.config import DaemonConfig
@@ -23,11 +26,9 @@ from pals_daemon.control.config import ControllerConfig
 from pals_daemon.control.core import Controller
 from pals_daemon.control.qos import QosWindows
 from pals_daemon.control.types import (
-    ControllerInput,
     Decision,
     EngineObservation,
     EngineTargets,
-    GpuObservation,
 )
 from pals_daemon.errors import GpuError, GpuFatalError, InvalidRequestError
 from pals_daemon.gpu.backend import GpuBackend, GpuDevice, GpuIdentity, GpuReading, PowerConstraints
@@ -35,17 +36,16 @@ from pals_daemon.gpu.worker import GpuWorker
 from pals_daemon.model.profile import ProfileRegistry
 from pals_daemon.server import validate
 from pals_daemon.server.engines import EngineRegistry
+from pals_daemon.server.persist import StateWriter
 from pals_daemon.server.profiler import Profiler
-from pals_daemon.state import DaemonState, OriginalLimit, StateStore, current_boot_id, origin_notes
-from pals_daemon.units import mj_to_j, mw_to_w, w_to_mw
+from pals_daemon.state import BudgetRamp, DaemonState, StateStore, current_boot_id
+from pals_daemon.tick import ClockView, engine_directives, observe
+from pals_daemon.units import mj_to_j, mw_to_w
 
 log = logging.getLogger(__name__)
 
 # Ticks over which an engine's tokens/J is measured (10 s at the default 0.5 s period).
 EFFICIENCY_WINDOW_TICKS = 20
-# An enforced limit this far below the daemon's request is someone else's cap, not rounding (chosen value:
-# NVML limits are whole milliwatts; drivers enforce the requested value exactly when nothing else caps).
-DRIFT_TOLERANCE_MW = 1000
 # How long an external cap is kept as the GPU's ceiling without being seen again. The daemon then lets the
 # controller ask above it once: if the cap is still there the enforced limit shows it again (and the
 # ceiling returns), if it was lifted the GPU gets the watts back. Chosen value: rare enough not to fight
@@ -124,6 +124,8 @@ class Daemon:
         self.clock = clock
         self.controller = Controller(profiles, controller_config or config.controller_config())
         self.store = StateStore(config.state_dir)
+        # Budget, targets and restores are saved through this (never raising: applied first, saved after).
+        self.persist = StateWriter(self.store)
         self.state = DaemonState()
         # Stamped on each original-limit record (set in start()).
         self.boot_id: str | None = None
@@ -147,6 +149,9 @@ class Daemon:
         self.on_tick: list[Callable[[Daemon], None]] = []
         # Online profiling jobs: while one runs, its engine's caps and batch come from it, not the controller.
         self.profiler = Profiler(self)
+        # One per hardware knob, in apply order (the power limit, the hard bound, first).
+        self.actuators = all_actuators(clocks_enabled=config.clocks_enabled)
+        self.clocks = next(a for a in self.actuators if isinstance(a, LockedClockActuator))
 
     # ------------------------------------------------------------------ start / stop
 
@@ -200,19 +205,18 @@ class Daemon:
             self.controller.config = dataclasses.replace(self.controller.config, gpu_kind=kind)
         self.boot_id = current_boot_id()
         self.driver_version = self._read_driver_version()
-        if self.enforcing:
-            # Records left by a run that did not stop cleanly: put those GPUs back before control starts.
-            await self._restore_recorded_limits()
-            for g in (g for g in self.gpus if g.has_reading):
-                # First one wins: a record left by a crashed run keeps the limit found before that run.
-                self.state = self.state.with_original(g.identity.uuid, self._original_of(g))
-        elif self.state.original_limits:
-            log.warning(
-                "advise mode: %d GPU(s) still have limits recorded by an earlier enforcing run; "
-                "run 'pals-daemon restore' to put them back",
-                len(self.state.original_limits),
-            )
+        for actuator in self.actuators:
+            # Each undoes what a crashed run left (enforce mode) and records originals before any write.
+            await actuator.start(self)
         budget = self.state.budget_w if self.state.budget_w is not None else self.config.budget_w
+        if self.state.budget_w is not None:
+            overrides = self.config.budget_w is not None and self.config.budget_w != self.state.budget_w
+            (log.warning if overrides else log.info)(
+                "budget %g W from %s%s (`palsctl budget set` changes it)",
+                self.state.budget_w,
+                self.store.path,
+                f" overrides budget_w {self.config.budget_w:g} W of the configuration" if overrides else "",
+            )
         if budget is not None and budget < self.min_budget_w():
             log.error(
                 "saved budget %.0f W is below the node minimum %.0f W; using the minimum",
@@ -220,11 +224,42 @@ class Daemon:
                 self.min_budget_w(),
             )
             budget = self.min_budget_w()
-        self.budget = BudgetSchedule(target_w=budget)
-        self.state = self.state.with_budget(budget)
+        self.budget = self._resumed_schedule(budget)
+        self.state = self.state.with_budget(budget, self._ramp_record())
         self.store.save(self.state)
         self.last_tick_s = self.clock.now()
         self.status = self.build_status()
+
+    def _resumed_schedule(self, budget_w: float | None) -> BudgetSchedule:
+        """The budget schedule at start: a saved ramp towards ``budget_w`` resumes where it is now (wall time)."""
+        ramp = self.state.budget_ramp
+        if budget_w is None or ramp is None or budget_w != self.state.budget_w:
+            return BudgetSchedule(target_w=budget_w)
+        # Ramps run on the daemon's clock (scaled for the simulated node); the record is in wall seconds.
+        elapsed_s = (time.time() - ramp.start_unix_s) * _clock_speed(self.clock)
+        if not 0.0 <= elapsed_s < ramp.ramp_s:
+            # Over, or the wall clock went back: the lower end is in force (never more watts than asked).
+            if elapsed_s < 0.0 and ramp.start_w < budget_w:
+                elapsed_s = 0.0
+            else:
+                return BudgetSchedule(target_w=budget_w)
+        log.info(
+            "resuming the budget ramp from %.0f W to %.0f W: %.0f s of %.0f s left",
+            ramp.start_w,
+            budget_w,
+            ramp.ramp_s - elapsed_s,
+            ramp.ramp_s,
+        )
+        return BudgetSchedule(budget_w, ramp.start_w, self.clock.now() - elapsed_s, ramp.ramp_s)
+
+    def _ramp_record(self) -> BudgetRamp | None:
+        """The budget ramp in progress, as saved (None when the budget is in force)."""
+        now = self.clock.now()
+        b = self.budget
+        if b.target_w is None or b.start_w is None or b.ramp_remaining_s(now) <= 0:
+            return None
+        # Wall time of the ramp's start: the monotonic clock does not survive a restart.
+        return BudgetRamp(b.start_w, time.time() - (now - b.start_s) / _clock_speed(self.clock), b.ramp_s)
 
     def _read_driver_version(self) -> str | None:
         """The driver version for new records; None (unknown) when the backend cannot say."""
@@ -234,81 +269,18 @@ class Daemon:
             log.warning("cannot read the driver version (records will say 'unknown'): %s", exc)
             return None
 
-    def _original_of(self, g: GpuSlot) -> OriginalLimit:
-        """A record of ``g``'s limit now, as its original (call before the daemon's first write to it)."""
-        return OriginalLimit(g.identity.index, g.requested_limit_mw, self.boot_id, self.driver_version)
-
-    async def _restore_recorded_limits(self) -> None:
-        """Start-up: write each managed GPU back to a recorded original left by an earlier run; keep the records.
-
-        A record is applied only to the GPU with its UUID (from an earlier boot too: the same board); one whose
-        GPU is not managed here is kept for 'pals-daemon restore' and never applied to another GPU. The records
-        stay: this run writes again, and they hold the limits found before any run touched the GPUs.
-        """
-        by_uuid = {g.identity.uuid: g for g in self.gpus}
-        for uuid, original in sorted(self.state.original_limits.items(), key=lambda kv: kv[1].gpu_index):
-            g = by_uuid.get(uuid)
-            if g is None:
-                log.warning(
-                    "original limit %d mW recorded for GPU %s (index %d then) by an earlier run: no such GPU is "
-                    "managed here; record kept, not applied to any other GPU",
-                    original.limit_mw,
-                    uuid,
-                    original.gpu_index,
-                )
-                continue
-            notes = origin_notes(original, self.boot_id, self.driver_version)
-            if notes:
-                log.warning("GPU %d (%s): record %s; applied by UUID", g.identity.index, uuid, "; ".join(notes))
-            if g.requested_limit_mw == original.limit_mw and g.reading.enforced_limit_mw == original.limit_mw:
-                continue
-            found_mw = g.requested_limit_mw
-            try:
-                enforced = await g.worker.set_power_limit_mw(original.limit_mw)
-            except GpuError as exc:
-                log.error(
-                    "GPU %d: cannot restore its original limit %d mW left by an earlier run (record kept): %s",
-                    g.identity.index,
-                    original.limit_mw,
-                    exc,
-                )
-                continue
-            g.requested_limit_mw = original.limit_mw
-            g.reading = _with_enforced(g.reading, enforced, original.limit_mw)
-            log.warning(
-                "GPU %d: found at %d mW after an earlier run did not stop cleanly; restored to its original %d mW "
-                "(enforced %d mW) before control starts",
-                g.identity.index,
-                found_mw,
-                original.limit_mw,
-                enforced,
-            )
-
     async def restore_all(self) -> list[str]:
-        """Put every GPU back to its recorded original limit; returns the problems (empty when all restored)."""
+        """Put every GPU back to its recorded originals, knob by knob; returns the problems (empty when all done)."""
         problems = []
-        managed = {g.identity.uuid for g in self.gpus}
-        for uuid in sorted(set(self.state.original_limits) - managed):
-            log.warning("original limit of GPU %s is not restored by this daemon (not managed here); kept", uuid)
-        for g in self.gpus:
-            original = self.state.original_limits.get(g.identity.uuid)
-            if original is None:
-                continue
-            try:
-                if g.requested_limit_mw != original.limit_mw or g.reading.enforced_limit_mw != original.limit_mw:
-                    await g.worker.set_power_limit_mw(original.limit_mw)
-                g.requested_limit_mw = original.limit_mw
-                self.state = self.state.without_original(g.identity.uuid)
-            except GpuError as exc:
-                problems.append(str(exc))
-                log.error(
-                    "could not restore GPU %d to %d mW (record kept for 'pals-daemon restore'): %s",
-                    g.identity.index,
-                    original.limit_mw,
-                    exc,
-                )
-        self.store.save(self.state)
+        for actuator in self.actuators:
+            problems += await actuator.restore_all(self)
+        # A failed save leaves records of restored GPUs on disk: harmless, restoring them again is a no-op.
+        self.persist.save(self.state)
         return problems
+
+    def gpu_failed(self, g: GpuSlot, exc: BaseException) -> None:
+        """An actuator's call on ``g`` failed (see _gpu_failed)."""
+        self._gpu_failed(g, exc)
 
     async def close(self) -> None:
         """Restore limits (enforce mode), stop the GPU workers and close the backend."""
@@ -351,25 +323,29 @@ class Daemon:
     async def tick(self) -> Decision:
         """One control period: observe, decide, apply (enforce mode), publish."""
         async with self._tick_lock:
+            self.persist.retry(self.state)
             started = time.perf_counter()
             self.last_tick_started_unix_s = time.time()
             now = self.clock.now()
             elapsed = max(now - self.last_tick_s, 1e-6)
             self.last_tick_s = now
             await self._read_gpus(now)
-            observations = self._observe_engines(elapsed)
-            inp = ControllerInput(
-                now_s=now,
-                budget_w=self.budget.effective_w(now),
-                gpus=tuple(self._gpu_observation(g, now) for g in self.gpus),
-                engines=observations,
-                targets=dict(self.state.targets),
+            inp = observe(
+                now,
+                elapsed,
+                self.budget.effective_w(now),
+                self.gpus,
+                self.engines.sessions(),
+                self.state.targets,
+                self._clock_view,
             )
+            observations = inp.engines
             decision = self.profiler.override(self.controller.step(self.profiler.controller_input(inp)), inp)
-            for g in self.gpus:
-                g.decided_limit_w = decision.gpu_limits_w.get(g.identity.index, mw_to_w(g.requested_limit_mw))
+            for actuator in self.actuators:
+                actuator.decide(self, decision)
             if self.enforcing:
-                await self._apply_limits(decision, now)
+                for actuator in self.actuators:
+                    await actuator.apply(self, decision, now)
                 self._send_directives(decision)
             self._account(observations, decision)
             self.profiler.after_tick(now, observations)
@@ -394,7 +370,8 @@ class Daemon:
                 g.reading = result
                 g.has_reading = True
                 if g.controlled:
-                    self._check_drift(g, now_s)
+                    for actuator in self.actuators:
+                        actuator.observe(self, g, now_s)
             else:
                 g.tick_energy_j = 0.0
                 self._gpu_failed(g, result)
@@ -417,179 +394,22 @@ class Daemon:
         else:
             log.debug("GPU %d (not controlled): %s", g.identity.index, exc)
 
-    def _check_drift(self, g: GpuSlot, now_s: float) -> None:
-        """Notice a limit someone else set, from the latest reading; log once per new value.
-
-        Two cases. Someone wrote the management limit itself (the value read back is not the daemon's): the
-        daemon owns that setting while it runs, as the budget is a hard limit, so _apply_limits writes its
-        own value back. The enforced limit is below the daemon's request (another tool's or an out-of-band
-        cap): the daemon does not fight it; the GPU's ceiling becomes that cap, so the controller gives the
-        watts it cannot draw to the other GPUs, and the request stays under the cap, so lifting the cap
-        cannot push the node over budget.
-        """
-        r, index = g.reading, g.identity.index
-        if not self.enforcing:
-            g.requested_limit_mw = r.requested_limit_mw  # advise mode writes nothing: the driver's value stands
-        if r.requested_limit_mw != g.requested_limit_mw:
-            if g.foreign_limit_mw != r.requested_limit_mw:
-                log.warning(
-                    "GPU %d: power limit changed to %d mW by someone else (the daemon set %d mW); setting it back",
-                    index,
-                    r.requested_limit_mw,
-                    g.requested_limit_mw,
-                )
-                g.foreign_limit_mw = r.requested_limit_mw
-            return
-        g.foreign_limit_mw = None
-        if r.enforced_limit_mw < g.requested_limit_mw - DRIFT_TOLERANCE_MW:
-            if g.external_cap_mw != r.enforced_limit_mw:
-                log.warning(
-                    "GPU %d: enforced limit %d mW is below the requested %d mW: capped by someone else; "
-                    "the daemon keeps this GPU at or under that cap and budgets it there",
-                    index,
-                    r.enforced_limit_mw,
-                    g.requested_limit_mw,
-                )
-            g.external_cap_mw = r.enforced_limit_mw
-            g.external_cap_seen_s = now_s
-        elif g.external_cap_mw is not None and g.requested_limit_mw > g.external_cap_mw + DRIFT_TOLERANCE_MW:
-            log.info(
-                "GPU %d: the external cap of %d mW is gone (enforced %d mW follows the request again)",
-                index,
-                g.external_cap_mw,
-                r.enforced_limit_mw,
-            )
-            g.external_cap_mw = None
-
-    def _gpu_observation(self, g: GpuSlot, now_s: float) -> GpuObservation:
-        r, c = g.reading, g.constraints
-        return GpuObservation(
-            index=g.identity.index,
-            uuid=g.identity.uuid,
-            min_limit_w=mw_to_w(c.min_limit_mw),
-            # A GPU capped by someone else cannot use more: the controller gives those watts to the others.
-            max_limit_w=mw_to_w(g.ceiling_mw(now_s)),
-            default_limit_w=mw_to_w(c.default_limit_mw),
-            requested_limit_w=mw_to_w(g.requested_limit_mw),
-            # The controller counts uncontrolled GPUs at this value.
-            enforced_limit_w=mw_to_w(r.enforced_limit_mw if g.controlled else g.accounted_limit_mw()),
-            power_avg_w=mw_to_w(r.power_avg_mw),
-            power_instant_w=None if r.power_instant_mw is None else mw_to_w(r.power_instant_mw),
-            energy_j=mj_to_j(r.energy_mj),
-            sm_clock_mhz=r.sm_clock_mhz,
-            power_capped=r.power_capped,
-            controlled=g.controlled,
+    def _clock_view(self, g: GpuSlot) -> ClockView:
+        """The clock knob of ``g`` as the controller sees it (off while the actuator may not lock it)."""
+        clock = self.clocks.of(g.identity.index)
+        return ClockView(
+            controllable=clock.controllable and g.controlled,
+            min_mhz=clock.info.min_mhz if clock.info else 0,
+            max_mhz=clock.info.max_mhz if clock.info else 0,
+            locked_mhz=clock.requested_max_mhz,
         )
 
-    def _observe_engines(self, elapsed_s: float) -> tuple[EngineObservation, ...]:
-        known = {g.identity.index for g in self.gpus}
-        out = []
-        for session in self.engines.sessions():
-            obs = session.take_observation(elapsed_s)
-            # Telemetry about GPUs this daemon does not manage cannot steer their limits.
-            if set(obs.gpu_indices) <= known:
-                out.append(obs)
-        return tuple(out)
-
-    async def _apply_limits(self, decision: Decision, now_s: float) -> None:
-        """Set the decided limits: every decrease first, then the increases, so the sum stays in budget.
-
-        An enforced limit below the request (someone else's cap) is no reason to write: only a new decision
-        or a management limit overwritten by someone else is.
-        """
-        changes = []
-        for g in self.gpus:
-            if not g.controlled or g.identity.index not in decision.gpu_limits_w:
-                continue
-            target_mw = w_to_mw(decision.gpu_limits_w[g.identity.index])
-            target_mw = min(max(target_mw, g.constraints.min_limit_mw), g.ceiling_mw(now_s))
-            if target_mw != g.requested_limit_mw or g.reading.requested_limit_mw != g.requested_limit_mw:
-                changes.append((g, target_mw))
-        if not changes:
-            return
-        if any(g.identity.uuid not in self.state.original_limits for g, _ in changes):
-            # Never write a GPU whose original limit is not on disk.
-            for g, _ in changes:
-                self.state = self.state.with_original(g.identity.uuid, self._original_of(g))
-            self.store.save(self.state)
-        decreases = [
-            (g, mw)
-            for g, mw in changes
-            if mw < max(g.requested_limit_mw, g.reading.requested_limit_mw, g.reading.enforced_limit_mw)
-        ]
-        increases = [(g, mw) for g, mw in changes if (g, mw) not in decreases]
-        for batch in (decreases, increases):
-            results = await asyncio.gather(
-                *(g.worker.set_power_limit_mw(mw) for g, mw in batch), return_exceptions=True
-            )
-            failed = False
-            for (g, mw), result in zip(batch, results, strict=True):
-                if isinstance(result, BaseException):
-                    self._gpu_failed(g, result)
-                    failed = True
-                    continue
-                g.requested_limit_mw = mw
-                g.reading = _with_enforced(g.reading, int(result), mw)
-                self._check_drift(g, now_s)
-            if failed and batch is decreases:
-                # The increases were sized on these decreases: skip them, and lower the others now if the
-                # GPU that refused leaves the node over budget (the next tick re-plans around it).
-                if increases:
-                    log.warning("a decrease failed: %d increase(s) deferred to the next tick", len(increases))
-                await self._repair_budget(now_s)
-                return
-
-    async def _repair_budget(self, now_s: float) -> None:
-        """Lower controlled GPUs (largest headroom first) until the limits in force fit the budget again."""
-        budget_w = self.budget.effective_w(now_s)
-        if budget_w is None:
-            return
-        excess_mw = sum(g.requested_limit_mw if g.controlled else g.accounted_limit_mw() for g in self.gpus)
-        excess_mw -= w_to_mw(budget_w)
-        cuts = []
-        for g in sorted(
-            (g for g in self.gpus if g.controlled),
-            key=lambda g: g.requested_limit_mw - g.constraints.min_limit_mw,
-            reverse=True,
-        ):
-            if excess_mw <= 0:
-                break
-            new_mw = max(g.constraints.min_limit_mw, g.requested_limit_mw - excess_mw)
-            if new_mw < g.requested_limit_mw:
-                cuts.append((g, new_mw))
-                excess_mw -= g.requested_limit_mw - new_mw
-        if not cuts:
-            return
-        log.warning("budget repair after a failed decrease: lowering %d GPU(s)", len(cuts))
-        results = await asyncio.gather(*(g.worker.set_power_limit_mw(mw) for g, mw in cuts), return_exceptions=True)
-        for (g, mw), result in zip(cuts, results, strict=True):
-            if isinstance(result, BaseException):
-                self._gpu_failed(g, result)
-                continue
-            g.requested_limit_mw = mw
-            g.decided_limit_w = mw_to_w(mw)
-            g.reading = _with_enforced(g.reading, int(result), mw)
-            self._check_drift(g, now_s)
-
     def _send_directives(self, decision: Decision) -> None:
-        # Relative, in the daemon's clock: the simulated engines run on the same (scaled) clock.
-        ttl_ms = int(self.config.directive_ttl_s * 1000)
-        for session in self.engines.sessions():
-            d = decision.engines.get(session.registration.engine_id)
-            if d is None:
-                continue
-            session.current_max_num_seqs = d.max_num_seqs
-            session.current_max_num_batched_tokens = d.max_num_batched_tokens
-            msg = pals_pb2.DaemonMessage(
-                directive=pals_pb2.Directive(
-                    sequence=self.ticks,
-                    max_num_seqs=d.max_num_seqs,
-                    max_num_batched_tokens=d.max_num_batched_tokens,
-                    ttl_ms=max(1, ttl_ms),
-                )
-            )
+        for session, directive in engine_directives(
+            decision, self.engines.sessions(), self.ticks, self.config.directive_ttl_s
+        ):
             try:
-                session.outbox.put_nowait(msg)
+                session.outbox.put_nowait(pals_pb2.DaemonMessage(directive=directive))
             except asyncio.QueueFull:
                 log.warning("engine %s is not reading its directives", session.registration.engine_id)
 
@@ -628,10 +448,11 @@ class Daemon:
                     f"budget {budget_w:g} W is below the sum of the GPUs' minimum limits ({self.min_budget_w():g} W)"
                 )
         async with self._tick_lock:
-            new_state = self.state.with_budget(budget_w)
-            self.store.save(new_state)  # persisted before it takes effect: a crash cannot lose it
-            self.state = new_state
+            # Applied first, saved after: a budget cut takes effect even when the state disk is full or
+            # read-only (the failure is reported and the save retried every tick: server/persist.py).
             self.budget = self.budget.retarget(budget_w, ramp_s, self.clock.now(), self.max_budget_w())
+            self.state = self.state.with_budget(budget_w, self._ramp_record())
+            self.persist.save(self.state)
         log.info("budget set to %s (ramp %g s)", "none" if budget_w is None else f"{budget_w:g} W", ramp_s)
         # Applied now, not at the next period: a lowered budget is a hard limit.
         await self.tick()
@@ -649,9 +470,8 @@ class Daemon:
                 f"targets are kept for at most {validate.MAX_TARGET_ENGINES} engines; clear an unused engine's "
                 "targets (set them with no target) first"
             )
-        new_state = self.state.with_targets(engine_id, targets)
-        self.store.save(new_state)
-        self.state = new_state
+        self.state = self.state.with_targets(engine_id, targets)
+        self.persist.save(self.state)
         self._wake.set()
 
     async def wait_status(self, timeout_s: float) -> pals_pb2.NodeStatus:
@@ -768,6 +588,7 @@ class Daemon:
             )
             if g.external_cap_mw is not None:
                 gs.external_limit_w = mw_to_w(g.external_cap_mw)
+            self._clock_status(g, gs)
             if r.power_instant_mw is not None:
                 gs.power_instant_w = mw_to_w(r.power_instant_mw)
             status.gpus.append(gs)
@@ -785,9 +606,29 @@ class Daemon:
                 last_tick_duration_s=self.last_tick_duration_s,
                 last_reason=self.last_decision.reason if self.last_decision else "",
                 last_tick_started_unix_s=self.last_tick_started_unix_s,
+                state_save_error=self.persist.error,
+                state_save_failures=self.persist.failures,
             )
         )
         return status
+
+    def _clock_status(self, g: GpuSlot, gs: pals_pb2.GpuStatus) -> None:
+        """The clock knob's part of a GPU's status."""
+        st = self.clocks.of(g.identity.index)
+        gs.clock_control = st.controllable and g.controlled
+        gs.clock_control_note = st.note
+        gs.clock_external = st.external
+        if st.info is not None:
+            gs.min_clock_mhz, gs.max_clock_mhz = st.info.min_mhz, st.info.max_mhz
+        if st.requested_max_mhz is not None:
+            gs.locked_clock_requested_mhz = st.requested_max_mhz
+        if st.decided_max_mhz is not None:
+            gs.locked_clock_decided_mhz = st.decided_max_mhz
+
+
+def _clock_speed(clock: Clock) -> float:
+    """Daemon seconds per wall second (1 but for the simulated node's scaled clock)."""
+    return float(getattr(clock, "speed", 1.0))
 
 
 def _targets_proto(t: EngineTargets) -> pals_pb2.EngineTargets:
@@ -813,19 +654,6 @@ def _failed_slot(
     return GpuSlot(worker, identity, constraints, reading, 0, controlled=False, fault=str(exc), has_reading=False)
 
 
-def _with_enforced(reading: GpuReading, enforced_mw: int, requested_mw: int) -> GpuReading:
-    return GpuReading(
-        power_avg_mw=reading.power_avg_mw,
-        power_instant_mw=reading.power_instant_mw,
-        energy_mj=reading.energy_mj,
-        enforced_limit_mw=enforced_mw,
-        requested_limit_mw=requested_mw,
-        sm_clock_mhz=reading.sm_clock_mhz,
-        clock_event_reasons=reading.clock_event_reasons,
-    )
-
-
 def default_profiles_dir() -> pathlib.Path:
-    """profiles/ of a source checkout (editable install), else the system location."""
-    checkout = pathlib.Path(__file__).resolve().parents[2] / "profiles"
-    return checkout if checkout.is_dir() else pathlib.Path("/usr/share/pals/profiles")
+    """The profiles shipped with the package (pals_daemon/resources.py)."""
+    return resources.profiles_dir()

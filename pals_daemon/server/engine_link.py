@@ -1,13 +1,16 @@
 """EngineLink servicer: a thin adapter from the bidirectional stream to the engine registry.
 
 One stream is one engine session. The first message must be a Register; the session ends when the
-stream ends or is cancelled (DESIGN.md section 4 allows about 50 ms; a SIGKILLed client is noticed in
+stream ends or is cancelled (docs/ARCHITECTURE.md section 5; a SIGKILLed client is noticed in
 3-6 ms, tests/server/test_sessions.py), the daemon is woken to run a tick at once so the engine's GPUs get their idle
 allocation, and the engine falls back to its own limits when its last directive expires.
 
 Bad input ends the session with INVALID_ARGUMENT naming the field; a flood of reports (see
 engines.ReportRateLimit) ends it with RESOURCE_EXHAUSTED. Ending rather than dropping the excess: a client
 that floods is broken, the error tells its operator so, and the client library reconnects with backoff.
+A stream that does not register (or report) in time, or goes silent, ends with DEADLINE_EXCEEDED; expert-load
+streams are capped per socket and per GPU; every message waits for the socket's report budget of the tick
+before it is read (server/limits.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import NoReturn, TypeVar
 
 import grpc
 
@@ -29,8 +33,11 @@ from pals_daemon.server.engines import (
     ReportRateLimit,
     expert_load_tokens,
 )
+from pals_daemon.server.limits import EngineLimits, ReportByteBudget
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T", pals_pb2.EngineMessage, pals_pb2.ExpertLoadReport)
 
 # Resolves (uuids, indices) from a Register into GPU indices, raising InvalidRequestError.
 GpuResolver = Callable[[Sequence[str], Sequence[int]], tuple[int, ...]]
@@ -70,7 +77,12 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
         report_interval_s: float,
         on_change: Callable[[], None] = lambda: None,
         now: Callable[[], float] = time.monotonic,
+        limits: EngineLimits | None = None,
+        budget: ReportByteBudget | None = None,
     ) -> None:
+        self.limits = limits or EngineLimits()
+        # Unbounded when none is given (unit tests of the servicer alone); the Runner always gives one.
+        self.budget = budget or ReportByteBudget(float("inf"))
         self.registry = registry
         self.resolve_gpus = resolve_gpus
         self.report_interval_s = report_interval_s
@@ -78,19 +90,33 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
         self.now = now
         # Sessions ended for flooding, since start (for tests and logs).
         self.floods = 0
+        # Streams ended for not registering / staying silent, and ended with any error, since start.
+        self.timeouts = 0
+        self.aborts = 0
+        # Open ReportExpertLoad streams: all, and per GPU they named.
+        self.expert_streams = 0
+        self.expert_streams_by_gpu: dict[int, int] = {}
 
     async def Connect(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pals_pb2.EngineMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pals_pb2.DaemonMessage]:
         """Run one engine session."""
-        first = await anext_or_none(request_iterator)
+        try:
+            first = await self._next(request_iterator, self.limits.first_message_timeout_s)
+        except asyncio.TimeoutError:
+            self.timeouts += 1
+            await self._abort(
+                context,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no Register within {self.limits.first_message_timeout_s:g} s of opening the stream",
+            )
         if first is None or first.WhichOneof("body") != "register":
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message must be a Register")
+            await self._abort(context, grpc.StatusCode.FAILED_PRECONDITION, "the first message must be a Register")
         try:
             registration = parse_registration(first.register, self.resolve_gpus)
             session = self.registry.register(registration)
         except InvalidRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         log.info(
             "engine %s connected (%s on GPUs %s)",
             registration.engine_id,
@@ -113,7 +139,7 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
                 yield getter.result()
             error = reader.result()
             if error is not None:
-                await context.abort(*error)
+                await self._abort(context, *error)
         finally:
             # Both, also when the handler itself is cancelled (client gone, server stopping) mid-wait.
             reader.cancel()
@@ -129,7 +155,16 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
         """Fold incoming reports into the session; returns (code, text) for a bad message or a flood, None at end."""
         reg = session.registration
         limit = ReportRateLimit.for_engine(len(reg.gpu_indices), self.report_interval_s, self.now())
-        async for msg in request_iterator:
+        while True:
+            try:
+                msg = await self._next(request_iterator, self.limits.silence_timeout_s)
+            except asyncio.TimeoutError:
+                self.timeouts += 1
+                silence_s = self.limits.silence_timeout_s
+                log.warning("engine %s sent nothing for %g s; ending its session", reg.engine_id, silence_s)
+                return grpc.StatusCode.DEADLINE_EXCEEDED, f"no report for {silence_s:g} s; session ended"
+            if msg is None:
+                return None
             if not limit.allow(self.now()):
                 self.floods += 1
                 log.warning(
@@ -151,39 +186,101 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
                     return grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind or 'empty'} message after registration"
             except InvalidRequestError as exc:
                 return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        return None
+
+    async def _abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+        """End the stream with ``code`` (counted: each leaves garbage cycles for the heap trimmer to collect)."""
+        self.aborts += 1
+        await context.abort(code, details)
+        raise AssertionError("unreachable: context.abort raises")
+
+    async def _next(self, iterator: AsyncIterator[T], timeout_s: float) -> T | None:
+        """The next message (None at the end of the stream), read once the socket's report budget for this
+        tick is not spent; asyncio.TimeoutError when none comes within ``timeout_s`` of asking for it."""
+        await self.budget.wait()
+        msg = await asyncio.wait_for(anext_or_none(iterator), timeout_s)
+        if msg is not None:
+            self.budget.charge(msg.ByteSize())
+        return msg
 
     async def ReportExpertLoad(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pals_pb2.ExpertLoadReport], context: grpc.aio.ServicerContext
     ) -> pals_pb2.ExpertLoadAck:
         """Fold a GPU worker's expert-load reports into the session of the engine running on that GPU.
 
+        Bounded: open streams per socket and per GPU named (RESOURCE_EXHAUSTED over either), the first report
+        within the first-message timeout and each next within the silence timeout (DEADLINE_EXCEEDED).
+
         The worker starts before its engine's scheduler registers (and outlives a reconnect), so a report
         for a GPU no connected engine runs on is counted and dropped, not refused. A report naming a GPU
         this daemon does not manage, or carrying bad numbers, ends the stream with INVALID_ARGUMENT.
         """
         ack = pals_pb2.ExpertLoadAck()
+        if self.expert_streams >= self.limits.max_expert_streams:
+            await self._abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"at most {self.limits.max_expert_streams} expert-load streams may be open on this socket",
+            )
+        self.expert_streams += 1
+        named: set[int] = set()
+        try:
+            await self._fold_expert_loads(request_iterator, context, ack, named)
+        finally:
+            self.expert_streams -= 1
+            for gpu in named:
+                self.expert_streams_by_gpu[gpu] -= 1
+        return ack
+
+    async def _fold_expert_loads(
+        self,
+        request_iterator: AsyncIterator[pals_pb2.ExpertLoadReport],
+        context: grpc.aio.ServicerContext,
+        ack: pals_pb2.ExpertLoadAck,
+        named: set[int],
+    ) -> None:
         # One GPU's worker: the same flood bound as a one-GPU engine's session.
         limit = ReportRateLimit.for_engine(1, self.report_interval_s, self.now())
-        async for report in request_iterator:
+        timeout_s = self.limits.first_message_timeout_s
+        while True:
+            try:
+                report = await self._next(request_iterator, timeout_s)
+            except asyncio.TimeoutError:
+                self.timeouts += 1
+                await self._abort(
+                    context, grpc.StatusCode.DEADLINE_EXCEEDED, f"no report for {timeout_s:g} s; stream ended"
+                )
+            if report is None:
+                return
+            timeout_s = self.limits.silence_timeout_s
             if not limit.allow(self.now()):
                 self.floods += 1
                 log.warning("an expert-load stream flooded (over %.0f messages/s); ending it", limit.rate_hz)
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"more than {limit.rate_hz:.0f} messages/s; stream ended"
+                await self._abort(
+                    context,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"more than {limit.rate_hz:.0f} messages/s; stream ended",
                 )
             try:
                 tokens = expert_load_tokens(report)  # a bad report is refused even when no engine would take it
                 gpu = self._report_gpu(report)
-                session = self.registry.engine_of_gpu(gpu)
-                if session is None:
-                    ack.unattributed += 1
-                    continue
-                session.add_expert_tokens(gpu, tokens)
-                ack.accepted += 1
             except InvalidRequestError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return ack
+                await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if gpu not in named:
+                if self.expert_streams_by_gpu.get(gpu, 0) >= self.limits.max_expert_streams_per_gpu:
+                    del report  # not kept alive by the abort's traceback (a decoded report is ~0.5 MB)
+                    await self._abort(
+                        context,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"at most {self.limits.max_expert_streams_per_gpu} expert-load streams may report GPU {gpu}",
+                    )
+                named.add(gpu)
+                self.expert_streams_by_gpu[gpu] = self.expert_streams_by_gpu.get(gpu, 0) + 1
+            session = self.registry.engine_of_gpu(gpu)
+            if session is None:
+                ack.unattributed += 1
+                continue
+            session.add_expert_tokens(gpu, tokens)
+            ack.accepted += 1
 
     def _report_gpu(self, report: pals_pb2.ExpertLoadReport) -> int:
         """The managed GPU an expert-load report names (by UUID, else index); InvalidRequestError if none."""
@@ -198,7 +295,7 @@ class EngineLinkServicer(pals_pb2_grpc.EngineLinkServicer):
         return gpu
 
 
-async def anext_or_none(iterator: AsyncIterator[pals_pb2.EngineMessage]) -> pals_pb2.EngineMessage | None:
+async def anext_or_none(iterator: AsyncIterator[T]) -> T | None:
     """The next message, or None when the stream ended."""
     try:
         return await iterator.__anext__()

@@ -61,6 +61,9 @@ def expert_load_tokens(report: pals_pb2.ExpertLoadReport) -> int:
     validate.finite(report.window_s, "window_s", 0.0, 3600.0)
     if len(report.layers) > validate.MAX_EXPERT_LAYERS:
         raise InvalidRequestError(f"layers: at most {validate.MAX_EXPERT_LAYERS}, got {len(report.layers)}")
+    entries = sum(len(layer.tokens_per_expert) for layer in report.layers)
+    if entries > validate.MAX_EXPERT_ENTRIES:
+        raise InvalidRequestError(f"tokens_per_expert: at most {validate.MAX_EXPERT_ENTRIES} counters, got {entries}")
     tokens = sum(sum(layer.tokens_per_expert) for layer in report.layers)
     return validate.count(tokens, "tokens_per_expert (sum)", validate.MAX_TOKENS_PER_REPORT)
 

@@ -395,7 +395,13 @@ class Profiler:
                 changed = True
                 notes.append("profile abandoned: budget")
         reason = "; ".join([*notes, decision.reason]) if decision.reason else "; ".join(notes)
-        return Decision(gpu_limits_w=limits, engines=engines, changed=changed, reason=reason)
+        # A profile is measured at the driver's default clocks: the profiled GPUs are unlocked, the others keep
+        # the controller's clock ceilings.
+        pinned = {i for job in jobs for i in job.gpu_indices}
+        clocks = {i: mhz for i, mhz in decision.gpu_locked_clocks_mhz.items() if i not in pinned}
+        return Decision(
+            gpu_limits_w=limits, engines=engines, changed=changed, reason=reason, gpu_locked_clocks_mhz=clocks
+        )
 
     def after_tick(self, now_s: float, observations: Sequence[EngineObservation]) -> None:
         """Advance every running job by one tick (GPU readings and limits are this tick's)."""
@@ -638,7 +644,7 @@ def _batched_tokens(session: EngineSession, max_num_seqs: int) -> int:
 
 
 def _clamped_mw(slot: GpuSlot, cap_w: float) -> int:
-    """The limit the daemon writes for ``cap_w`` (as ``Daemon._apply_limits`` rounds and clamps it)."""
+    """The limit the daemon writes for ``cap_w`` (as ``PowerLimitActuator.apply`` rounds and clamps it)."""
     c = slot.constraints
     return min(max(w_to_mw(cap_w), c.min_limit_mw), c.max_limit_mw)
 

@@ -11,12 +11,12 @@ import asyncio
 import grp
 import logging
 import os
-import signal
 import threading
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
 
 from pals_daemon.api import pals_pb2_grpc
 from pals_daemon.clock import Clock
@@ -29,10 +29,25 @@ from pals_daemon.model.profile import ProfileRegistry
 from pals_daemon.server.admin import PowerAdminServicer
 from pals_daemon.server.daemon import Daemon
 from pals_daemon.server.engine_link import EngineLinkServicer
+from pals_daemon.server.limits import (
+    MAX_ADMIN_CONNECTIONS,
+    MAX_ADMIN_RPCS,
+    MAX_ENGINE_CONNECTIONS,
+    MAX_ENGINE_RPCS,
+    CoalescedWake,
+    EngineLimits,
+    HeapTrimmer,
+    ReportByteBudget,
+    grpc_server_options,
+)
+from pals_daemon.server.notices import OperatorNotices
+from pals_daemon.server.persist import StateWriterCollector
 from pals_daemon.server.sdnotify import SystemdNotifier, watchdog_interval_s
+from pals_daemon.server.signals import ShutdownSignals
 from pals_daemon.server.sockets import SocketPath
 
 log = logging.getLogger(__name__)
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 ADMIN_SOCKET_MODE = 0o600  # root only: PowerAdmin changes GPU settings
 ENGINE_SOCKET_MODE = 0o660  # root and the engine group: telemetry in, batch limits out
@@ -42,12 +57,6 @@ ENGINE_SOCKET_MODE = 0o660  # root and the engine group: telemetry in, batch lim
 ADMIN_DIR_MODE = 0o700
 ENGINE_DIR_MODE = 0o750
 STOP_GRACE_S = 1.0
-# Largest message either server accepts (chosen engineering value). The largest legitimate one is an
-# ExpertLoadReport of a big MoE: 61 layers x 256 experts of uint64 varints is at most ~160 KB; a StepReport
-# with a thousand finished requests is ~20 KB. 1 MiB leaves 6x headroom and is a quarter of gRPC's 4 MiB
-# default; anything larger is refused by gRPC itself with RESOURCE_EXHAUSTED before a handler sees it.
-MAX_RECEIVE_MESSAGE_BYTES = 1 << 20
-SERVER_OPTIONS = (("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),)
 
 
 class Runner:
@@ -75,12 +84,23 @@ class Runner:
         self.daemon = Daemon(config, backend, profiles, clock, controller_config)
         self.metrics = Metrics(lambda: self.daemon.status)
         self.daemon.on_tick.append(lambda d: self.metrics.observe_tick(d.last_tick_duration_s))
+        self.daemon.on_tick.append(OperatorNotices().on_tick)
+        self.metrics.registry.register(StateWriterCollector(self.daemon.persist))
         self.notifier = SystemdNotifier.from_environment()
         self.metrics_port: int | None = None
         self._admin_path = SocketPath(config.admin_socket_path, ADMIN_DIR_MODE)
         self._engine_path = SocketPath(config.engine_socket_path, ENGINE_DIR_MODE, config.engine_socket_group)
         self._servers: list[grpc.aio.Server] = []
         self._health: list[HealthServicer] = []
+        # Bounds of the engine socket (tests may replace them before start()).
+        self.engine_limits = EngineLimits()
+        self.report_budget = ReportByteBudget(self.engine_limits.report_bytes_per_s * config.period_s)
+        self.daemon.on_tick.append(lambda d: self.report_budget.refill())
+        self.engine_link: EngineLinkServicer | None = None
+        self.heap_trimmer = HeapTrimmer(lambda: self.engine_link.aborts if self.engine_link else 0)
+        self.daemon.on_tick.append(self.heap_trimmer)
+        self.signals = ShutdownSignals(self.daemon.request_stop)
+        self.session_wake: CoalescedWake | None = None
 
     async def start(self) -> None:
         """Bring everything up; READY=1 is sent last."""
@@ -112,17 +132,30 @@ class Runner:
     async def _start_grpc(self) -> None:
         # One server per socket, each with only its own service (and health): the engine socket's group can
         # never reach PowerAdmin, whatever it sends (tests/server/test_access.py).
-        admin = grpc.aio.server(options=SERVER_OPTIONS)
+        admin = grpc.aio.server(
+            options=grpc_server_options(MAX_ADMIN_CONNECTIONS), maximum_concurrent_rpcs=MAX_ADMIN_RPCS
+        )
         pals_pb2_grpc.add_PowerAdminServicer_to_server(PowerAdminServicer(self.daemon), admin)
-        engine = grpc.aio.server(options=SERVER_OPTIONS)
+        engine = grpc.aio.server(
+            options=grpc_server_options(MAX_ENGINE_CONNECTIONS), maximum_concurrent_rpcs=MAX_ENGINE_RPCS
+        )
         # on_change wakes the control loop: a session that ends lapses its directives and its GPUs get the
-        # controller's idle allocation at once, not at the end of the period.
+        # controller's idle allocation soon, not at the end of the period (coalesced: see limits.CoalescedWake).
+        self.report_budget.bytes_per_tick = self.engine_limits.report_bytes_per_s * self.config.period_s
+        self.session_wake = CoalescedWake(
+            self.daemon.wake,
+            self.engine_limits.wake_min_interval_periods * self.config.period_s,
+            self.daemon.clock,
+            self.engine_limits.wake_burst,
+        )
         link = EngineLinkServicer(
             self.daemon.engines,
             self.daemon.resolve_gpus,
             report_interval_s=self.config.period_s / 2,
-            on_change=self.daemon.wake,
+            on_change=self.session_wake,
             now=self.daemon.clock.now,
+            limits=self.engine_limits,
+            budget=self.report_budget,
         )
         self.engine_link = link
         pals_pb2_grpc.add_EngineLinkServicer_to_server(link, engine)
@@ -135,6 +168,8 @@ class Runner:
             await health.set("", health_pb2.HealthCheckResponse.SERVING)
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
             self._health.append(health)
+            # Standard server reflection (grpcurl, grpc_cli): lists only this socket's services.
+            reflection.enable_server_reflection((service, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
             path.claim()
             server.add_insecure_port(path.grpc_address)
             self._servers.append(server)
@@ -145,9 +180,7 @@ class Runner:
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may (tests run the runner in a thread); run() is then not used
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.daemon.request_stop)
+        self.signals.install(asyncio.get_running_loop())
 
     async def run(self) -> None:
         """Run the control loop until SIGTERM/SIGINT or request_stop(), then shut down."""
@@ -162,9 +195,11 @@ class Runner:
         try:
             await self.daemon.run(watchdog=self.notifier.watchdog if self.notifier else None)
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-            await self.stop()
+            # The handlers stay through stop(): a second SIGTERM/SIGINT during the restore is logged, not fatal.
+            try:
+                await self.stop()
+            finally:
+                self.signals.remove(loop)
 
     async def stop(self) -> None:
         """Stop serving, restore GPU limits, remove sockets (idempotent)."""
@@ -173,6 +208,8 @@ class Runner:
         for health in self._health:
             await health.enter_graceful_shutdown()
         await asyncio.gather(*(s.stop(STOP_GRACE_S) for s in self._servers))
+        if self.session_wake is not None:
+            self.session_wake.cancel()
         self._servers.clear()
         self._health.clear()
         await self.daemon.close()

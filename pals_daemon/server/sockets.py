@@ -1,7 +1,7 @@
 """Unix socket paths for gRPC: exclusive ownership, stale-socket cleanup, explicit modes on socket and directory.
 
 gRPC silently unlinks and takes over a live socket path, and gives no peer credentials to handlers
-(DESIGN.md section 4): so before binding, take a lock beside the socket and refuse to start when another
+(docs/ARCHITECTURE.md section 5): so before binding, take a lock beside the socket and refuse to start when another
 daemon answers there; remove a stale socket; refuse any non-socket file. Authorization is the mode and group
 of the socket AND of its directory, both set explicitly (never from the umask; the process umask is 0077
 besides, so nothing is ever wider in between). A directory that another user could have prepared (a symlink,

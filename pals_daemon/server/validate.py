@@ -21,12 +21,18 @@ MAX_SLO_MS = 3_600_000.0
 MIN_TARGET = 1e-3
 # Shortest non-empty report window (chosen): an engine step takes milliseconds.
 MIN_WINDOW_S = 1e-6
-MAX_FINISHED_PER_REPORT = 100_000
+# Finished requests in one StepReport: the client sends at most 10,000 (pals_daemon/vllm/client.py). Each
+# costs ~6 us to validate (2-core CI machine), so this also bounds one report's event-loop time (~60 ms).
+MAX_FINISHED_PER_REPORT = 10_000
 # Per-report counters (chosen guards, each far above any real engine: an H100 decodes ~1e4 tokens/s, so
 # 2^32 tokens is hours of work in one report). uint64 fields would otherwise let one report claim 1.8e19.
 MAX_TOKENS_PER_REPORT = 1 << 32
 MAX_COUNT_PER_REPORT = 1 << 24  # steps, running, waiting, arrived requests
 MAX_EXPERT_LAYERS = 1024
+# Expert counters in one ExpertLoadReport, all layers together: 61 layers x 256 experts (DeepSeek-V3) is
+# 15,616; 4x that leaves room. Checked (by length, O(layers)) before the counters are summed (~0.3 us each):
+# a report of a million zero counters cost ~300 ms of event-loop time.
+MAX_EXPERT_ENTRIES = 1 << 16
 MAX_CLIENT_VERSION_CHARS = 128
 # NVML UUIDs are "GPU-" + 36 characters (MIG: "MIG-" + 36); the rest is a guard.
 MAX_GPU_UUID_CHARS = 96

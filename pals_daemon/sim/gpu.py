@@ -1,4 +1,5 @@
-"""Simulated GPUs: power limits with a settling delay, a power history, NVML-like readings and faults.
+"""Simulated GPUs: power limits with a settling delay, locked SM clocks, a power history, NVML-like readings
+and faults.
 
 A ``SimGpu`` implements the ``GpuDevice`` protocol for the daemon (``constraints``/``read``/
 ``set_power_limit_mw``) and has an engine side for the simulated engine that drives it
@@ -17,7 +18,9 @@ from collections.abc import Callable, Iterable
 
 from pals_daemon.errors import GpuInvalidArgumentError
 from pals_daemon.gpu.backend import (
+    CLOCK_EVENT_APPLICATIONS_CLOCKS_SETTING,
     CLOCK_EVENT_SW_POWER_CAP,
+    ClockInfo,
     GpuDevice,
     GpuIdentity,
     GpuReading,
@@ -37,7 +40,14 @@ CLOCK_EVENT_GPU_IDLE = 0x1
 POWER_AVG_WINDOW_S = 1.0
 
 SET_POWER_LIMIT = "set_power_limit_mw"
-_DEVICE_METHODS = ("constraints", "read", SET_POWER_LIMIT)
+SET_LOCKED_CLOCKS = "set_locked_clocks_mhz"
+RESET_LOCKED_CLOCKS = "reset_locked_clocks"
+_DEVICE_METHODS = ("constraints", "read", SET_POWER_LIMIT, "clock_info", SET_LOCKED_CLOCKS, RESET_LOCKED_CLOCKS)
+# Modelled (no cited dump): the lowest supported SM clock per profile and the 15 MHz step, the shape of an
+# nvidia-smi -q -d SUPPORTED_CLOCKS listing; the top clock is the profile's max_sm_clock_mhz (cited there).
+# bench/device_clock_check.py records the real list on a lent GPU.
+MIN_SM_CLOCK_MHZ = {"A100-SXM4": 210, "H100-SXM5": 345}
+SM_CLOCK_STEP_MHZ = 15
 # Segments kept before folding old ones into the energy counter (bounds memory in long runs).
 _FOLD_THRESHOLD = 512
 # Watts of slack when deciding that a demand exceeds a limit (float noise, not physics).
@@ -62,8 +72,11 @@ class SimGpu:
         self.identity = identity
         self.hardware = hardware
         self.cap_delay_s = float(cap_delay_s)
-        # Every setter call, in order, valid or not (the recording fake the tests assert on).
+        # Every setter call, in order, valid or not (the recording fake the tests assert on): power limits as
+        # (name, mW), locks as (name, max MHz), resets as (name, 0).
         self.calls: list[tuple[str, int]] = []
+        # The locked SM clock range (min, max) MHz; None: unlocked.
+        self._locked_mhz: tuple[int, int] | None = None
         self._clock = clock
         self._lock = threading.Lock()
         created_s = float(clock())
@@ -114,6 +127,11 @@ class SimGpu:
             else:
                 avg_w = self._state_before(t)[0]
             power_w, clock_mhz, reasons = self._state_before(t)
+            # The clock in force is the lower of the locked clock and the clock the cap leaves. How power then
+            # follows the locked clock is the truth's physics (pals_daemon/sim/truth.py), not modelled here yet.
+            if self._locked_mhz is not None and clock_mhz > self._locked_mhz[1]:
+                clock_mhz = self._locked_mhz[1]
+                reasons |= CLOCK_EVENT_APPLICATIONS_CLOCKS_SETTING
             return GpuReading(
                 power_avg_mw=w_to_mw(avg_w),
                 power_instant_mw=w_to_mw(power_w),
@@ -145,6 +163,44 @@ class SimGpu:
             # The enforced-limit register changes at once (as NVML reads it back); the power follows later.
             return self._enforced_mw()
 
+    def clock_info(self) -> ClockInfo:
+        """Supported SM clocks: the profile's top clock down to its modelled lowest one in 15 MHz steps."""
+        with self._lock:
+            self._maybe_fail("clock_info")
+            return self._clock_info()
+
+    def set_locked_clocks_mhz(self, min_mhz: int, max_mhz: int) -> int:
+        """Lock the SM clock into [min_mhz, max_mhz] (checked like NVML); returns the clock in force after it."""
+        with self._lock:
+            self.calls.append((SET_LOCKED_CLOCKS, max_mhz))
+            self._maybe_fail(SET_LOCKED_CLOCKS)
+            info = self._clock_info()
+            for value in (min_mhz, max_mhz):
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    index = self.identity.index
+                    raise GpuInvalidArgumentError(f"clock must be an integer of MHz, got {value!r}", index)
+            if not info.min_mhz <= min_mhz <= max_mhz <= info.max_mhz:
+                raise GpuInvalidArgumentError(
+                    f"locked clocks [{min_mhz}, {max_mhz}] MHz not an ordered range within "
+                    f"[{info.min_mhz}, {info.max_mhz}] MHz",
+                    self.identity.index,
+                )
+            self._locked_mhz = (int(min_mhz), int(max_mhz))
+            return min(self.hardware.max_sm_clock_mhz, int(max_mhz))
+
+    def reset_locked_clocks(self) -> int:
+        """Unlock the SM clock; returns the clock in force after it (the top clock: the sim idles at it)."""
+        with self._lock:
+            self.calls.append((RESET_LOCKED_CLOCKS, 0))
+            self._maybe_fail(RESET_LOCKED_CLOCKS)
+            self._locked_mhz = None
+            return self.hardware.max_sm_clock_mhz
+
+    def locked_clock_max_mhz(self) -> int | None:
+        """Engine/truth side: the locked clock ceiling in force (None: unlocked)."""
+        with self._lock:
+            return None if self._locked_mhz is None else self._locked_mhz[1]
+
     # ---- test and fault hooks ---------------------------------------------------------------------------
 
     def inject_fault(
@@ -156,7 +212,8 @@ class SimGpu:
     ) -> None:
         """Make device calls raise ``exc``: the next ``times`` calls (None: all until cleared); None clears.
 
-        ``methods`` restricts the fault to some of "constraints", "read", "set_power_limit_mw".
+        ``methods`` restricts the fault to some of "constraints", "read", "set_power_limit_mw", "clock_info",
+        "set_locked_clocks_mhz", "reset_locked_clocks".
         """
         with self._lock:
             if exc is not None and times is not None and times < 1:
@@ -247,6 +304,11 @@ class SimGpu:
             max_limit_mw=w_to_mw(hw.max_limit_w),
             default_limit_mw=w_to_mw(hw.default_limit_w),
         )
+
+    def _clock_info(self) -> ClockInfo:
+        top = self.hardware.max_sm_clock_mhz
+        low = MIN_SM_CLOCK_MHZ.get(self.hardware.name, top)
+        return ClockInfo(tuple(range(top, low - 1, -SM_CLOCK_STEP_MHZ)), app_clock_mhz=top, default_app_clock_mhz=top)
 
     def _maybe_fail(self, method: str) -> None:
         exc = self._fault

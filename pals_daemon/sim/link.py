@@ -61,6 +61,20 @@ def expert_load_reports(
     return out
 
 
+def register_message(engine: SimEngine, model: str, gpu_uuids: Sequence[str]) -> pals_pb2.EngineMessage:
+    """The Register a simulated engine opens its session with (its configured limits, its GPUs by UUID)."""
+    return pals_pb2.EngineMessage(
+        register=pals_pb2.Register(
+            engine_id=engine.engine_id,
+            model=model,
+            gpu_uuids=list(gpu_uuids),
+            max_num_seqs=engine.configured_max_num_seqs,
+            max_num_batched_tokens=engine.configured_max_num_batched_tokens,
+            client_version="pals-sim",
+        )
+    )
+
+
 class SimEngineLink:
     """Drives one SimEngine on the clock and keeps its session with the daemon."""
 
@@ -82,22 +96,8 @@ class SimEngineLink:
         self.directive_expiry_s: float | None = None
         self.directives_received = 0
 
-    def _register(self) -> pals_pb2.EngineMessage:
-        max_seqs = self.engine.configured_max_num_seqs
-        max_tokens = self.engine.configured_max_num_batched_tokens
-        return pals_pb2.EngineMessage(
-            register=pals_pb2.Register(
-                engine_id=self.engine.engine_id,
-                model=self.model,
-                gpu_uuids=self.gpu_uuids,
-                max_num_seqs=max_seqs,
-                max_num_batched_tokens=max_tokens,
-                client_version="pals-sim",
-            )
-        )
-
     async def _messages(self, stop: asyncio.Event) -> AsyncIterator[pals_pb2.EngineMessage]:
-        yield self._register()
+        yield register_message(self.engine, self.model, self.gpu_uuids)
         while not stop.is_set():
             await self.clock.sleep(self.report_interval_s)
             now = self.clock.now()

@@ -148,8 +148,12 @@ class EngineLinkClient:
         min_backoff_s: float = 0.05,
         max_backoff_s: float = 5.0,
         max_queued_steps: int = MAX_QUEUED_STEPS,
+        time_scale: float = 1.0,
     ) -> None:
         self.socket_path = socket_path
+        # ``clock`` seconds per wall second: > 1 only for a simulated engine on a scaled clock, whose report
+        # interval (like the daemon's) is in clock seconds. vLLM leaves it at 1.
+        self.time_scale = time_scale
         self.engine_id = engine_id
         self.model = model
         self.gpu_uuids = list(gpu_uuids)
@@ -413,7 +417,7 @@ class EngineLinkClient:
             return
         self._steps.clear()  # what was queued before the session has no window
         last = self.clock()
-        while not session_stop.wait(self._interval):
+        while not session_stop.wait(self._interval / self.time_scale):
             if self._stop.is_set():
                 return
             now = self.clock()

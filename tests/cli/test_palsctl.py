@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -53,6 +54,7 @@ def hand_built_status() -> pals_pb2.NodeStatus:
         tokens_per_joule=1.5,
         max_num_seqs_limit=96,
         qos_violation_fraction=0.25,
+        has_profile=True,
     )
     s.budget.CopyFrom(
         pals_pb2.BudgetStatus(
@@ -237,3 +239,66 @@ def test_status_output(fake_admin, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run_ctl(path, capsys, "status", "--json")
     assert rc == 0
     assert '"fault": "GPU 1: GPU is lost"' in out
+
+
+# ------------------------------------------------------------------------------------------ issue 10 (C)
+
+
+def test_usage_errors_are_one_line_without_argparse_internals(capsys: pytest.CaptureFixture[str]) -> None:
+    cases = {
+        ("budget",): "palsctl budget: the following arguments are required: {get,set} (see 'palsctl budget --help')",
+        ("target",): "palsctl target: the following arguments are required: {get,set} (see 'palsctl target --help')",
+        (): "palsctl: the following arguments are required: COMMAND (see 'palsctl --help')",
+    }
+    for args, line in cases.items():
+        with pytest.raises(SystemExit) as info:
+            palsctl.main(["--socket", "/nonexistent", *args])
+        assert info.value.code == palsctl.EXIT_USAGE
+        err = capsys.readouterr().err
+        assert err == line + "\n"
+        assert "_command" not in err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        palsctl.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("palsctl ")
+
+
+def test_budget_set_clear_and_target_set_without_values(fake_admin, capsys: pytest.CaptureFixture[str]) -> None:
+    path, admin = fake_admin
+    rc, out, _ = run_ctl(path, capsys, "budget", "set", "clear")
+    assert rc == 0 and out.startswith("budget none ")
+    assert admin.requests[-1] == pals_pb2.SetBudgetRequest(clear=True)
+
+    count = len(admin.requests)
+    rc, out, err = run_ctl(path, capsys, "target", "set", "e1")
+    assert (rc, out) == (palsctl.EXIT_USAGE, "")
+    assert err.count("\n") == 1 and "--clear to remove every target" in err
+    rc, _, err = run_ctl(path, capsys, "target", "set", "e1", "--clear", "--tpot-ms", "5")
+    assert rc == palsctl.EXIT_USAGE and err.count("\n") == 1
+    assert len(admin.requests) == count  # refused before anything was sent
+    rc, out, _ = run_ctl(path, capsys, "target", "set", "e1", "--clear")
+    assert (rc, out) == (0, "{}\n")
+    assert admin.requests[-1] == pals_pb2.SetEngineTargetsRequest(engine_id="e1", targets=pals_pb2.EngineTargets())
+
+
+def test_status_json_keeps_false_zero_fields_and_numbers(fake_admin, capsys: pytest.CaptureFixture[str]) -> None:
+    path, _ = fake_admin
+    rc, out, _ = run_ctl(path, capsys, "status", "--json")
+    assert rc == 0
+    status = json.loads(out)
+    lost = status["gpus"][1]
+    assert lost["index"] == 1 and lost["power_capped"] is False and lost["controlled"] is False
+    assert lost["decided_limit_w"] == 0.0 and lost["sm_clock_mhz"] == 0 and lost["engine_id"] == ""
+    assert status["controller"]["ticks"] == 17  # uint64: a number, not "17"
+    assert status["engines"][0]["windows"] == 0 and status["engines"][0]["gpu_indices"] == []
+    assert "power_instant_w" not in lost  # optional and unset: absent means "not reported"
+
+
+def test_no_profile_engine_is_flagged_in_the_table() -> None:
+    s = hand_built_status()
+    s.engines[0].has_profile = False
+    (engine,) = [line for line in palsctl.format_status(s).splitlines() if line.startswith("e1 ")]
+    assert engine.endswith(palsctl.NO_PROFILE_NOTE)

@@ -127,3 +127,17 @@ def test_budget_still_binds_engines_under_slos() -> None:
         gpus = [gpu(i, limit=400.0) for i in range(4)]
         d = ctrl.step(inp(gpus, [_window(requests=5)], {"e0": SLO}, budget=700.0, now=0.5 * k))
         assert sum(d.gpu_limits_w.values()) <= 700.0 + 1e-6
+
+
+def test_a_binding_budget_gives_an_engine_short_of_its_slo_the_highest_cap_that_fits() -> None:
+    """When no cap within the budget meets the SLO, the split keeps the one closest to it (the highest), not
+    the most efficient one (the throughput fraction cannot tell them apart: every cap serves the arrivals)."""
+    ctrl = Controller(REG)
+    heavy = _window(requests=20, busy=0.9, steps=10, waiting=0, running=20, ttft99=2600.0, tpot99=60.0)
+    d = None
+    for k in range(10):
+        gpus = [gpu(i, limit=250.0) for i in range(4)]
+        d = ctrl.step(inp(gpus, [heavy], {"e0": SLO}, budget=1000.0, now=0.5 * k))
+    assert d is not None
+    assert sum(d.gpu_limits_w.values()) <= 1000.0 + 1e-6
+    assert min(d.gpu_limits_w.values()) >= 250.0 - 1e-6, d.gpu_limits_w

@@ -43,6 +43,7 @@ TOP_LEVEL_KEYS = {
     "log_level",
 }
 SIM_KEYS = {"gpu_kind", "gpu_count", "speed"}
+CLOCKS_KEYS = {"enabled"}
 # [controller]: every operator setting of ControllerConfig (pals_daemon/config_controller.py generates the section).
 CONTROLLER_KEYS = {spec.field for spec in controller_keys().values()}
 CONTROLLER_UNSET = {spec.field for spec in controller_keys().values() if spec.default is None}
@@ -165,13 +166,26 @@ def test_required_directives(unit) -> None:
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
 
 
+def test_limit_nofile_covers_every_client_bound_with_headroom(unit) -> None:
+    # The connection caps bound what clients can make the daemon hold; LimitNOFILE must sit well above
+    # their sum (plus the daemon's own ~50 descriptors), and above systemd's default soft limit of 1024.
+    from pals_daemon.server import limits
+
+    (value,) = unit["Service"]["LimitNOFILE"]
+    nofile = int(value)
+    client_bound = limits.MAX_ENGINE_CONNECTIONS + limits.MAX_ADMIN_CONNECTIONS + limits.MAX_METRICS_CONNECTIONS
+    assert nofile >= 4 * (client_bound + 50)
+    assert nofile > 1024
+
+
 def test_example_config_parses_with_exactly_the_daemon_keys() -> None:
     text = EXAMPLE.read_text()
     doc = tomllib.loads(text)
     top = {k for k, v in doc.items() if not isinstance(v, dict)}
-    assert set(doc) - top == {"sim", "controller"}
+    assert set(doc) - top == {"sim", "clocks", "controller"}
     assert top == TOP_LEVEL_KEYS - UNSET_BY_DEFAULT
     assert set(doc["sim"]) == SIM_KEYS
+    assert set(doc["clocks"]) == CLOCKS_KEYS
     assert set(doc["controller"]) == CONTROLLER_KEYS - CONTROLLER_UNSET
     for key in UNSET_BY_DEFAULT:
         assert re.search(rf"^# {key} = ", text, re.MULTILINE), f"{key} should be shown commented out"

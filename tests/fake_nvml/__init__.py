@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .build import LIB_NAME, FakeNvmlBuildError, build_fake_nvml
-from .state import FakeGpu, FakeNvmlState, Fault, LogEntry, make_gpu, read_log, set_limit_calls
+from .state import FakeGpu, FakeNvmlState, Fault, LogEntry, clock_calls, make_gpu, read_log, set_limit_calls
 
 __all__ = [
     "LIB_NAME",
@@ -39,6 +39,7 @@ __all__ = [
     "Fault",
     "LogEntry",
     "build_fake_nvml",
+    "clock_calls",
     "make_env",
     "make_gpu",
     "point_pynvml_at",
@@ -77,6 +78,10 @@ class FakeNvmlEnv:
     def set_limit_calls(self) -> list[tuple[int, int, int]]:
         """The logged SetPowerManagementLimit calls as (gpu_index, limit_mw, rc)."""
         return set_limit_calls(self.log_path)
+
+    def clock_calls(self) -> list[tuple[str, int, tuple[int, ...], int]]:
+        """The logged Set/ResetGpuLockedClocks calls as (function, gpu_index, (min, max) or (), rc)."""
+        return clock_calls(self.log_path)
 
 
 def make_env(lib_dir: Path, work_dir: Path, state: FakeNvmlState | None = None) -> FakeNvmlEnv:

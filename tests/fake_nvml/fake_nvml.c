@@ -6,23 +6,30 @@
  * call and written back when a call changes it, so separate processes (a daemon subprocess and the test that
  * started it) see one machine. Format, one entry per line ('#' starts a comment):
  *     count <n>                              number of GPUs (indices 0..n-1)
- *     nonroot <0|1>                          1: every SetPowerManagementLimit gets NO_PERMISSION
+ *     nonroot <0|1>                          1: every setter (power limit, locked clocks) gets NO_PERMISSION
  *     driver_version <string>                nvmlSystemGetDriverVersion's answer (default DEFAULT_DRIVER_VERSION)
  *     fail <function> <code> [times]         every call of <function> returns <code> (times > 0: that many
  *                                            calls, then the fault clears itself)
  *     gpu <i> <key> <value>                  keys: name uuid min_mw max_mw default_mw limit_mw
  *                                            external_limit_mw|none power_mw instant_power_mw|none energy_mj
  *                                            energy_step_mj sm_clock_mhz clock_event_reasons
+ *                                            mem_clock_mhz min_sm_clock_mhz max_sm_clock_mhz clock_step_mhz
+ *                                            app_clock_mhz locked_min_mhz|none locked_max_mhz|none
  *     gpu <i> fail <function> <code> [times] as above, for GPU i only
  *     delay <function> <ms>                  every call of <function> first sleeps <ms> (a slow or hung
  *                                            driver); the sleep holds no lock, so other GPUs' calls go on
  *     gpu <i> delay <function> <ms>          as above, for GPU i only (overrides a global delay)
  * Model: enforced limit = min(limit_mw, external_limit_mw); reported average power = min(power_mw, enforced)
  * and the SW-power-cap reason bit is added while power_mw > enforced; each energy read returns energy_mj and
- * then advances it by energy_step_mj.
+ * then advances it by energy_step_mj. Clocks: sm_clock_mhz is the clock the GPU would run at unlocked; the
+ * SM clock in force is it clamped into [locked_min_mhz, locked_max_mhz] while a lock is set, and the
+ * applications-clocks-setting reason bit is added while that clamp changes it. Supported graphics clocks are
+ * max_sm_clock_mhz down to min_sm_clock_mhz in clock_step_mhz steps at the one memory clock mem_clock_mhz;
+ * max_sm_clock_mhz 0 (the default) means the GPU reports no clocks and refuses locks with NOT_SUPPORTED.
  *
  * Log: every setter, nvmlInitWithFlags and nvmlShutdown call appends one line to $FAKE_NVML_LOG (if set),
- * e.g. "nvmlDeviceSetPowerManagementLimit 0 250000 rc=0".
+ * e.g. "nvmlDeviceSetPowerManagementLimit 0 250000 rc=0", "nvmlDeviceSetGpuLockedClocks 0 345 1410 rc=0",
+ * "nvmlDeviceResetGpuLockedClocks 0 rc=0".
  *
  * It fails loudly: an unknown key, a malformed number or a missing required GPU key makes every call return
  * NVML_ERROR_UNKNOWN with a message on stderr; functions it does not model are absent (pynvml then raises
@@ -47,14 +54,26 @@ typedef int nvmlReturn_t;
 #define NVML_ERROR_INVALID_ARGUMENT 2
 #define NVML_ERROR_NOT_SUPPORTED 3
 #define NVML_ERROR_NO_PERMISSION 4
+#define NVML_ERROR_NOT_FOUND 6
 #define NVML_ERROR_INSUFFICIENT_SIZE 7
 #define NVML_ERROR_DRIVER_NOT_LOADED 9
 #define NVML_ERROR_GPU_IS_LOST 15
 #define NVML_ERROR_RESET_REQUIRED 16
 #define NVML_ERROR_UNKNOWN 999
 
-/* nvmlClockType_t NVML_CLOCK_SM (nvml.h). */
+/* nvmlClockType_t NVML_CLOCK_GRAPHICS, NVML_CLOCK_SM, NVML_CLOCK_MEM (nvml.h). */
+#define NVML_CLOCK_GRAPHICS 0
 #define NVML_CLOCK_SM 1
+#define NVML_CLOCK_MEM 2
+/* nvmlClockId_t (nvml.h). */
+#define NVML_CLOCK_ID_CURRENT 0
+#define NVML_CLOCK_ID_APP_CLOCK_TARGET 1
+#define NVML_CLOCK_ID_APP_CLOCK_DEFAULT 2
+#define NVML_CLOCK_ID_CUSTOMER_BOOST_MAX 3
+/* nvmlClocksEventReasonApplicationsClocksSetting 0x0000000000000002ULL (nvml.h). */
+#define CLOCKS_EVENT_REASON_APPLICATIONS_CLOCKS 0x2ULL
+/* Bound on the supported-graphics-clocks list the fake builds (a real H100 lists ~110). */
+#define MAX_CLOCKS 512
 /* nvmlValueType_t NVML_VALUE_TYPE_UNSIGNED_INT (nvml.h). */
 #define NVML_VALUE_TYPE_UNSIGNED_INT 1
 /* #define NVML_FI_DEV_POWER_INSTANT 186 (nvml.h). */
@@ -117,6 +136,8 @@ typedef struct {
     long long energy_mj, energy_step_mj;
     long long sm_clock_mhz;
     long long clock_event_reasons;
+    long long mem_clock_mhz, min_sm_clock_mhz, max_sm_clock_mhz, clock_step_mhz, app_clock_mhz;
+    long long locked_min_mhz, locked_max_mhz;
     unsigned seen; /* bitmask of required keys present */
 } gpu_t;
 
@@ -139,7 +160,9 @@ static const char *const IMPLEMENTED[] = {
     "nvmlDeviceGetPowerManagementLimit", "nvmlDeviceGetEnforcedPowerLimit", "nvmlDeviceGetPowerUsage",
     "nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetFieldValues", "nvmlDeviceGetClockInfo",
     "nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons",
-    "nvmlDeviceSetPowerManagementLimit", "nvmlSystemGetDriverVersion", NULL,
+    "nvmlDeviceSetPowerManagementLimit", "nvmlSystemGetDriverVersion", "nvmlDeviceGetMaxClockInfo",
+    "nvmlDeviceGetClock", "nvmlDeviceGetSupportedMemoryClocks", "nvmlDeviceGetSupportedGraphicsClocks",
+    "nvmlDeviceSetGpuLockedClocks", "nvmlDeviceResetGpuLockedClocks", NULL,
 };
 
 enum { K_NAME = 1, K_UUID = 2, K_MIN = 4, K_MAX = 8, K_DEFAULT = 16, K_LIMIT = 32, K_REQUIRED = 63 };
@@ -280,6 +303,13 @@ static int parse_gpu_key(gpu_t *g, const char *key, char *rest, int lineno) {
         {"energy_step_mj", &g->energy_step_mj, 0, 0},
         {"sm_clock_mhz", &g->sm_clock_mhz, 0, 0},
         {"clock_event_reasons", &g->clock_event_reasons, 0, 0},
+        {"mem_clock_mhz", &g->mem_clock_mhz, 0, 0},
+        {"min_sm_clock_mhz", &g->min_sm_clock_mhz, 0, 0},
+        {"max_sm_clock_mhz", &g->max_sm_clock_mhz, 0, 0},
+        {"clock_step_mhz", &g->clock_step_mhz, 0, 0},
+        {"app_clock_mhz", &g->app_clock_mhz, 0, 0},
+        {"locked_min_mhz", &g->locked_min_mhz, 0, 1},
+        {"locked_max_mhz", &g->locked_max_mhz, 0, 1},
     };
     if (strcmp(key, "name") == 0) {
         g->seen |= K_NAME;
@@ -330,6 +360,8 @@ static int parse_state(char *text) {
     for (int i = 0; i < MAX_GPUS; i++) {
         S.gpus[i].external_limit_mw = NONE;
         S.gpus[i].instant_power_mw = NONE;
+        S.gpus[i].locked_min_mhz = NONE;
+        S.gpus[i].locked_max_mhz = NONE;
     }
     for (line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
         char *tok[4];
@@ -408,7 +440,9 @@ static int emit_opt(char *out, size_t size, long long value) {
     return value == NONE ? snprintf(out, size, "none") : snprintf(out, size, "%lld", value);
 }
 
-static int write_state(int fd) {
+/* Atomic: the new text goes to <state>.tmp, then rename(2) replaces the state file, so a process killed at
+ * any point leaves the old file or the new one, never an empty or torn one. Called with <state>.lock held. */
+static int write_state(void) {
     static char buf[FILE_MAX];
     size_t len = 0;
     EMIT("# fake NVML state (rewritten by fake_nvml.c)\ncount %d\nnonroot %d\n", S.count, S.nonroot);
@@ -435,17 +469,32 @@ static int write_state(int fd) {
         EMIT("gpu %d energy_mj %lld\ngpu %d energy_step_mj %lld\n", i, g->energy_mj, i, g->energy_step_mj);
         EMIT("gpu %d sm_clock_mhz %lld\ngpu %d clock_event_reasons %lld\n", i, g->sm_clock_mhz, i,
              g->clock_event_reasons);
+        emit_opt(ext, sizeof ext, g->locked_min_mhz);
+        emit_opt(inst, sizeof inst, g->locked_max_mhz);
+        EMIT("gpu %d mem_clock_mhz %lld\ngpu %d min_sm_clock_mhz %lld\ngpu %d max_sm_clock_mhz %lld\n", i,
+             g->mem_clock_mhz, i, g->min_sm_clock_mhz, i, g->max_sm_clock_mhz);
+        EMIT("gpu %d clock_step_mhz %lld\ngpu %d app_clock_mhz %lld\n", i, g->clock_step_mhz, i, g->app_clock_mhz);
+        EMIT("gpu %d locked_min_mhz %s\ngpu %d locked_max_mhz %s\n", i, ext, i, inst);
         for (int j = 0; j < S.nfaults; j++) {
             const fault_t *f = &S.faults[j];
             if (f->gpu != i) continue;
             EMIT(f->times ? "gpu %d fail %s %d %d\n" : "gpu %d fail %s %d\n", i, f->fn, f->code, f->times);
         }
     }
-    if (ftruncate(fd, 0) != 0 || pwrite(fd, buf, len, 0) != (ssize_t)len) return -1;
+    char tmp[sizeof g_state_path + 8];
+    snprintf(tmp, sizeof tmp, "%s.tmp", g_state_path);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) return -1;
+    if (write(fd, buf, len) != (ssize_t)len) {
+        close(fd);
+        return -1;
+    }
+    if (close(fd) != 0 || rename(tmp, g_state_path) != 0) return -1;
     return 0;
 }
 
-/* One call's hold on the state: the process mutex plus flock on the state file. */
+/* One call's hold on the state: the process mutex plus flock on <state>.lock (not on the state file itself,
+ * which write_state replaces by rename: a lock on the replaced file would guard nothing). */
 typedef struct {
     int fd;
     int dirty;
@@ -455,16 +504,25 @@ typedef struct {
 static nvmlReturn_t load(session_t *s) {
     static char buf[FILE_MAX];
     ssize_t n;
-    s->fd = open(g_state_path, O_RDWR | O_CLOEXEC);
+    char lock[sizeof g_state_path + 8];
+    int fd;
+    snprintf(lock, sizeof lock, "%s.lock", g_state_path);
+    s->fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
     if (s->fd < 0) {
-        complain("cannot open state %s: %s", g_state_path, strerror(errno));
+        complain("cannot open state lock %s: %s", lock, strerror(errno));
         return NVML_ERROR_UNKNOWN;
     }
     if (flock(s->fd, LOCK_EX) != 0) {
-        complain("cannot lock state %s: %s", g_state_path, strerror(errno));
+        complain("cannot lock state %s: %s", lock, strerror(errno));
         return NVML_ERROR_UNKNOWN;
     }
-    n = pread(s->fd, buf, sizeof buf - 1, 0);
+    fd = open(g_state_path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        complain("cannot open state %s: %s", g_state_path, strerror(errno));
+        return NVML_ERROR_UNKNOWN;
+    }
+    n = read(fd, buf, sizeof buf - 1);
+    close(fd);
     if (n < 0 || n >= (ssize_t)sizeof buf - 1) {
         complain("cannot read state %s (or larger than %d bytes)", g_state_path, FILE_MAX - 2);
         return NVML_ERROR_UNKNOWN;
@@ -529,14 +587,22 @@ static nvmlReturn_t enter(session_t *s, const char *fn, nvmlDevice_t device, int
 
 static nvmlReturn_t leave(session_t *s, nvmlReturn_t rc) {
     if (s->fd >= 0) {
-        if (s->dirty && write_state(s->fd) != 0) {
+        if (s->dirty && write_state() != 0) {
             complain("cannot write state %s", g_state_path);
             if (rc == NVML_SUCCESS) rc = NVML_ERROR_UNKNOWN;
         }
-        close(s->fd); /* releases the flock */
+        close(s->fd); /* the lock file's: releases the flock */
     }
     if (s->locked) pthread_mutex_unlock(&g_mutex);
     return rc;
+}
+
+/* The SM clock in force: the unlocked clock clamped into the locked range, if any. */
+static long long clock_in_force_mhz(const gpu_t *g) {
+    long long mhz = g->sm_clock_mhz;
+    if (g->locked_max_mhz != NONE && mhz > g->locked_max_mhz) mhz = g->locked_max_mhz;
+    if (g->locked_min_mhz != NONE && mhz < g->locked_min_mhz) mhz = g->locked_min_mhz;
+    return mhz;
 }
 
 static long long enforced_mw(const gpu_t *g) {
@@ -594,6 +660,7 @@ const char *nvmlErrorString(nvmlReturn_t result) {
     case NVML_ERROR_INVALID_ARGUMENT: return "Invalid Argument";
     case NVML_ERROR_NOT_SUPPORTED: return "Not Supported";
     case NVML_ERROR_NO_PERMISSION: return "Insufficient Permissions";
+    case NVML_ERROR_NOT_FOUND: return "Not Found";
     case NVML_ERROR_DRIVER_NOT_LOADED: return "Driver Not Loaded";
     case NVML_ERROR_INSUFFICIENT_SIZE: return "Insufficient Size";
     case NVML_ERROR_GPU_IS_LOST: return "GPU is lost";
@@ -741,8 +808,11 @@ nvmlReturn_t nvmlDeviceGetClockInfo(nvmlDevice_t device, int type, unsigned int 
     nvmlReturn_t rc = enter(&s, __func__, device, &i);
     if (rc == NVML_SUCCESS) {
         if (!clock_mhz) rc = NVML_ERROR_INVALID_ARGUMENT;
-        else if (type != NVML_CLOCK_SM) rc = NVML_ERROR_NOT_SUPPORTED; /* only the SM clock is modelled */
-        else *clock_mhz = (unsigned)S.gpus[i].sm_clock_mhz;
+        else if (type == NVML_CLOCK_SM || type == NVML_CLOCK_GRAPHICS)
+            *clock_mhz = (unsigned)clock_in_force_mhz(&S.gpus[i]);
+        else if (type == NVML_CLOCK_MEM && S.gpus[i].mem_clock_mhz > 0)
+            *clock_mhz = (unsigned)S.gpus[i].mem_clock_mhz;
+        else rc = NVML_ERROR_NOT_SUPPORTED; /* other clock domains are not modelled */
     }
     return leave(&s, rc);
 }
@@ -756,7 +826,8 @@ static nvmlReturn_t reasons(const char *fn, nvmlDevice_t device, unsigned long l
         if (!out) rc = NVML_ERROR_INVALID_ARGUMENT;
         else
             *out = (unsigned long long)g->clock_event_reasons |
-                   (g->power_mw > enforced_mw(g) ? CLOCKS_EVENT_REASON_SW_POWER_CAP : 0);
+                   (g->power_mw > enforced_mw(g) ? CLOCKS_EVENT_REASON_SW_POWER_CAP : 0) |
+                   (clock_in_force_mhz(g) != g->sm_clock_mhz ? CLOCKS_EVENT_REASON_APPLICATIONS_CLOCKS : 0);
     }
     return leave(&s, rc);
 }
@@ -787,5 +858,131 @@ nvmlReturn_t nvmlDeviceSetPowerManagementLimit(nvmlDevice_t device, unsigned int
     rc = leave(&s, rc);
     if (i >= 0) log_call("nvmlDeviceSetPowerManagementLimit %d %u rc=%d", i, limit_mw, rc);
     else log_call("nvmlDeviceSetPowerManagementLimit ? %u rc=%d", limit_mw, rc);
+    return rc;
+}
+
+nvmlReturn_t nvmlDeviceGetMaxClockInfo(nvmlDevice_t device, int type, unsigned int *clock_mhz) {
+    session_t s;
+    int i;
+    nvmlReturn_t rc = enter(&s, __func__, device, &i);
+    if (rc == NVML_SUCCESS) {
+        const gpu_t *g = &S.gpus[i];
+        long long mhz = (type == NVML_CLOCK_SM || type == NVML_CLOCK_GRAPHICS) ? g->max_sm_clock_mhz
+                        : type == NVML_CLOCK_MEM                             ? g->mem_clock_mhz
+                                                                              : 0;
+        if (!clock_mhz) rc = NVML_ERROR_INVALID_ARGUMENT;
+        else if (mhz <= 0) rc = NVML_ERROR_NOT_SUPPORTED;
+        else *clock_mhz = (unsigned)mhz;
+    }
+    return leave(&s, rc);
+}
+
+nvmlReturn_t nvmlDeviceGetClock(nvmlDevice_t device, int type, int id, unsigned int *clock_mhz) {
+    session_t s;
+    int i;
+    nvmlReturn_t rc = enter(&s, __func__, device, &i);
+    if (rc == NVML_SUCCESS) {
+        const gpu_t *g = &S.gpus[i];
+        if (!clock_mhz || id < NVML_CLOCK_ID_CURRENT || id > NVML_CLOCK_ID_CUSTOMER_BOOST_MAX) {
+            rc = NVML_ERROR_INVALID_ARGUMENT;
+        } else if ((type != NVML_CLOCK_SM && type != NVML_CLOCK_GRAPHICS) || g->max_sm_clock_mhz <= 0) {
+            rc = NVML_ERROR_NOT_SUPPORTED;
+        } else if (id == NVML_CLOCK_ID_CURRENT) {
+            *clock_mhz = (unsigned)clock_in_force_mhz(g);
+        } else if (id == NVML_CLOCK_ID_APP_CLOCK_TARGET) {
+            *clock_mhz = (unsigned)(g->app_clock_mhz > 0 ? g->app_clock_mhz : g->max_sm_clock_mhz);
+        } else { /* the default applications clock and the customer boost maximum: the top clock */
+            *clock_mhz = (unsigned)g->max_sm_clock_mhz;
+        }
+    }
+    return leave(&s, rc);
+}
+
+/* The NVML list protocol: *count too small -> the size needed and INSUFFICIENT_SIZE; else fill. */
+static nvmlReturn_t fill_list(const unsigned *items, unsigned n, unsigned int *count, unsigned int *out) {
+    if (!count) return NVML_ERROR_INVALID_ARGUMENT;
+    if (*count < n) {
+        *count = n;
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    }
+    if (n > 0 && !out) return NVML_ERROR_INVALID_ARGUMENT;
+    for (unsigned k = 0; k < n; k++) out[k] = items[k];
+    *count = n;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetSupportedMemoryClocks(nvmlDevice_t device, unsigned int *count, unsigned int *clocks) {
+    session_t s;
+    int i;
+    nvmlReturn_t rc = enter(&s, __func__, device, &i);
+    if (rc == NVML_SUCCESS) {
+        unsigned mem = (unsigned)S.gpus[i].mem_clock_mhz;
+        rc = fill_list(&mem, S.gpus[i].max_sm_clock_mhz > 0 && mem > 0 ? 1u : 0u, count, clocks);
+    }
+    return leave(&s, rc);
+}
+
+nvmlReturn_t nvmlDeviceGetSupportedGraphicsClocks(nvmlDevice_t device, unsigned int memory_mhz, unsigned int *count,
+                                                  unsigned int *clocks) {
+    session_t s;
+    int i;
+    static unsigned items[MAX_CLOCKS];
+    nvmlReturn_t rc = enter(&s, __func__, device, &i);
+    if (rc == NVML_SUCCESS) {
+        const gpu_t *g = &S.gpus[i];
+        unsigned n = 0;
+        if (g->max_sm_clock_mhz <= 0 || (long long)memory_mhz != g->mem_clock_mhz) {
+            rc = NVML_ERROR_NOT_FOUND; /* nvml.h: memoryClockMHz is not a supported frequency */
+        } else {
+            long long step = g->clock_step_mhz > 0 ? g->clock_step_mhz : g->max_sm_clock_mhz;
+            for (long long mhz = g->max_sm_clock_mhz; mhz >= g->min_sm_clock_mhz && mhz > 0 && n < MAX_CLOCKS;
+                 mhz -= step)
+                items[n++] = (unsigned)mhz;
+            rc = fill_list(items, n, count, clocks);
+        }
+    }
+    return leave(&s, rc);
+}
+
+/* What a locked-clock setter checks first: root (nvml.h: "Requires root/admin permissions"), then support. */
+static nvmlReturn_t clock_setter_allowed(const gpu_t *g) {
+    if (S.nonroot) return NVML_ERROR_NO_PERMISSION;
+    if (g->max_sm_clock_mhz <= 0) return NVML_ERROR_NOT_SUPPORTED;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceSetGpuLockedClocks(nvmlDevice_t device, unsigned int min_mhz, unsigned int max_mhz) {
+    session_t s;
+    int i = -1;
+    nvmlReturn_t rc = enter(&s, __func__, device, &i);
+    if (rc == NVML_SUCCESS && (rc = clock_setter_allowed(&S.gpus[i])) == NVML_SUCCESS) {
+        gpu_t *g = &S.gpus[i];
+        if (min_mhz > max_mhz || (long long)min_mhz < g->min_sm_clock_mhz ||
+            (long long)max_mhz > g->max_sm_clock_mhz) {
+            rc = NVML_ERROR_INVALID_ARGUMENT;
+        } else {
+            g->locked_min_mhz = min_mhz;
+            g->locked_max_mhz = max_mhz;
+            s.dirty = 1;
+        }
+    }
+    rc = leave(&s, rc);
+    if (i >= 0) log_call("nvmlDeviceSetGpuLockedClocks %d %u %u rc=%d", i, min_mhz, max_mhz, rc);
+    else log_call("nvmlDeviceSetGpuLockedClocks ? %u %u rc=%d", min_mhz, max_mhz, rc);
+    return rc;
+}
+
+nvmlReturn_t nvmlDeviceResetGpuLockedClocks(nvmlDevice_t device) {
+    session_t s;
+    int i = -1;
+    nvmlReturn_t rc = enter(&s, __func__, device, &i);
+    if (rc == NVML_SUCCESS && (rc = clock_setter_allowed(&S.gpus[i])) == NVML_SUCCESS) {
+        S.gpus[i].locked_min_mhz = NONE;
+        S.gpus[i].locked_max_mhz = NONE;
+        s.dirty = 1;
+    }
+    rc = leave(&s, rc);
+    if (i >= 0) log_call("nvmlDeviceResetGpuLockedClocks %d rc=%d", i, rc);
+    else log_call("nvmlDeviceResetGpuLockedClocks ? rc=%d", rc);
     return rc;
 }

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -13,6 +15,7 @@ NVML_ERROR_UNINITIALIZED = 1
 NVML_ERROR_INVALID_ARGUMENT = 2
 NVML_ERROR_NOT_SUPPORTED = 3
 NVML_ERROR_NO_PERMISSION = 4
+NVML_ERROR_NOT_FOUND = 6
 NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_TIMEOUT = 10
 NVML_ERROR_FUNCTION_NOT_FOUND = 13
@@ -22,6 +25,8 @@ NVML_ERROR_UNKNOWN = 999
 
 # nvmlClocksEventReasonSwPowerCap (nvml.h); the fake adds it while power_mw exceeds the enforced limit.
 CLOCK_EVENT_SW_POWER_CAP = 0x4
+# nvmlClocksEventReasonApplicationsClocksSetting (nvml.h); the fake adds it while a lock clamps the SM clock.
+CLOCK_EVENT_APPLICATIONS_CLOCKS = 0x2
 # What nvmlSystemGetDriverVersion answers unless the state says otherwise (fake_nvml.c DEFAULT_DRIVER_VERSION).
 DEFAULT_DRIVER_VERSION = "550.54.15"
 
@@ -53,6 +58,17 @@ class FakeGpu:
     energy_step_mj: int = 0
     sm_clock_mhz: int = 0
     clock_event_reasons: int = 0
+    # Supported clocks: graphics max_sm_clock_mhz down to min_sm_clock_mhz in clock_step_mhz steps at the one
+    # memory clock; max_sm_clock_mhz 0: the GPU lists no clocks and refuses locks (NOT_SUPPORTED).
+    mem_clock_mhz: int = 0
+    min_sm_clock_mhz: int = 0
+    max_sm_clock_mhz: int = 0
+    clock_step_mhz: int = 0
+    # Applications clock target (0: the default, max_sm_clock_mhz).
+    app_clock_mhz: int = 0
+    # The locked SM clock range (None: unlocked); the clock in force is sm_clock_mhz clamped into it.
+    locked_min_mhz: int | None = None
+    locked_max_mhz: int | None = None
     # A cap set by another tool; the enforced limit is the lower of it and limit_mw.
     external_limit_mw: int | None = None
     # Function name -> fault, for this GPU only.
@@ -67,10 +83,22 @@ class FakeGpu:
             return min(self.limit_mw, self.external_limit_mw)
         return self.limit_mw
 
+    @property
+    def clock_in_force_mhz(self) -> int:
+        """The SM clock the fake reports: sm_clock_mhz clamped into the locked range."""
+        mhz = self.sm_clock_mhz
+        if self.locked_max_mhz is not None:
+            mhz = min(mhz, self.locked_max_mhz)
+        if self.locked_min_mhz is not None:
+            mhz = max(mhz, self.locked_min_mhz)
+        return mhz
+
 
 # Named profiles. Limits from data/gpu_power_limits.csv rows H100-SXM5-80GB (200/700/700 W) and
 # A100-SXM4-80GB (100/400/400 W); names as nvidia-smi prints them for those boards; max SM clocks from the
-# same rows (1980 and 1410 MHz).
+# same rows (1980 and 1410 MHz). Test values, modelled (no cited dump): the lowest supported clocks (345 and
+# 210 MHz), the 15 MHz step and the memory clocks (2619 and 1593 MHz) follow the shape of an nvidia-smi -q -d
+# SUPPORTED_CLOCKS listing; bench/device_clock_check.py records the real list on a lent GPU.
 _PROFILES: dict[str, FakeGpu] = {
     "H100-SXM5": FakeGpu(
         name="NVIDIA H100 80GB HBM3",
@@ -82,6 +110,10 @@ _PROFILES: dict[str, FakeGpu] = {
         power_mw=350_000,
         instant_power_mw=360_000,
         sm_clock_mhz=1980,
+        mem_clock_mhz=2619,
+        min_sm_clock_mhz=345,
+        max_sm_clock_mhz=1980,
+        clock_step_mhz=15,
     ),
     "A100-SXM4": FakeGpu(
         name="NVIDIA A100-SXM4-80GB",
@@ -93,6 +125,10 @@ _PROFILES: dict[str, FakeGpu] = {
         power_mw=250_000,
         instant_power_mw=255_000,
         sm_clock_mhz=1410,
+        mem_clock_mhz=1593,
+        min_sm_clock_mhz=210,
+        max_sm_clock_mhz=1410,
+        clock_step_mhz=15,
     ),
 }
 PROFILE_NAMES = tuple(_PROFILES)
@@ -168,6 +204,13 @@ class FakeNvmlState:
                 "energy_step_mj": g.energy_step_mj,
                 "sm_clock_mhz": g.sm_clock_mhz,
                 "clock_event_reasons": g.clock_event_reasons,
+                "mem_clock_mhz": g.mem_clock_mhz,
+                "min_sm_clock_mhz": g.min_sm_clock_mhz,
+                "max_sm_clock_mhz": g.max_sm_clock_mhz,
+                "clock_step_mhz": g.clock_step_mhz,
+                "app_clock_mhz": g.app_clock_mhz,
+                "locked_min_mhz": _opt(g.locked_min_mhz),
+                "locked_max_mhz": _opt(g.locked_max_mhz),
             }
             lines += [f"gpu {i} {key} {value}" for key, value in values.items()]
             lines += [_fault_line(f"gpu {i} fail", fn, f) for fn, f in g.faults.items()]
@@ -231,6 +274,13 @@ class FakeNvmlState:
                     sm_clock_mhz=int(r.get("sm_clock_mhz", "0")),
                     clock_event_reasons=int(r.get("clock_event_reasons", "0"), 0),
                     external_limit_mw=_parse_opt(r.get("external_limit_mw", "none")),
+                    mem_clock_mhz=int(r.get("mem_clock_mhz", "0")),
+                    min_sm_clock_mhz=int(r.get("min_sm_clock_mhz", "0")),
+                    max_sm_clock_mhz=int(r.get("max_sm_clock_mhz", "0")),
+                    clock_step_mhz=int(r.get("clock_step_mhz", "0")),
+                    app_clock_mhz=int(r.get("app_clock_mhz", "0")),
+                    locked_min_mhz=_parse_opt(r.get("locked_min_mhz", "none")),
+                    locked_max_mhz=_parse_opt(r.get("locked_max_mhz", "none")),
                     faults=gpu_faults.get(i, {}),
                     delays=gpu_delays.get(i, {}),
                 )
@@ -238,21 +288,25 @@ class FakeNvmlState:
         return cls(gpus=gpus, nonroot=nonroot, faults=faults, driver_version=driver_version, delays=delays)
 
     def write(self, path: Path) -> None:
-        """Write to ``path`` under the same flock the fake takes, so a running fake never sees half a file."""
-        with open(path, "a+", encoding="utf-8") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            f.seek(0)
-            f.truncate()
-            f.write(self.to_text())
-            f.flush()
-            os.fsync(f.fileno())
+        """Write to ``path`` atomically (temporary file, rename) under the fake's lock (``<path>.lock``)."""
+        with _locked(path, fcntl.LOCK_EX):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(self.to_text(), encoding="utf-8")
+            os.replace(tmp, path)
 
     @classmethod
     def read(cls, path: Path) -> FakeNvmlState:
-        """Read ``path`` under the fake's flock."""
-        with open(path, encoding="utf-8") as f:
-            fcntl.flock(f, fcntl.LOCK_SH)
-            return cls.from_text(f.read())
+        """Read ``path`` under the fake's lock."""
+        with _locked(path, fcntl.LOCK_SH):
+            return cls.from_text(path.read_text(encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def _locked(path: Path, mode: int) -> Iterator[None]:
+    """The flock fake_nvml.c takes on ``<state>.lock`` around every read and rewrite of the state file."""
+    with open(path.with_name(path.name + ".lock"), "a+b") as lock:
+        fcntl.flock(lock, mode)
+        yield
 
 
 @dataclass(frozen=True)
@@ -283,6 +337,20 @@ def set_limit_calls(path: Path) -> list[tuple[int, int, int]]:
         (int(e.args[0]), int(e.args[1]), e.rc)
         for e in read_log(path)
         if e.function == "nvmlDeviceSetPowerManagementLimit"
+    ]
+
+
+# The fake's setters of locked clocks (their log lines: "<function> <gpu> [<min> <max>] rc=<code>").
+CLOCK_SETTERS = ("nvmlDeviceSetGpuLockedClocks", "nvmlDeviceResetGpuLockedClocks")
+SETTERS = ("nvmlDeviceSetPowerManagementLimit", *CLOCK_SETTERS)
+
+
+def clock_calls(path: Path) -> list[tuple[str, int, tuple[int, ...], int]]:
+    """The logged locked-clock calls as (function, gpu_index, (min_mhz, max_mhz) or (), rc)."""
+    return [
+        (e.function, int(e.args[0]), tuple(int(a) for a in e.args[1:]), e.rc)
+        for e in read_log(path)
+        if e.function in CLOCK_SETTERS
     ]
 
 

@@ -138,3 +138,39 @@ def test_state_text_round_trips_delays_and_faults() -> None:
     state.inject("nvmlDeviceGetEnforcedPowerLimit", NVML_ERROR_GPU_IS_LOST, gpu=0, times=2)
     state.gpus[1].external_limit_mw = 300_000
     assert FakeNvmlState.from_text(state.to_text()) == state
+
+
+WRITER = """
+import sys, pynvml
+pynvml.nvmlInit()
+handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(2)]
+print("ready", flush=True)
+n = 0
+while True:
+    for h in handles:
+        pynvml.nvmlDeviceSetPowerManagementLimit(h, 200_000 + (n % 100) * 1000)
+    n += 1
+"""
+
+
+def test_state_file_survives_kill9_mid_write(fake_nvml_env: FakeNvmlEnv) -> None:
+    # Every limit write rewrites the state file; a process killed at any moment must leave a whole file
+    # (the old or the new), never an empty or torn one (issue 10 B8: truncate-then-write left it empty).
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    fake_nvml_env.write_state(FakeNvmlState.of("A100-SXM4", "A100-SXM4"))
+    rng = random.Random(10)
+    for _ in range(15):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER], env=fake_nvml_env.env, stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 0.05))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(5)
+        state = fake_nvml_env.read_state()  # parses: whole, not empty
+        assert len(state.gpus) == 2
+        assert all(100_000 <= g.limit_mw <= 400_000 for g in state.gpus)

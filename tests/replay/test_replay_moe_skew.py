@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from pals_daemon.model.profile import load_profiles
+from pals_daemon.replay.node import report_window
 from pals_daemon.replay.scenario import EngineSpec, PoissonLoad, scenario_from_dict
-from pals_daemon.replay.simulate import observation
 from pals_daemon.server.daemon import default_profiles_dir
+from pals_daemon.server.engines import EngineRegistration, EngineSession
 from pals_daemon.sim.engine import SimEngine
 from pals_daemon.sim.gpu import make_sim_gpus
 from pals_daemon.sim.trace import poisson_requests
@@ -48,6 +49,13 @@ def test_engine_spec_share_parsed_and_validated() -> None:
         EngineSpec("e", "mixtral-8x7b-instruct", PoissonLoad(1.0), expert_load_share=(0.0, 0.0, 0.0, 0.0))
 
 
+def _observe(eng: SimEngine, gpus: list, indices: tuple[int, ...]):
+    """The engine's window reported into a daemon session (the replay's path) and taken as the tick does."""
+    session = EngineSession(EngineRegistration(eng.engine_id, "mixtral-8x7b-instruct", indices, 32, 4096), "s1")
+    report_window(eng, session, [g.identity.uuid for g in gpus])
+    return session.take_observation(5.0)
+
+
 def test_observation_carries_the_share_like_the_daemon() -> None:
     t = [0.0]
     gpus = make_sim_gpus("A100-SXM4", 4, lambda: t[0], first_index=4)
@@ -55,15 +63,14 @@ def test_observation_carries_the_share_like_the_daemon() -> None:
     eng = SimEngine("e", load_a100_truth("mixtral-8x7b-instruct"), gpus, reqs, 32, 4096, expert_load_share=(4, 2, 2, 2))
     t[0] = 5.0
     eng.advance(5.0)
-    obs = observation(eng, "mixtral-8x7b-instruct", (4, 5, 6, 7), eng.take_window(), 5.0, 32)
+    obs = _observe(eng, gpus, (4, 5, 6, 7))
     assert set(obs.expert_load_share) == {4, 5, 6, 7}
     assert obs.expert_load_share[4] == pytest.approx(0.4, rel=1e-3)
     assert sum(obs.expert_load_share.values()) == pytest.approx(1.0)
-    plain = SimEngine(
-        "p", load_a100_truth("mixtral-8x7b-instruct"), make_sim_gpus("A100-SXM4", 4, lambda: t[0]), reqs, 32, 4096
-    )
+    plain_gpus = make_sim_gpus("A100-SXM4", 4, lambda: t[0])
+    plain = SimEngine("p", load_a100_truth("mixtral-8x7b-instruct"), plain_gpus, reqs, 32, 4096)
     plain.advance(5.0)
-    assert observation(plain, "m", (0, 1, 2, 3), plain.take_window(), 5.0, 32).expert_load_share == {}
+    assert _observe(plain, plain_gpus, (0, 1, 2, 3)).expert_load_share == {}
 
 
 def test_routing_aware_caps_beat_uniform_caps_at_same_qos() -> None:

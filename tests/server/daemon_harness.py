@@ -23,6 +23,7 @@ from pals_daemon.clock import MonotonicClock
 from pals_daemon.config import DaemonConfig
 from pals_daemon.model.profile import load_profiles
 from pals_daemon.server.daemon import default_profiles_dir
+from pals_daemon.server.limits import EngineLimits
 from pals_daemon.server.runner import Runner
 from pals_daemon.sim.gpu import SimBackend, SimGpu, make_sim_gpus
 
@@ -73,10 +74,13 @@ def make_config(dirs: Dirs, **overrides: Any) -> DaemonConfig:
     return DaemonConfig(**values)
 
 
-def make_runner(dirs: Dirs, **overrides: Any) -> tuple[Runner, list[SimGpu]]:
+def make_runner(dirs: Dirs, engine_limits: EngineLimits | None = None, **overrides: Any) -> tuple[Runner, list[SimGpu]]:
     clock = MonotonicClock()
     gpus = make_sim_gpus("A100-SXM4", 4, clock.now)
-    return Runner(make_config(dirs, **overrides), SimBackend(gpus), PROFILES, clock), gpus
+    runner = Runner(make_config(dirs, **overrides), SimBackend(gpus), PROFILES, clock)
+    if engine_limits is not None:
+        runner.engine_limits = engine_limits  # read when the servers start
+    return runner, gpus
 
 
 @dataclass
@@ -119,8 +123,8 @@ class Node:
 
 
 @contextlib.asynccontextmanager
-async def running(dirs: Dirs, **overrides: Any) -> AsyncIterator[Node]:
-    runner, gpus = make_runner(dirs, **overrides)
+async def running(dirs: Dirs, engine_limits: EngineLimits | None = None, **overrides: Any) -> AsyncIterator[Node]:
+    runner, gpus = make_runner(dirs, engine_limits, **overrides)
     await runner.start()
     task = asyncio.create_task(runner.run())
     cfg = runner.config

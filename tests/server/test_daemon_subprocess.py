@@ -103,14 +103,15 @@ def empty_config(tmp_path: Path) -> Path:
 def start_daemon(short_tmp: Path, tmp_path: Path, empty_config: Path) -> Iterator:
     started: list[DaemonProcess] = []
 
-    def start(*flags: str, env: dict[str, str] | None = None) -> DaemonProcess:
+    def start(
+        *flags: str, env: dict[str, str] | None = None, program: tuple[str, ...] = ("-m", "pals_daemon.cli.daemon_main")
+    ) -> DaemonProcess:
         runtime_dir = short_tmp / "run"
         state_dir = tmp_path / "state"
         log_path = tmp_path / f"daemon{len(started)}.log"
         argv = [
             sys.executable,
-            "-m",
-            "pals_daemon.cli.daemon_main",
+            *program,
             "--config",
             str(empty_config),
             "--runtime-dir",
@@ -200,8 +201,9 @@ def test_sim_daemon_end_to_end_with_palsctl(start_daemon, capsys: pytest.Capture
     assert rc == 0, err
     lines = out.splitlines()
     assert len(lines) == 2, out
-    assert all(line.startswith("tick ") and "budget 1000 W" in line for line in lines)
-    ticks = [int(line.split()[1]) for line in lines]
+    # Each line: the snapshot's time, then the tick.
+    assert all(line.split()[1] == "tick" and "budget 1000 W" in line for line in lines)
+    ticks = [int(line.split()[2]) for line in lines]
     assert ticks[1] > ticks[0]
 
     assert daemon.terminate() == 0, daemon.log()

@@ -45,7 +45,7 @@ from hypothesis import strategies as st
 
 from pals_daemon.api import pals_pb2, pals_pb2_grpc
 from pals_daemon.server.engines import ReportRateLimit
-from pals_daemon.server.runner import MAX_RECEIVE_MESSAGE_BYTES
+from pals_daemon.server.limits import MAX_RECEIVE_MESSAGE_BYTES
 from pals_daemon.sim.gpu import SET_POWER_LIMIT
 
 # ------------------------------------------------------------------------------------------ explicit cases

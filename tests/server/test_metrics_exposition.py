@@ -43,6 +43,11 @@ def node_status(with_budget: bool = True) -> pals_pb2.NodeStatus:
         power_capped=True,
         controlled=True,
         engine_id="e1",
+        clock_control=True,
+        locked_clock_requested_mhz=1410,
+        locked_clock_decided_mhz=1410,
+        limit_drift=True,
+        external_limit_w=290,
     )
     s.gpus.add(
         index=1,
@@ -106,8 +111,11 @@ def gpu(index: int, uuid: str) -> frozenset[tuple[str, str]]:
     return frozenset({("gpu", str(index)), ("gpu_uuid", uuid)})
 
 
+MODELS = {"e1": "mixtral-8x7b-instruct", "e2": ""}
+
+
 def engine(engine_id: str) -> frozenset[tuple[str, str]]:
-    return frozenset({("engine", engine_id)})
+    return frozenset({("engine", engine_id), ("model", MODELS[engine_id])})
 
 
 NONE: frozenset[tuple[str, str]] = frozenset()
@@ -183,6 +191,7 @@ def test_engine_metrics(scraped) -> None:
     assert samples[("pals_engine_target_ttft_seconds", e1)] == pytest.approx(2.0)  # ms -> s
     assert samples[("pals_engine_target_tpot_seconds", e1)] == pytest.approx(0.05)
     assert samples[("pals_engine_connected", e1)] == 1.0
+    assert samples[("pals_engine_has_profile", e1)] == 0.0  # no decision with a profile in this snapshot
     assert types["pals_engine_windows"] == "counter"
     assert types["pals_engine_qos_violation_windows"] == "counter"
     assert samples[("pals_engine_windows_total", e1)] == 10.0
@@ -196,14 +205,42 @@ def test_engine_metrics(scraped) -> None:
         "pals_engine_target_tokens_per_second",
         "pals_engine_target_ttft_seconds",
         "pals_engine_target_tpot_seconds",
+        "pals_engine_has_profile",
     ):
         assert (name, e2) not in samples, name
+    # Every engine sample carries the engine and its model (joins and grouping by model).
+    for name, labels in samples:
+        if name.startswith("pals_engine_"):
+            assert {k for k, _ in labels} == {"engine", "model"}, name
+
+
+def test_engine_with_a_profile_is_flagged_1() -> None:
+    status = node_status()
+    status.engines[0].has_profile = True
+    _, samples = parse(exposition(Metrics(lambda: status, registry=CollectorRegistry())))
+    assert samples[("pals_engine_has_profile", engine("e1"))] == 1.0
 
 
 def test_budget_gauge_absent_without_an_effective_budget() -> None:
     _, samples = parse(exposition(Metrics(lambda: node_status(with_budget=False), registry=CollectorRegistry())))
     assert "pals_node_power_budget_watts" not in names(samples)
+    assert samples[("pals_node_power_budget_set", NONE)] == 0.0  # "no budget" is a value, not a missing series
     assert samples[("pals_node_power_watts", NONE)] == 330.5
+
+
+def test_budget_set_gauge_with_a_budget(scraped) -> None:
+    _, samples = scraped
+    assert samples[("pals_node_power_budget_set", NONE)] == 1.0
+
+
+def test_metrics_port_in_use_names_the_address() -> None:
+    holder = Metrics(lambda: node_status(), registry=CollectorRegistry())
+    port = holder.serve("127.0.0.1", 0)
+    try:
+        with pytest.raises(OSError, match=rf"^\[Errno \d+\] metrics endpoint 127\.0\.0\.1:{port}: "):
+            Metrics(lambda: node_status(), registry=CollectorRegistry()).serve("127.0.0.1", port)
+    finally:
+        holder.close()
 
 
 def test_rendered_from_the_snapshot_at_scrape_time() -> None:

@@ -275,6 +275,10 @@ def test_external_cap_is_rechecked_and_a_foreign_write_is_set_back(
             state.gpus[2].external_limit_mw = 200_000
             fake.write_state(state)
             await async_helpers.eventually(lambda: runner.daemon.gpus[2].requested_limit_mw <= 200_000, 5.0)
+            # Counted once the tick that lowered GPU 2 is over: its raising phase (the others get the watts GPU 2
+            # cannot use) runs after the lowering one, and a loaded machine can poll in between.
+            ticks = runner.daemon.ticks
+            await async_helpers.eventually(lambda: runner.daemon.ticks > ticks, 5.0)
             writes_capped = len(fake.set_limit_calls())
             # Capped and held under the cap: no write every tick, and the budget holds.
             await asyncio.sleep(0.3)

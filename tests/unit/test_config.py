@@ -18,7 +18,7 @@ def test_defaults_without_file(tmp_path):
     # The default path may exist on a real node; point at an empty file instead.
     cfg = load_config(env={}, config_path=write(tmp_path, ""))
     assert cfg.backend == "nvml" and cfg.mode == "enforce" and cfg.metrics_address == "127.0.0.1"
-    assert cfg.metrics_port == 9400 and cfg.period_s == 0.5 and cfg.budget_w is None
+    assert cfg.metrics_port == 10400 and cfg.period_s == 0.5 and cfg.budget_w is None
     assert str(cfg.admin_socket_path) == "/run/pals/admin/admin.sock"
 
 

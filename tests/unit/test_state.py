@@ -63,7 +63,7 @@ def test_round_trip_and_mode(tmp_path):
     )
     store.save(state)
     assert store.load() == state
-    assert json.loads(store.path.read_text())["version"] == SCHEMA_VERSION == 2
+    assert json.loads(store.path.read_text())["version"] == SCHEMA_VERSION == 3
     assert os.stat(store.path).st_mode & 0o777 == 0o600
     assert os.stat(store.directory).st_mode & 0o777 == 0o700
     assert [p.name for p in store.directory.iterdir()] == ["state.json"]  # no temporary left behind
