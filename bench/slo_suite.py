@@ -33,7 +33,9 @@ purpose, an INFEASIBLE case: Mixtral-8x7B with TPOT 10 ms, below its batch-1 dec
 sim truth), run on the Azure code trace without a budget.
 
 Budgets: none, and a binding GPU budget of 1,000 W (250 W per GPU; the default policy's sum of limits is
-1,600 W).
+1,600 W). Under the budget the "default" of the table and of the verdict is the default held to the budget
+(static-cap: every GPU at the uniform share, configured batch); the unmanaged default, which ignores the
+budget, is kept in the JSON as ``default-ignoring-budget``, never as a reference.
 
 Model mismatch: the truth is perturbed by the case's prompt mix (``Perturbation.for_requests``, as S2).
 
@@ -268,15 +270,29 @@ def _trace_file(trace: str) -> str:
     return "data/azure_llm_code_2023.csv"
 
 
+# Under a budget the reference "default" is the default held to it: static-cap (every GPU at the budget's uniform
+# share, configured batch). The unmanaged default ignores the budget; it is reported under this name only.
+UNBUDGETED = "default-ignoring-budget"
+
+
+def reference_policy(c: Case) -> str:
+    """The policy whose SLO attainment and energy are the case's "default" (static-cap under a budget)."""
+    return "default" if c.budget_w is None else "static-cap"
+
+
 def verdict(
     rows: dict[str, dict[str, Any]], budget_w: float | None, errors: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """Issue 9's acceptance for one case, from the policy rows (ERROR where a policy it needs raised)."""
+    """Issue 9's acceptance for one case, from the policy rows (ERROR where a policy it needs raised).
+
+    ``rows["default"]`` is the reference: the default policy, or under a budget static-cap (the default held
+    to the budget), so "within 1 pp of default's SLO attainment" compares budget-respecting policies."""
     d, p = rows.get("default"), rows.get("pals")
     bs = rows.get(BEST_STATIC)
     if d is None or p is None:
         missing = "default" if d is None else "pals"
-        why = (errors or {}).get(missing, "not run")
+        errs = errors or {}
+        why = errs.get(missing) or (errs.get("static-cap") if missing == "default" else None) or "not run"
         return {"default_meets_90pct": None, "pass": False, "verdict": f"ERROR ({missing}: {why})"}
     out: dict[str, Any] = {"default_meets_90pct": (d["slo_attainment"] or 0.0) >= DEFAULT_MEETS}
     slo_ok = (p["slo_attainment"] or 0.0) >= (d["slo_attainment"] or 0.0) - SLO_TOLERANCE - 1e-12
@@ -410,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         sc = built[c.name][0]
         grids[c.name] = static_grid(sc, QUICK_CAP_STEP_W, QUICK_BATCHES) if q else static_grid(sc)
         jobs += [Job(c.name, oracle), Job(c.name, "pals"), Job(c.name, "default")]
+        if c.budget_w is not None:
+            jobs.append(Job(c.name, "static-cap"))
         jobs += [Job(c.name, s, keep_detail=False) for s in grids[c.name]]
     # Longest first (the oracle, then pals), so the workers finish together.
     rank = {oracle: 0, "pals": 1, "default": 2}
@@ -429,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     best: dict[str, str | None] = {}
     for c in cases:
         statics = {s: runs[(c.name, s)] for s in grids[c.name] if (c.name, s) in runs}
-        d = runs.get((c.name, "default"))
+        d = runs.get((c.name, reference_policy(c)))
         best[c.name] = pick_best_static(d, statics) if d is not None else None
     # The chosen statics again, with their timelines for the plots.
     rerun = [Job(n, s) for n, s in best.items() if s is not None]
@@ -439,11 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     case_runs: dict[str, dict[str, PolicyRun]] = {}
     for c in cases:
         found = {
-            "default": runs.get((c.name, "default")),
+            "default": runs.get((c.name, reference_policy(c))),
             BEST_STATIC: again.get((c.name, best[c.name])) if best[c.name] is not None else None,
             "slo-oracle": runs.get((c.name, oracle)),
             "pals": runs.get((c.name, "pals")),
         }
+        if c.budget_w is not None:
+            found[UNBUDGETED] = runs.get((c.name, "default"))
         per = {p: replace(r, policy=p) for p, r in found.items() if r is not None}
         case_runs[c.name] = per
         rows = {p: policy_row(r) for p, r in per.items()}

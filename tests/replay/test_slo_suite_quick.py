@@ -27,7 +27,7 @@ def test_suite_one_budget_case_end_to_end(tmp_path, capsys) -> None:
     assert "| olmoe-1b-7b-azure-code-light-1000W |" in capsys.readouterr().out
     doc = json.loads((out / "slo_suite.json").read_text())
     (case,) = doc["cases"]
-    assert set(case["policies"]) >= {"default", "slo-oracle", "pals"}
+    assert set(case["policies"]) >= {"default", "slo-oracle", "pals", "default-ignoring-budget"}
     inputs = case["inputs"]
     assert inputs["model"] == "olmoe-1b-7b" and inputs["budget_w"] == 1000.0
     assert inputs["ttft_slo_ms"] == 2000.0 and inputs["tpot_slo_ms"] == 100.0
@@ -36,8 +36,10 @@ def test_suite_one_budget_case_end_to_end(tmp_path, capsys) -> None:
         for k in ("j_per_output_token", "j_per_token", "slo_attainment", "time_over_budget_s"):
             assert row[k] is not None, (name, k)
         assert set(row["ttft_ms"]) == {"p50", "p90", "p99"}
-        if name != "default":  # default ignores the budget; every other policy respects it every tick
+        if name != "default-ignoring-budget":  # every other policy respects the budget every tick
             assert row["limit_over_budget_ticks"] == 0, name
+    # Under the budget the reference "default" is the default held to it (static-cap).
+    assert case["policies"]["default-ignoring-budget"]["limit_over_budget_ticks"] > 0
     # Only budget-respecting statics (caps within 250 W per GPU) are in the grid.
     assert case["static_grid"] and all(float(s.split(":")[1]) <= 250.0 for s in case["static_grid"])
     v = case["verdict"]
