@@ -13,6 +13,15 @@ Either a scenario JSON (``--scenario``) or one engine described by flags. Scenar
                   "perturbation": {"throughput_factor": 0.9, "power_factor": 1.05}}]}
 
 A Poisson load is ``{"kind": "poisson", "rate_per_s": 5, "prompt_tokens": 512, "output_tokens": 256}``.
+
+Policies (``--policies``): default, static-cap, cap-only, batch-only, pals, tput-oracle (a throughput oracle,
+SLO-blind on TTFT), ``static:CAP[:BATCH]`` (a fixed per-GPU cap in W, clamped to the GPUs' range and the
+budget's uniform share; batch defaults to the configured one), ``best-static`` (the static of least energy per
+output token whose SLO attainment is within 1 pp of default's, found by replaying a grid in parallel;
+``--workers``), ``slo-oracle`` / ``slo-oracle-quick`` (an SLO-aware greedy windowed search in hindsight, see
+pals_daemon/replay/slo_oracle.py). summary.json holds, per policy, the SLO figures (``slo``: J per output token
+and per token, SLO attainment, TTFT/TPOT p50/p90/p99, time and ticks over budget; not for tput-oracle, which is
+SLO-blind) and the inputs.
 """
 
 from __future__ import annotations
@@ -22,11 +31,12 @@ import sys
 from pathlib import Path
 
 from pals_daemon.control.types import EngineTargets
-from pals_daemon.model.profile import load_profiles
-from pals_daemon.replay.policies import POLICIES
+from pals_daemon.model.profile import ProfileRegistry, load_profiles
+from pals_daemon.replay.policies import POLICIES, SLO_BLIND_POLICIES, validate_policy_spec
+from pals_daemon.replay.references import BEST_STATIC, find_best_static, policy_row, scenario_inputs
 from pals_daemon.replay.report import format_table, plot_runs, summarize, write_json
 from pals_daemon.replay.scenario import Budget, EngineSpec, PoissonLoad, Scenario, TraceLoad, load_scenario
-from pals_daemon.replay.simulate import run_scenario
+from pals_daemon.replay.simulate import PolicyRun, prepare, progress_bar, run_policy
 from pals_daemon.sim.truth import Perturbation
 
 
@@ -98,12 +108,50 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget-unit", choices=("gpu", "server"), default="gpu")
     ap.add_argument("--duration", type=float, help="simulated seconds (default 600, or the scenario's)")
     ap.add_argument("--warmup", type=float, default=0.0, help="seconds excluded from the figures")
-    ap.add_argument("--policies", nargs="*", default=list(POLICIES), choices=POLICIES)
+    ap.add_argument(
+        "--policies",
+        nargs="*",
+        default=list(POLICIES),
+        type=_policy_arg,
+        help="policy names or specs (see above), e.g. default pals static:225:32 best-static slo-oracle",
+    )
+    ap.add_argument("--workers", type=int, help="processes for the best-static grid (default: CPUs available)")
     ap.add_argument("--profiles", help="profiles directory (default: the shipped ones)")
     ap.add_argument("--out", default="out/replay", help="directory for summary.json and PNG plots")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
+
+
+def _policy_arg(spec: str) -> str:
+    if spec == BEST_STATIC:
+        return spec
+    try:
+        return validate_policy_spec(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def run_policies(
+    scenario: Scenario, registry: ProfileRegistry, policies: list[str], show_progress: bool, workers: int | None
+) -> dict[str, PolicyRun]:
+    """Every policy on the same prepared scenario; ``best-static`` runs the static grid against default."""
+    prep = prepare(scenario)
+    runs: dict[str, PolicyRun] = {}
+    for name in policies:
+        if name == BEST_STATIC:
+            if "default" not in runs:
+                runs["default"] = run_policy(scenario, "default", registry, prep)
+            spec, best, _ = find_best_static(scenario, registry, prep, runs["default"], workers=workers)
+            if best is None:
+                print("pals-replay: best-static: no static of the grid is within 1 pp of default", file=sys.stderr)
+                continue
+            print(f"best-static: {spec}", file=sys.stderr)
+            runs[BEST_STATIC] = best
+            continue
+        bar = progress_bar(f"{scenario.name}: {name:<10}") if show_progress else None
+        runs[name] = run_policy(scenario, name, registry, prep, bar)
+    return {n: runs[n] for n in [*policies, "default"] if n in runs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,9 +169,17 @@ def main(argv: list[str] | None = None) -> int:
 
         profiles_dir = str(default_profiles_dir())
     registry = load_profiles(profiles_dir)
-    runs = run_scenario(scenario, registry, args.policies, show_progress=not args.quiet)
+    runs = run_policies(scenario, registry, list(dict.fromkeys(args.policies)), not args.quiet, args.workers)
     summary = summarize(runs)
     summary["scenario"] = scenario.name
+    summary["inputs"] = scenario_inputs(scenario)
+    for name, run in runs.items():
+        if name in SLO_BLIND_POLICIES:  # kept out of SLO tables: its "saving" there comes from missed TTFTs
+            summary["policies"][name]["slo_blind"] = True
+            continue
+        summary["policies"][name]["slo"] = policy_row(run)
+        if name == BEST_STATIC:
+            summary["policies"][name]["spec"] = run.policy
     print(format_table(summary, f"{scenario.name}: {scenario.duration_s:.0f} simulated s"))
     for name, run in runs.items():
         print(f"{name}: {run.speed_x:.0f}x real time", file=sys.stderr)

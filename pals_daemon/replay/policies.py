@@ -18,7 +18,16 @@ from pals_daemon.model.profile import ProfileRegistry
 from pals_daemon.sim.engine import Request
 from pals_daemon.sim.truth import ModelTruth
 
-POLICIES: tuple[str, ...] = ("default", "static-cap", "cap-only", "batch-only", "pals", "oracle")
+POLICIES: tuple[str, ...] = ("default", "static-cap", "cap-only", "batch-only", "pals", "tput-oracle")
+# Policies judged in SLO tables: the throughput oracle is SLO-blind on TTFT, so it is kept out of them (its
+# "saving" there comes from missed TTFTs); the SLO-aware references are ``best-static`` (references.py) and
+# ``slo-oracle`` (slo_oracle.py).
+SLO_BLIND_POLICIES: frozenset[str] = frozenset({"tput-oracle"})
+# Renamed policies: the old name is refused with a pointer to the new one (no silent alias).
+RENAMED_POLICIES: Mapping[str, str] = {"oracle": "tput-oracle"}
+STATIC_PREFIX = "static:"
+# Accepted by make_policy beside POLICIES, not run by default (slower: see slo_oracle.py).
+EXTRA_POLICIES: tuple[str, ...] = ("slo-oracle", "slo-oracle-quick")
 # The oracle's cap grid step (W): the controller's own grid (ControllerConfig.cap_step_w), so that the
 # oracle is not handicapped by a coarser choice.
 ORACLE_CAP_STEP_W = ControllerConfig().cap_step_w
@@ -84,6 +93,79 @@ class StaticCapPolicy:
         return Decision(uniform_share_w(inp.gpus, inp.budget_w), engines, changed=False, reason="static")
 
 
+@dataclass(frozen=True)
+class StaticSpec:
+    """A parsed ``static:CAP[:BATCH]`` policy spec: a per-GPU cap in W and an optional batch limit."""
+
+    cap_w: float
+    batch: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The canonical spec string (``static:225`` or ``static:225:16``)."""
+        cap = f"{self.cap_w:g}"
+        return f"{STATIC_PREFIX}{cap}" if self.batch is None else f"{STATIC_PREFIX}{cap}:{self.batch}"
+
+
+def parse_static_spec(spec: str) -> StaticSpec:
+    """Parse ``static:CAP[:BATCH]`` (CAP in W > 0, BATCH an integer >= 1); ValueError says what is wrong."""
+    if not spec.startswith(STATIC_PREFIX):
+        raise ValueError(f"not a static policy spec: {spec!r} (expected static:CAP[:BATCH])")
+    parts = spec[len(STATIC_PREFIX) :].split(":")
+    if len(parts) not in (1, 2) or not parts[0]:
+        raise ValueError(f"bad static policy spec {spec!r}: expected static:CAP[:BATCH], e.g. static:225:32")
+    try:
+        cap = float(parts[0])
+    except ValueError:
+        raise ValueError(f"bad static policy spec {spec!r}: CAP {parts[0]!r} is not a number of watts") from None
+    if not (math.isfinite(cap) and cap > 0):
+        raise ValueError(f"bad static policy spec {spec!r}: CAP must be a finite number of watts > 0")
+    batch = None
+    if len(parts) == 2:
+        try:
+            batch = int(parts[1])
+        except ValueError:
+            raise ValueError(f"bad static policy spec {spec!r}: BATCH {parts[1]!r} is not an integer") from None
+        if batch < 1:
+            raise ValueError(f"bad static policy spec {spec!r}: BATCH must be >= 1")
+    return StaticSpec(cap, batch)
+
+
+def validate_policy_spec(spec: str) -> str:
+    """``spec`` if it names a known policy or a valid static spec; ValueError with the known names if not."""
+    if spec.startswith(STATIC_PREFIX):
+        parse_static_spec(spec)
+        return spec
+    if spec in POLICIES or spec in EXTRA_POLICIES:
+        return spec
+    if spec in RENAMED_POLICIES:
+        raise ValueError(f"policy {spec!r} was renamed {RENAMED_POLICIES[spec]!r} (a throughput oracle, SLO-blind)")
+    known = ", ".join((*POLICIES, *EXTRA_POLICIES, "static:CAP[:BATCH]"))
+    raise ValueError(f"unknown policy {spec!r}; known: {known}")
+
+
+class StaticPolicy:
+    """A fixed per-GPU cap and batch limit (``static:CAP[:BATCH]``): a static setting to compare against.
+
+    The cap is clamped to each GPU's range and, when a budget binds, to the budget's uniform share (so it
+    never breaks the budget); the batch limit (configured when unset) is clamped to [1, configured].
+    """
+
+    def __init__(self, spec: StaticSpec) -> None:
+        self.spec = spec
+        self.name = spec.name
+
+    def decide(self, inp: ControllerInput) -> Decision:
+        """The fixed setting, within the GPUs' ranges and the budget share."""
+        shares = uniform_share_w(inp.gpus, inp.budget_w)
+        limits = {g.index: float(min(max(self.spec.cap_w, g.min_limit_w), shares[g.index])) for g in inp.gpus}
+        engines = {}
+        for e in inp.engines:
+            batch = e.configured_max_num_seqs if self.spec.batch is None else self.spec.batch
+            engines[e.engine_id] = _engine_decision(e, min(max(1, batch), max(1, e.configured_max_num_seqs)))
+        return Decision(limits, engines, changed=False, reason="static")
+
+
 class ControllerPolicy:
     """The controller core (the daemon's own), optionally restricted to one knob."""
 
@@ -115,13 +197,17 @@ class _Table:
     idle_w: float
 
 
-class OraclePolicy:
-    """Best (cap per engine, batch) per control window in hindsight, on the simulated truth itself.
+class ThroughputOraclePolicy:
+    """A THROUGHPUT oracle (``tput-oracle``): best (cap per engine, batch) per control window in hindsight.
 
-    An upper-bound *estimate*, not a proof: for each tick it evaluates every (cap, batch) on a 25 W x
-    candidate-batch grid with the engine's own ``ModelTruth`` (perturbation included: what the controller
-    cannot see) and picks, per engine, the configuration of best truth tokens/J that meets the engine's
-    throughput target (or, without one, the demand that arrives over the next QoS window plus the queue,
+    SLO-blind on TTFT: it sizes capacity to the throughput requirement of a steady state and never looks at
+    queueing delay, so on latency-SLO traffic its "saving" comes partly from missed TTFTs; keep it out of SLO
+    tables (``SLO_BLIND_POLICIES``) and compare with ``best-static`` and ``slo-oracle`` there instead.
+    An upper-bound *estimate* of tokens/J at a throughput requirement, not a proof: for each tick it
+    evaluates every (cap, batch) on a 25 W x candidate-batch grid with the engine's own ``ModelTruth``
+    (perturbation included: what the controller cannot see) and picks, per engine, the configuration of
+    best truth tokens/J that meets the engine's throughput target (or, without one, the demand that arrives
+    over the next QoS window plus the queue,
     known in hindsight from the request list) and its TPOT SLO, with the node's limits within the budget.
     Approximations: a saturated steady state (a batch of ``b`` always running); prefill folded in at the
     request mix's prompt/output token ratio (each step prefills ``b x ratio`` prompt tokens at the truth's
@@ -134,7 +220,7 @@ class OraclePolicy:
     target can then show more than 100% of the oracle's tokens/J: read % of oracle beside QoS violations.
     """
 
-    name = "oracle"
+    name = "tput-oracle"
 
     def __init__(
         self,
@@ -250,7 +336,7 @@ class OraclePolicy:
             engines[eng.engine_id] = _engine_decision(
                 eng, int(table.batches[j]), float(table.tput[i, j]), float(table.power_w[i, j])
             )
-        return Decision(limits, engines, changed=False, reason="oracle")
+        return Decision(limits, engines, changed=False, reason="tput-oracle")
 
     @staticmethod
     def _choose(
@@ -290,7 +376,10 @@ def make_policy(
     configured_max_num_seqs: int = 64,
     qos_window_s: float = 5.0,
 ) -> Policy:
-    """A fresh policy by name (see :data:`POLICIES`)."""
+    """A fresh policy by name (see :data:`POLICIES`, :data:`EXTRA_POLICIES`) or ``static:CAP[:BATCH]`` spec."""
+    validate_policy_spec(name)
+    if name.startswith(STATIC_PREFIX):
+        return StaticPolicy(parse_static_spec(name))
     cfg = config if config is not None else ControllerConfig(gpu_kind="A100-SXM4")
     if name == "default":
         return DefaultPolicy()
@@ -302,8 +391,10 @@ def make_policy(
         return ControllerPolicy("cap-only", registry, replace(cfg, fixed_batch=configured_max_num_seqs))
     if name == "batch-only":
         return ControllerPolicy("batch-only", registry, cfg, batch_only=True)
-    if name == "oracle":
-        if truths is None or requests is None:
-            raise ValueError("the oracle needs the truths and the request lists")
-        return OraclePolicy(truths, requests, qos_window_s, cfg.candidate_batches)
-    raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
+    if truths is None or requests is None:
+        raise ValueError(f"the {name} policy needs the truths and the request lists")
+    if name == "tput-oracle":
+        return ThroughputOraclePolicy(truths, requests, qos_window_s, cfg.candidate_batches)
+    from pals_daemon.replay.slo_oracle import SloOraclePolicy  # noqa: PLC0415 (slo_oracle imports this module)
+
+    return SloOraclePolicy(truths, requests, quick=name == "slo-oracle-quick")

@@ -44,7 +44,7 @@ def _engine_row(e: EngineResult, duration_s: float) -> dict[str, Any]:
 def summarize(runs: Mapping[str, PolicyRun]) -> dict[str, Any]:
     """Per policy: node and per-engine figures, gain vs default and % of the oracle on tokens/J."""
     default = runs.get("default")
-    oracle = runs.get("oracle")
+    oracle = runs.get("tput-oracle")
     out: dict[str, Any] = {"policies": {}}
     for name, run in runs.items():
         node = {
@@ -160,7 +160,7 @@ def plot_runs(runs: Mapping[str, PolicyRun], out_dir: str | Path, prefix: str = 
     names = list(runs)
     fig, ax = plt.subplots(figsize=(7, 4))
     vals = [runs[n].tokens_per_j for n in names]
-    bars = ax.bar(names, vals, color=["#888" if n in ("default", "oracle") else "#3a7" for n in names])
+    bars = ax.bar(names, vals, color=["#888" if n in ("default", "tput-oracle") else "#3a7" for n in names])
     for b, v in zip(bars, vals, strict=True):
         ax.annotate(f"{v:.3f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("output tokens / J (GPU energy)")
@@ -205,3 +205,60 @@ def plot_runs(runs: Mapping[str, PolicyRun], out_dir: str | Path, prefix: str = 
     plt.close(fig)
     paths.append(p)
     return paths
+
+
+def plot_slo_case(
+    runs: Mapping[str, PolicyRun],
+    path: str | Path,
+    title: str,
+    ttft_slo_ms: float | None,
+    tpot_slo_ms: float | None,
+    window_s: float = 30.0,
+) -> Path:
+    """One PNG per SLO case: node GPU power (and budget), engine0's cap and batch limit, and p90 TTFT / TPOT
+    per ``window_s`` window against the SLOs, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pals_daemon.replay.latency import window_p90
+
+    fig, axes = plt.subplots(5, 1, figsize=(10, 12), sharex=True)
+    ax_p, ax_c, ax_b, ax_t, ax_o = axes
+    budget_drawn = False
+    for name, run in runs.items():
+        tl = run.timeline
+        ax_p.plot(tl.t_s, tl.gpu_power_w, lw=0.7, label=name)
+        if not budget_drawn and any(math.isfinite(b) for b in tl.budget_w):
+            ax_p.plot(tl.t_s, tl.budget_w, "k--", lw=1.2, label="budget")
+            budget_drawn = True
+        eid = next(iter(tl.cap_w), None)
+        if eid is not None:
+            ax_c.plot(tl.t_s, tl.cap_w[eid], lw=0.9, label=name)
+            ax_b.plot(tl.t_s, tl.batch[eid], lw=0.9, label=name)
+        if run.engines:
+            w = window_p90(run.engines[0].finished, run.run_s, window_s)
+            ax_t.step(w.t_s, w.ttft_p90_ms / 1000.0, where="post", lw=0.9, label=name)
+            ax_o.step(w.t_s, w.tpot_p90_ms, where="post", lw=0.9, label=name)
+    if ttft_slo_ms is not None:
+        ax_t.axhline(ttft_slo_ms / 1000.0, color="r", ls=":", lw=1.2, label="SLO")
+    if tpot_slo_ms is not None:
+        ax_o.axhline(tpot_slo_ms, color="r", ls=":", lw=1.2, label="SLO")
+    ax_t.set_yscale("log")
+    ax_o.set_yscale("log")
+    ax_p.set_ylabel("node GPU power (W)")
+    ax_c.set_ylabel("cap per GPU (W)")
+    ax_b.set_ylabel("batch limit")
+    ax_t.set_ylabel(f"p90 TTFT (s, {window_s:.0f} s win)")
+    ax_o.set_ylabel(f"p90 TPOT (ms, {window_s:.0f} s win)")
+    ax_o.set_xlabel("simulated time (s)")
+    ax_p.legend(fontsize=7, ncol=5)
+    ax_t.legend(fontsize=7, ncol=5)
+    ax_p.set_title(title, fontsize=9)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=90)
+    plt.close(fig)
+    return p

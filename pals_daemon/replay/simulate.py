@@ -51,6 +51,14 @@ class EngineResult:
     ttft_p90_ms: float | None
     tpot_p90_ms: float | None
     target_tokens_per_s: float | None
+    # Latency percentiles over the finished requests (TPOT over those with more than one output token).
+    ttft_p50_ms: float | None = None
+    ttft_p99_ms: float | None = None
+    tpot_p50_ms: float | None = None
+    tpot_p99_ms: float | None = None
+    # Finished requests after the warm-up, one row each: (finish s, arrival s, TTFT ms, TPOT ms, output
+    # tokens), float64; for latency-over-time plots and per-window error figures.
+    finished: np.ndarray = field(default_factory=lambda: np.zeros((0, 5)))
 
     @property
     def tokens_per_j(self) -> float:
@@ -76,6 +84,9 @@ class Timeline:
     tokens_per_s: dict[str, list[float]] = field(default_factory=dict)
     # Requested limit of every GPU by index (per-GPU caps differ under routing-aware control).
     gpu_cap_w: dict[int, list[float]] = field(default_factory=dict)
+    # Per engine: the decision's predicted p90 TTFT / TPOT (ms) where the policy exposes one (NaN if not).
+    predicted_ttft_p90_ms: dict[str, list[float]] = field(default_factory=dict)
+    predicted_tpot_p90_ms: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -136,6 +147,18 @@ def _pct(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
+def _finished_array(finished: Sequence[FinishedRequest]) -> np.ndarray:
+    """(finish s, arrival s, TTFT ms, TPOT ms, output tokens) per finished request."""
+    rows = [(f.finish_s, f.arrival_s, f.ttft_ms, f.tpot_ms, f.output_tokens) for f in finished]
+    return np.array(rows, dtype=np.float64).reshape(-1, 5)
+
+
+def _predicted(decision: object, field_name: str) -> float:
+    """A decision's optional latency prediction (ms), NaN where the policy does not expose it."""
+    v = getattr(decision, field_name, None)
+    return float(v) if v is not None else math.nan
+
+
 @dataclass
 class Prepared:
     """Per-scenario inputs shared by every policy: truths and request lists (built once)."""
@@ -171,7 +194,7 @@ def progress_bar(label: str) -> Callable[[float], None]:
 
 def run_policy(
     scenario: Scenario,
-    policy_name: str,
+    policy_name: str | Policy,
     registry: ProfileRegistry,
     prepared: Prepared | None = None,
     progress: Callable[[float], None] | None = None,
@@ -180,8 +203,8 @@ def run_policy(
     on_tick: Callable[[ControllerInput, Decision], None] | None = None,
     policy: Policy | None = None,
 ) -> PolicyRun:
-    """Replay ``scenario`` under one policy and return its figures (``policy``: a ready one, e.g. the cluster
-    replay's, named ``policy_name`` in the figures)."""
+    """Replay ``scenario`` under one policy (a name, a ``static:CAP[:BATCH]`` spec, or a Policy object) and
+    return its figures; ``policy``: a ready one (e.g. the cluster replay's) named ``policy_name`` in the figures."""
     started = time.perf_counter()
     prep = prepared if prepared is not None else prepare(scenario)
     now = [0.0]
@@ -193,14 +216,20 @@ def run_policy(
     engines, engine_gpus, sessions = node.engines, node.engine_gpus, node.sessions
     targets: dict[str, EngineTargets] = {s.engine_id: s.targets for s in scenario.engines}
     gpu_idx = {e.engine_id: tuple(g.identity.index for g in gs) for e, gs in zip(engines, engine_gpus, strict=True)}
-    policy = policy if policy is not None else make_policy(
-        policy_name,
-        registry,
-        truths=prep.truths,
-        requests=prep.requests,
-        configured_max_num_seqs=max(s.max_num_seqs for s in scenario.engines),
-        qos_window_s=scenario.qos_window_s,
-        config=config,
+    policy = (
+        policy
+        if policy is not None
+        else policy_name
+        if not isinstance(policy_name, str)
+        else make_policy(
+            policy_name,
+            registry,
+            truths=prep.truths,
+            requests=prep.requests,
+            configured_max_num_seqs=max(s.max_num_seqs for s in scenario.engines),
+            qos_window_s=scenario.qos_window_s,
+            config=config,
+        )
     )
     qos = {e.engine_id: QosWindows() for e in engines}
     tl = Timeline()
@@ -208,6 +237,8 @@ def run_policy(
         tl.cap_w[e.engine_id] = []
         tl.batch[e.engine_id] = []
         tl.tokens_per_s[e.engine_id] = []
+        tl.predicted_ttft_p90_ms[e.engine_id] = []
+        tl.predicted_tpot_p90_ms[e.engine_id] = []
     period = scenario.period_s
     n_ticks = int(math.ceil(scenario.duration_s / period - 1e-9))
     n_gpus = len(node.gpus)
@@ -272,6 +303,9 @@ def run_policy(
             tl.cap_w[e.engine_id].append(mw_to_w(requested_mw[gpu_idx[e.engine_id][0]]))
             tl.batch[e.engine_id].append(session.current_max_num_seqs)
             tl.tokens_per_s[e.engine_id].append(o.throughput_tokens_per_s)
+            d = decision.engines.get(e.engine_id)
+            tl.predicted_ttft_p90_ms[e.engine_id].append(_predicted(d, "predicted_ttft_p90_ms"))
+            tl.predicted_tpot_p90_ms[e.engine_id].append(_predicted(d, "predicted_tpot_p90_ms"))
 
     t_end = scenario.duration_s
     now[0] = t_end
@@ -303,10 +337,15 @@ def run_policy(
                 ttft_p90_ms=_p90([f.ttft_ms for f in finished]),
                 tpot_p90_ms=_p90([f.tpot_ms for f in finished if f.output_tokens > 1]),
                 target_tokens_per_s=tg.tokens_per_s,
+                ttft_p50_ms=_pct([f.ttft_ms for f in finished], 50),
+                ttft_p99_ms=_pct([f.ttft_ms for f in finished], 99),
+                tpot_p50_ms=_pct([f.tpot_ms for f in finished if f.output_tokens > 1], 50),
+                tpot_p99_ms=_pct([f.tpot_ms for f in finished if f.output_tokens > 1], 99),
+                finished=_finished_array(finished),
             )
         )
     return PolicyRun(
-        policy=policy_name,
+        policy=policy_name if isinstance(policy_name, str) else policy.name,
         scenario=scenario.name,
         duration_s=span_s,
         run_s=t_end,

@@ -25,7 +25,7 @@ def _scenario(budget: Budget) -> Scenario:
     return Scenario("budget", engines, duration_s=40.0, budget=budget)
 
 
-@pytest.mark.parametrize("policy", ["static-cap", "cap-only", "batch-only", "pals", "oracle"])
+@pytest.mark.parametrize("policy", ["static-cap", "cap-only", "batch-only", "pals", "tput-oracle"])
 def test_sum_of_limits_never_exceeds_budget(policy: str) -> None:
     budget = Budget(((0.0, None), (8.0, 2400.0), (16.0, 1100.0), (26.0, 1700.0), (33.0, 850.0)))
     sc = _scenario(budget)

@@ -27,7 +27,7 @@ def test_cli_tiny_scenario(tmp_path: Path, capsys) -> None:
     )
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["policies"]) == {"default", "static-cap", "cap-only", "batch-only", "pals", "oracle"}
+    assert set(summary["policies"]) == {"default", "static-cap", "cap-only", "batch-only", "pals", "tput-oracle"}
     for name in ("replay_tokens_per_j.png", "replay_power.png", "replay_limits.png"):
         assert (out / name).stat().st_size > 1000
     assert "pals" in capsys.readouterr().out
@@ -69,7 +69,7 @@ def test_cli_scenario_json_with_trace_columns(tmp_path: Path) -> None:
                 "--policies",
                 "default",
                 "pals",
-                "oracle",
+                "tput-oracle",
             ]
         )
         == 0

@@ -46,12 +46,12 @@ def test_pals_beats_default_and_static_cap(s1_runs) -> None:
 def test_oracle_at_least_pals(s1_runs) -> None:
     # 0.5% tolerance: where both settle on the same configuration, what differs is the queue state the
     # start-up leaves behind (a different token count in the measured span), not the choice.
-    assert s1_runs["oracle"].tokens_per_j >= 0.995 * s1_runs["pals"].tokens_per_j
+    assert s1_runs["tput-oracle"].tokens_per_j >= 0.995 * s1_runs["pals"].tokens_per_j
 
 
 def test_oracle_meets_a_binding_target_and_beats_pals_when_pals_meets_it() -> None:
-    runs = run_scenario(_s1(330.0), REGISTRY, ["pals", "oracle"])
-    oracle, pals = runs["oracle"], runs["pals"]
+    runs = run_scenario(_s1(330.0), REGISTRY, ["pals", "tput-oracle"])
+    oracle, pals = runs["tput-oracle"], runs["pals"]
     # The oracle meets the target it is given (QoS as the daemon counts it) ...
     assert oracle.engines[0].qos_violation_fraction <= 0.02
     # ... and is at least as efficient as pals unless pals buys its efficiency with missed windows.
@@ -66,7 +66,7 @@ def test_pals_beats_static_cap_under_a_budget() -> None:
 
 def test_replay_is_deterministic() -> None:
     sc = _s1(220.0, Budget(((0.0, None), (40.0, 1000.0))))
-    a, b = (summarize(run_scenario(sc, REGISTRY, ["pals", "oracle", "static-cap"])) for _ in range(2))
+    a, b = (summarize(run_scenario(sc, REGISTRY, ["pals", "tput-oracle", "static-cap"])) for _ in range(2))
     for s in (a, b):
         for pol in s["policies"].values():
             for key in ("wall_s", "speed_x_real_time"):

@@ -54,7 +54,7 @@ def test_s3_run_writes_table_json_and_plot(tmp_path: Path) -> None:
     # 3,600 W: below what the oracle can meet, so the sweep stops after its first budget.
     result = s3.run(tmp_path, quick=True, duration_s=60.0, start_w=3600.0, policies=("static-cap", "pals"))
     assert [r["server_budget_w"] for r in result["sweep"]] == [3600.0]
-    assert result["policies"] == ["static-cap", "pals", "oracle"]
+    assert result["policies"] == ["static-cap", "pals", "tput-oracle"]
     assert not result["sweep"][0]["oracle_meets_all"] and "degradation" in result["sweep"][0]
     assert result["goals"]["budget_never_exceeded"]
     assert (tmp_path / "s3.json").is_file() and (tmp_path / "s3_sweep.png").is_file()
