@@ -309,7 +309,7 @@ class Controller:
             p.state.cap_w = float(p.caps_w[i])
             p.state.batch = batch
             p.state.predicted_ok = bool(p.tput[i, j] >= p.required * (1 - self.config.hysteresis))
-            pred = p.slo.prediction if p.slo is not None else None
+            pred = p.slo.predictions[j] if p.slo is not None and p.slo.predictions else None
             engine_decisions[eid] = EngineDecision(
                 engine_id=eid,
                 max_num_seqs=batch,
@@ -638,7 +638,8 @@ class Controller:
         own: list[GpuObservation],
         target: EngineTargets,
     ) -> _Plan:
-        """Candidates of an engine under latency SLOs (control/slo.py): one column, the configured batch."""
+        """Candidates of an engine under latency SLOs (control/slo.py): caps x batch limits (the configured one,
+        its half and its quarter, each with the step token budget scaled alike; the configured one last)."""
         grid = self._cap_grid(eng, model, own)
         slo = self._slo.get(eng.engine_id)
         if slo is None:
@@ -655,24 +656,28 @@ class Controller:
         slo.observe(eng, cap_in_force, at_top, target, gpu_power_w)
         n_gpus = len(eng.gpu_indices) or model.num_gpus
         max_limit_w = max((g.max_limit_w for g in own), default=model.max_cap_w)
-        batch = max(1, eng.configured_max_num_seqs)
-        pred, power, ok, energy = slo.plan(
+        configured = max(1, eng.configured_max_num_seqs)
+        batches = np.array(sorted({max(1, configured // 4), max(1, configured // 2), configured}), dtype=np.int64)
+        tokens = [_scaled_batched_tokens(eng, int(b)) for b in batches]
+        power, ok, energy = slo.plan(
             grid.eff_cap_w,
             n_gpus,
             max_limit_w,
-            batch,
-            max(1, eng.configured_max_num_batched_tokens),
+            [int(b) for b in batches],
+            tokens,
             eng.num_waiting,
             state.power_ratio,
             target,
         )
         lam_d, _ = slo.forecast()
-        served = np.minimum(lam_d, pred.capacity_tokens_per_s)
+        served = np.stack([np.minimum(lam_d, pr.capacity_tokens_per_s) for pr in slo.predictions], axis=1)
+        tpot = np.stack([pr.tpot_p90_ms for pr in slo.predictions], axis=1)
         incumbent = None
-        if state.cap_w is not None and state.batch == batch:
+        if state.cap_w is not None and state.batch is not None:
             ci = np.flatnonzero(np.isclose(grid.caps_w, state.cap_w, rtol=0, atol=1e-6))
-            if ci.size:
-                incumbent = (int(ci[0]), 0)
+            bj = np.flatnonzero(batches == state.batch)
+            if ci.size and bj.size:
+                incumbent = (int(ci[0]), int(bj[0]))
         return _Plan(
             engine=eng,
             model=model,
@@ -681,13 +686,13 @@ class Controller:
             caps_w=grid.caps_w,
             limits_w=grid.limits_w,
             cost_w=grid.limits_w.sum(axis=1),
-            batches=np.array([batch], dtype=np.int64),
-            tput=served[:, None],
-            power=power[:, None],
-            eff=(1.0 / np.maximum(energy, 1e-12))[:, None],
-            tpot=pred.tpot_p90_ms[:, None],
-            tpot_ok=ok[:, None],
-            meets=ok[:, None],
+            batches=batches,
+            tput=served,
+            power=power,
+            eff=1.0 / np.maximum(energy, 1e-12),
+            tpot=tpot,
+            tpot_ok=ok,
+            meets=ok,
             required=lam_d,
             tpot_slo=_positive(target.tpot_ms),
             incumbent=incumbent,
@@ -723,9 +728,8 @@ class Controller:
     def _choose_free(self, p: _Plan) -> tuple[tuple[int, int], str]:
         """The engine's choice ignoring the budget, with hysteresis against last tick's choice."""
         if p.slo is not None:
-            inc = p.incumbent[0] if p.incumbent is not None else None
-            ch = p.slo.choose(1.0 / p.eff[:, 0], p.meets[:, 0], p.caps_w, inc)
-            return (ch.row, 0), ch.cause
+            ch = p.slo.choose(1.0 / p.eff, p.meets, p.caps_w, p.incumbent)
+            return (ch.row, ch.col), ch.cause
         best = self._pick(p)
         if p.incumbent is None:
             return best, "first"
@@ -746,15 +750,20 @@ class Controller:
         j_tpot = np.argmax(np.where(p.tpot_ok, p.tput, -np.inf), axis=1)
         j_min = np.argmin(p.tpot, axis=1)
         js = np.where(has_meet, j_meet, np.where(has_tpot, j_tpot, j_min))
+        if p.slo is not None and p.slo.closeness.shape == p.meets.shape:
+            # Short of the SLO at a cap: the batch limit that comes closest (ties: the larger, last column).
+            c = p.slo.closeness
+            j_close = c.shape[1] - 1 - np.argmax(c[:, ::-1], axis=1)
+            js = np.where(has_meet, j_meet, j_close)
 
         def score(i: int, j: int, slack: float) -> float:
             meets = p.tput[i, j] >= p.required * (1 - slack) and (
                 p.tpot_slo is None or p.tpot[i, j] <= p.tpot_slo * (1 + slack)
             )
-            if p.slo is not None and p.slo.closeness.size == p.caps_w.size:
+            if p.slo is not None and p.slo.closeness.shape == p.meets.shape:
                 # Under latency SLOs the budget split weighs how close a cap comes to the SLO, not throughput
                 # (at a binding budget every cap may serve the arrivals; the higher ones keep the tail shorter).
-                frac = min(1.0, float(p.slo.closeness[i]) * (1 + slack))
+                frac = min(1.0, float(p.slo.closeness[i, j]) * (1 + slack))
             else:
                 frac = 1.0 if p.required <= 0 else min(1.0, p.tput[i, j] * (1 + slack) / p.required)
             effn = min(1.0, p.eff[i, j] * (1 + slack) / eff_max)

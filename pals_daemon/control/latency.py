@@ -206,6 +206,7 @@ class LatencyModel:
         backlog_prompt_tokens: float,
         backlog_output_tokens: float = 0.0,
         chunk_tokens: float = 0.0,
+        step_tokens: float = 0.0,
     ) -> Prediction:
         """Step time, batch, busy fraction and p90 TPOT/TTFT at each cap for the forecast load."""
         caps = np.asarray(caps_w, dtype=np.float64)
@@ -233,6 +234,9 @@ class LatencyModel:
             busy = np.clip(work, 0.0, 1.0)
             prefill_share = np.where(busy > 0, np.minimum(rho_p / np.maximum(busy, 1e-9), 1.0), 0.0)
             own = prompt_tokens * tpp
+            if step_tokens > 0:
+                # A prompt longer than the step's token budget is prefilled over several steps, each with a decode pass.
+                own = own + max(0.0, math.ceil(prompt_tokens / step_tokens) - 1.0) * tau
             # Ahead of a new request: the queued prompts' prefill, and when the batch is full the decode of the
             # queued requests' outputs at the cap's capacity (they wait for seats).
             queue = backlog_prompt_tokens * tpp / np.maximum(1.0 - busy, 0.05)

@@ -13,14 +13,18 @@ profile) gives the GPUs' power at that operating point; energy per output token 
   ``slo_min_saving``;
 - the margin adapts from measured slack: an integral on (measured p90 / SLO - 1) when it is above 1, with
   anti-windup (no growth while at the top cap, where a larger margin cannot help), decaying slowly with slack.
-The batch limit stays at the engine's configured maximum: under overload a lower limit only builds a queue
-(the issue's "never cut the batch below what keeps up with arrivals"), and below overload it does not bind.
+The batch limit (and with it the step's token budget, scaled alike) is chosen with the cap among the configured
+maximum and its half and quarter: a smaller token budget cuts the prompt chunk that stalls every decoding request
+in a step (TPOT's tail) at the cost of more steps per long prompt (TTFT), and a limit below what keeps up with
+arrivals is never feasible (the issue's "never cut the batch below what keeps up with arrivals"); in the overload
+regime, the configured batch.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,9 +51,10 @@ SIZE_DECAY = 0.998
 
 @dataclass(frozen=True)
 class SloChoice:
-    """The SLO planner's pick for one engine this tick."""
+    """The SLO planner's pick for one engine this tick: cap row and batch column of its plan."""
 
     row: int
+    col: int
     cause: str
 
 
@@ -68,7 +73,9 @@ class SloEngine:
         self.breach = False
         self.queue_growing = False
         self.idle_w: float | None = None
-        self.prediction: Prediction | None = None
+        # Per batch-limit column of the last plan, and the column chosen last.
+        self.predictions: list[Prediction] = []
+        self.column = -1
         # Per cap of the last plan: 1 when the SLO is predicted met, else how close (the budget split's score).
         self.closeness: FloatArray = np.zeros(0)
         # (time s, smoothed decode tokens/s, smoothed prefill tokens/s) over the forecast window.
@@ -105,7 +112,7 @@ class SloEngine:
         if eng.busy_fraction < 0.02 and gpu_power_w > 0:
             self.idle_w = gpu_power_w if self.idle_w is None else 0.8 * self.idle_w + 0.2 * gpu_power_w
         self.latency.observe_window(cap_in_force_w, eng.num_steps, eng.decode_tokens, eng.prefill_tokens, busy_s)
-        pred = self.prediction
+        pred = self.predictions[self.column] if self.predictions else None
         if pred is not None and pred.caps_w.size:
             row = int(np.argmin(np.abs(pred.caps_w - cap_in_force_w)))
             self.latency.calibrate(
@@ -143,29 +150,47 @@ class SloEngine:
         eff_caps_w: FloatArray,
         n_gpus: int,
         max_limit_w: float,
-        batch_limit: int,
-        batched_tokens_limit: int,
+        batch_limits: Sequence[int],
+        batched_tokens_limits: Sequence[int],
         num_waiting: int,
         power_ratio: float,
         target: EngineTargets,
-    ) -> tuple[Prediction, FloatArray, NDArray[np.bool_], FloatArray]:
-        """(prediction, predicted engine power W, feasible, energy per output token J) at each cap."""
+    ) -> tuple[FloatArray, NDArray[np.bool_], FloatArray]:
+        """(predicted engine power W, feasible, energy per output token J), each (caps x batch limits)."""
         lam_d, lam_p = self.forecast()
         backlog = num_waiting * self.prompt_tokens
-        pred = self.latency.predict(
-            eff_caps_w,
-            lam_d,
-            lam_p,
-            batch_limit,
-            self.prompt_tokens,
-            backlog,
-            num_waiting * self.output_tokens,
-            # A step's prompt chunk: the token budget, or less when prompts are short (modelled: two prompts).
-            chunk_tokens=min(float(batched_tokens_limit), 2.0 * self.prompt_tokens),
-        )
-        self.prediction = pred
+        columns = []
+        for b_lim, tok_lim in zip(batch_limits, batched_tokens_limits, strict=True):
+            pred = self.latency.predict(
+                eff_caps_w,
+                lam_d,
+                lam_p,
+                b_lim,
+                self.prompt_tokens,
+                backlog,
+                num_waiting * self.output_tokens,
+                # A step's prompt chunk: its token budget, or less when prompts are short (modelled: two prompts).
+                chunk_tokens=min(float(tok_lim), 2.0 * self.prompt_tokens),
+                step_tokens=float(tok_lim),
+            )
+            columns.append(self._column(pred, eff_caps_w, n_gpus, max_limit_w, lam_d, power_ratio, target))
+        self.predictions = [c[0] for c in columns]
+        power, ok, energy, closeness = (np.stack([c[k] for c in columns], axis=1) for k in range(1, 5))
+        self.closeness = closeness
+        return power, ok, energy
+
+    def _column(
+        self,
+        pred: Prediction,
+        eff_caps: FloatArray,
+        n_gpus: int,
+        max_limit_w: float,
+        lam_d: float,
+        power_ratio: float,
+        target: EngineTargets,
+    ) -> tuple[Prediction, FloatArray, NDArray[np.bool_], FloatArray, FloatArray]:
+        """One batch limit's (prediction, power, feasible, energy per output token, closeness to the SLO)."""
         model = self.latency.model
-        eff_caps = eff_caps_w
         p_dec = np.minimum(model.gpu_power_w(eff_caps, pred.batch) * power_ratio, eff_caps)
         p_pre = np.minimum(eff_caps, PREFILL_POWER_FRACTION * max_limit_w)
         p_busy = pred.prefill_share * p_pre + (1 - pred.prefill_share) * p_dec
@@ -186,54 +211,66 @@ class SloEngine:
                     ratio = slo_ms * (1 - m) / pred.tail_ms(kind, q)
                     closeness = np.minimum(closeness, np.nan_to_num(ratio, nan=0.0, posinf=1.0, neginf=0.0))
             served = np.minimum(1.0, pred.capacity_tokens_per_s / max(lam_d, 1e-9))
-        closeness = np.where(pred.overloaded, np.minimum(closeness, 0.5 * served), closeness)
-        self.closeness = np.clip(closeness, 0.0, 1.0)
+        closeness = np.clip(np.where(pred.overloaded, np.minimum(closeness, 0.5 * served), closeness), 0.0, 1.0)
         ok = ~pred.overloaded & (closeness >= 1.0)
-        return pred, power, ok, energy
+        return pred, power, ok, energy, closeness
 
     def choose(
-        self, energy: FloatArray, feasible: NDArray[np.bool_], caps_w: FloatArray, incumbent: int | None
+        self,
+        energy: FloatArray,
+        feasible: NDArray[np.bool_],
+        caps_w: FloatArray,
+        incumbent: tuple[int, int] | None,
     ) -> SloChoice:
-        """The row to run next tick (see module docstring)."""
+        """The (cap row, batch column) to run next tick (see module docstring); the last column is the
+        engine's configured batch limit."""
         cfg = self.config
         top = caps_w.size - 1
+        configured = energy.shape[1] - 1
         if self.breach_rate > cfg.slo_infeasible_breach_rate:
-            # The SLO is not being met at the caps tried: serve the most goodput (the top cap), and come back
-            # down only once breaches have become rare again.
+            # The SLO is not being met at the caps tried: serve the most goodput (the top cap, the configured
+            # batch), and come back down only once breaches have become rare again.
             want, cause = top, "slo-overload"
         elif feasible.any():
             # The highest feasible cap within slo_min_saving of the least energy: where the cap does not
             # matter (idle, or below where it binds) a higher one costs nothing and absorbs the next burst.
             best = float(np.min(np.where(feasible, energy, np.inf)))
             near = feasible & (energy <= best * (1 + cfg.slo_min_saving))
-            want = int(np.flatnonzero(near)[-1])
+            want = int(np.flatnonzero(near.any(axis=1))[-1])
             cause = "slo-energy"
         else:
             want, cause = top, "slo-infeasible"
         first = incumbent is None
-        if incumbent is None:
-            incumbent = top  # a new engine starts from the top cap and comes down at the rate limit
+        inc = top if incumbent is None else incumbent[0]  # a new engine starts from the top cap
+        inc_col = configured if incumbent is None else incumbent[1]
         row = want
         recent_breach = self._clock_s - self._last_breach_s < cfg.slo_forecast_window_s
-        if want < incumbent and (recent_breach or self._clock_s < cfg.slo_forecast_window_s):
+        if want < inc and (recent_breach or self._clock_s < cfg.slo_forecast_window_s):
             # No descent within a forecast window of a measured breach (the load that caused it may recur), nor
             # before the engine has been watched for one forecast window (its bursts are not known yet).
-            row, cause = incumbent, "hold"
-        elif want < incumbent:
-            floor_w = caps_w[incumbent] - cfg.slo_step_down_w
+            row, cause = inc, "hold"
+        elif want < inc:
+            floor_w = caps_w[inc] - cfg.slo_step_down_w
             lowest = int(np.searchsorted(caps_w, floor_w - 1e-9))
-            row = max(want, min(lowest, incumbent))
+            row = max(want, min(lowest, inc))
             # Judged at the destination: one grid step down may save nothing where the cap does not bind.
-            if not energy[want] < energy[incumbent] * (1 - cfg.slo_min_saving):
-                row, cause = incumbent, "hold"
-        elif want == incumbent:
+            if not np.min(energy[want]) < energy[inc, inc_col] * (1 - cfg.slo_min_saving):
+                row, cause = inc, "hold"
+        elif want == inc:
             cause = "hold"
-        threatened = self.queue_growing and not bool(feasible[incumbent])
+        threatened = self.queue_growing and not bool(feasible[inc, inc_col])
         if self.breach or threatened:
-            up = int(np.searchsorted(caps_w, caps_w[incumbent] + cfg.slo_release_w - 1e-9))
+            up = int(np.searchsorted(caps_w, caps_w[inc] + cfg.slo_release_w - 1e-9))
             row = max(row, min(up, top))
             cause = "slo-release"
-        return SloChoice(row, "first" if first else cause)
+        col = configured
+        if cause != "slo-overload" and feasible[row].any():
+            # The batch limit of least energy that meets the SLO at this cap (ties: the larger one).
+            e = np.where(feasible[row], energy[row], np.inf)
+            near_cols = np.flatnonzero(e <= float(e.min()) * (1 + cfg.slo_min_saving))
+            col = int(near_cols[-1])
+        self.column = col
+        return SloChoice(row, col, "first" if first else cause)
 
 
 def _slo_ratio(eng: EngineObservation, target: EngineTargets, percentile: int) -> float | None:

@@ -50,16 +50,24 @@ def _window(
     )
 
 
+BATCHES: list[int] = []
+
+
 def _run(ctrl: Controller, windows: list[EngineObservation], start_w: float = 400.0) -> list[float]:
-    """Feed the windows tick by tick with the GPUs at the limits decided the tick before; the caps chosen."""
+    """Feed the windows tick by tick with the GPUs at the limits decided the tick before; the caps chosen (the
+    batch limits chosen go to BATCHES)."""
     cap = start_w
     caps = []
+    BATCHES.clear()
     for k, w in enumerate(windows):
         gpus = [gpu(i, limit=cap, power=min(cap, 120.0)) for i in range(4)]
         d = ctrl.step(inp(gpus, [w], {"e0": SLO}, now=0.5 * k))
         cap = d.gpu_limits_w[0]
         caps.append(cap)
-        assert d.engines["e0"].max_num_seqs == 64  # the batch limit stays at the configured maximum
+        e = d.engines["e0"]
+        BATCHES.append(e.max_num_seqs)
+        # The step token budget follows the batch limit (8192 tokens at the configured 64).
+        assert e.max_num_batched_tokens == 8192 * e.max_num_seqs // 64
     return caps
 
 
@@ -97,8 +105,9 @@ def test_overload_keeps_the_configured_batch_and_the_top_cap() -> None:
         _window(requests=200, busy=1.0, steps=5, waiting=300 + 20 * k, running=64, ttft99=9000.0, tpot99=400.0)
         for k in range(40)
     ]
-    caps = _run(ctrl, over)  # asserts the batch limit every tick
+    caps = _run(ctrl, over)
     assert caps[-1] == 400.0
+    assert set(BATCHES) == {64}, "under overload the batch limit must not drop below what keeps up with arrivals"
 
 
 def test_step_time_model_learns_the_prefill_cost_from_windows() -> None:
