@@ -79,20 +79,24 @@ def test_budget_cut_is_applied_at_once_and_held(tmp_path):
 
 @pytest.mark.slow
 def test_main_job_writes_summary_and_plot(tmp_path, capsys):
-    """The README's first command, on the real Azure trace (second CI stage: about 2 minutes)."""
+    """The README's first command, on the real Azure trace (second CI stage: about 4 minutes): pals, the default
+    and the best static cap in hindsight on the live daemon, with latency SLOs and a budget cut halfway."""
     assert simnode.main(["--out", str(tmp_path), "--speed", "60"]) == 0
     printed = capsys.readouterr().out
-    for column in ("out tokens", "energy J", "out tok/J", "QoS viol", "over budget s"):
+    for column in ("out tokens", "energy J", "out tok/J", "J/out tok", "SLO att", "over budget s"):
         assert column in printed
     rows = [line.split()[:2] for line in printed.splitlines()]
     for scope in (["pals", "engine0"], ["pals", "node"], ["default", "engine0"], ["default", "node"]):
         assert scope in rows
     summary = json.loads((tmp_path / "summary.json").read_text())
-    pals, default = summary["runs"]
-    finished = [run["engines"]["engine0"]["requests_finished"] for run in (pals, default)]
-    assert finished[0] == finished[1] > 4000
-    assert pals["node"]["time_over_budget_s"] < 5.0 < default["node"]["time_over_budget_s"]
+    pals, default, static = summary["runs"]
+    assert static["policy"].startswith("static:") and summary["best_static"] == static["policy"]
+    finished = [run["engines"]["engine0"]["requests_finished"] for run in (pals, default, static)]
+    assert finished[0] == finished[1] == finished[2] > 8000
+    assert pals["node"]["time_over_budget_s"] < 5.0
     assert summary["tokens_per_j_vs_default"] > 1.0
+    # Every run reports its SLO attainment (a direction check only: the figures are quoted in the README).
+    assert all(0.5 < run["engines"]["engine0"]["slo_attainment"] <= 1.0 for run in (pals, default, static))
     png = (tmp_path / "simnode.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
