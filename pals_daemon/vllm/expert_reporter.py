@@ -25,6 +25,9 @@ LayerCounts = tuple[int, Sequence[int]]
 Snapshot = Callable[[], Sequence[LayerCounts]]
 
 
+# An idle GPU's stream sends an empty report at least this often (below the daemon's 5 s first-message timeout).
+KEEPALIVE_S = 2.0
+
 def count_deltas(
     previous: dict[int, list[int]], current: Sequence[LayerCounts]
 ) -> tuple[dict[int, list[int]], list[LayerCounts]]:
@@ -146,6 +149,7 @@ class ExpertLoadReporter:
             self.snapshot_errors += 1
             self._failed(exc)
         last = self.clock()
+        idle = 0
         while not self._stop.wait(self.interval_s):
             try:
                 current = self.snapshot()
@@ -157,7 +161,12 @@ class ExpertLoadReporter:
             baseline, deltas = count_deltas(baseline, current)
             window_s, last = now - last, now
             if not deltas:
-                continue  # an idle GPU: nothing the daemon could learn
+                idle += 1
+                # An idle GPU has nothing to tell, but the daemon ends a stream silent for its first-message or
+                # silence timeout (5 s / 10 s, server/limits.py): an empty report every few intervals keeps it.
+                if idle * self.interval_s < KEEPALIVE_S:
+                    continue
+            idle = 0
             report = pals_pb2.ExpertLoadReport(window_s=max(0.0, window_s))  # type: ignore[attr-defined]
             if self.gpu_uuid:
                 report.gpu_uuid = self.gpu_uuid
