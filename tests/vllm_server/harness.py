@@ -536,9 +536,8 @@ class StatusSampler:
             with contextlib.suppress(grpc.RpcError):
                 e = self.daemon.engine(self.engine_id)
                 if e is not None and e.connected:
-                    self.samples.append(
-                        (time.monotonic(), e.max_num_seqs_limit, e.num_running, e.num_waiting, e.throughput_tokens_per_s)
-                    )
+                    sample = (e.max_num_seqs_limit, e.num_running, e.num_waiting, e.throughput_tokens_per_s)
+                    self.samples.append((time.monotonic(), *sample))
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> StatusSampler:
