@@ -281,8 +281,15 @@ class VllmServer:
             *self.flags,
         ]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        wait_until(self._healthy, SERVER_START_TIMEOUT_S, f"vLLM to serve on {self.url}", interval_s=1.0)
+            # Its own process group: the EngineCore and worker processes go with it in stop().
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        try:
+            wait_until(self._healthy, SERVER_START_TIMEOUT_S, f"vLLM to serve on {self.url}", interval_s=1.0)
+        except BaseException:
+            self.stop()
+            raise
 
     def _healthy(self) -> bool:
         assert self.proc is not None
@@ -327,6 +334,9 @@ class VllmServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+        # Whatever of the group outlived the API server (its children exit with it; this is the backstop).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 class GaugeSampler:

@@ -121,6 +121,17 @@ def test_registers_and_reports_what_the_client_measured(server: VllmServer, daem
     assert max(s[3] for s in status.samples) == 0
 
 
+def test_requests_done_at_their_first_token_are_reported_finished(server: VllmServer, daemon: Daemon) -> None:
+    # vLLM frees such a request in the step that produced its token, before the pals hook noted the token.
+    wait_until(daemon.connected_engine, 20, "the engine to register")
+    before = len(daemon.tap())
+    results = run_load(server.url, prompt_ids(6, PROMPT_LEN, seed=4), 1, 3)
+    assert [(r.status, r.output_tokens) for r in results] == [(200, 1)] * 6
+    time.sleep(0.5)
+    finished = [f for r in daemon.tap()[before:] for f in r["finished"]]
+    assert [(f[2], f[3], f[1]) for f in finished] == [(PROMPT_LEN, 1, 0.0)] * 6
+
+
 def test_batch_limit_honoured_by_the_running_server(server: VllmServer, daemon: Daemon) -> None:
     check_limit_honoured(server, daemon)
 
