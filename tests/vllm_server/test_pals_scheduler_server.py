@@ -105,6 +105,7 @@ def test_registers_and_reports_what_the_client_measured(server: VllmServer, daem
     ttft_c = statistics.median(r.ttft_ms for r in results)
     tpot_d = statistics.median(f[1] for f in finished)
     tpot_c = statistics.median(r.tpot_ms for r in results)
+    print(f"TTFT median: daemon {ttft_d:.1f} ms, client {ttft_c:.1f} ms; TPOT: {tpot_d:.2f} ms, {tpot_c:.2f} ms")
     assert abs(ttft_d - ttft_c) <= max(15.0, 0.3 * ttft_c), (ttft_d, ttft_c)
     assert abs(tpot_d - tpot_c) <= max(1.0, 0.2 * tpot_c), (tpot_d, tpot_c)
 
@@ -115,6 +116,7 @@ def test_registers_and_reports_what_the_client_measured(server: VllmServer, daem
     during = [s[4] for s in status.samples if start + 0.5 <= s[0] <= end - 0.2]
     assert during, "no daemon status sample while the load ran"
     daemon_tps = statistics.median(during)
+    print(f"tokens/s: daemon {daemon_tps:.0f}, client {client_tps:.0f}")
     assert abs(daemon_tps - client_tps) <= 0.35 * client_tps, (daemon_tps, client_tps)
     # Running and waiting: a closed loop of 8 clients under a ceiling of 16 runs 8 and queues none.
     assert max(s[2] for s in status.samples) == clients
@@ -138,7 +140,7 @@ def test_batch_limit_honoured_by_the_running_server(server: VllmServer, daemon: 
 
 def test_daemon_sigkill_fails_open_and_restart_reconnects(server: VllmServer, daemon: Daemon) -> None:
     engine_id = wait_until(daemon.connected_engine, 20, "the engine to register").engine_id
-    check_fails_open(server, daemon, signal.SIGKILL)
+    print(f"SIGKILL: back to vLLM's own limit after {check_fails_open(server, daemon, signal.SIGKILL):.2f} s")
     assert not daemon.running()
 
     # A new daemon on the same sockets and state: the engine comes back under the same id, the target was
@@ -153,7 +155,7 @@ def test_daemon_sigkill_fails_open_and_restart_reconnects(server: VllmServer, da
 
 def test_daemon_sigstop_fails_open_and_sigcont_resumes(server: VllmServer, daemon: Daemon) -> None:
     wait_until(daemon.connected_engine, 20, "the engine to register")
-    check_fails_open(server, daemon, signal.SIGSTOP)
+    print(f"SIGSTOP: back to vLLM's own limit after {check_fails_open(server, daemon, signal.SIGSTOP):.2f} s")
     daemon.signal(signal.SIGCONT)
     # The hung daemon resumes: the same session carries directives again (or the engine reconnects).
     wait_until(daemon.connected_engine, 20, "the engine after SIGCONT")
