@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "tests"))
 sys.path.insert(0, str(ROOT.parent / "tests" / "vllm_server"))  # the stage's harness: servers, daemon, load
 
 import numpy as np  # noqa: E402

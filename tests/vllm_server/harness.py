@@ -23,9 +23,10 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from vllm_client.test_engine_client import eventually as wait_until
 
 from pals_daemon.api import pals_pb2, pals_pb2_grpc
 from pals_daemon.sim.gpu import sim_uuid
@@ -78,18 +79,6 @@ def make_tiny_mixtral(path: Path, seed: int = 0) -> Path:
     config = MixtralConfig(**TINY_MIXTRAL, torch_dtype="float32", bos_token_id=1, eos_token_id=2)
     MixtralForCausalLM(config).save_pretrained(path)
     return path
-
-
-def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something truthy (returned); AssertionError naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 # ------------------------------------------------------------------------------------------------ daemon
@@ -339,24 +328,31 @@ class VllmServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-class GaugeSampler:
-    """Samples vLLM's running/waiting gauges in a thread: (monotonic time, running, waiting) every interval."""
+S = TypeVar("S", bound="Sampler")
 
-    def __init__(self, server: VllmServer, interval_s: float = 0.05) -> None:
-        self.server = server
+
+class Sampler:
+    """Calls ``read`` in a thread every ``interval_s`` while in a ``with`` block: (monotonic time, *reading).
+
+    ``read`` returns a tuple, or None for no sample; an OSError or RpcError (a peer restarting) skips one.
+    """
+
+    def __init__(self, read: Callable[[], tuple[Any, ...] | None], interval_s: float) -> None:
+        self.read = read
         self.interval_s = interval_s
-        self.samples: list[tuple[float, int, int]] = []
+        self.samples: list[tuple[Any, ...]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            with contextlib.suppress(OSError):
-                running, waiting = self.server.running_waiting()
-                self.samples.append((time.monotonic(), running, waiting))
+            with contextlib.suppress(OSError, grpc.RpcError):
+                reading = self.read()
+                if reading is not None:
+                    self.samples.append((time.monotonic(), *reading))
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> GaugeSampler:
+    def __enter__(self: S) -> S:
         self._thread.start()
         return self
 
@@ -364,8 +360,15 @@ class GaugeSampler:
         self._stop.set()
         self._thread.join(5)
 
-    def between(self, t0: float, t1: float = float("inf")) -> list[tuple[float, int, int]]:
+    def between(self, t0: float, t1: float = float("inf")) -> list[tuple[Any, ...]]:
         return [s for s in self.samples if t0 <= s[0] <= t1]
+
+
+class GaugeSampler(Sampler):
+    """vLLM's own gauges: (time, running, waiting)."""
+
+    def __init__(self, server: VllmServer, interval_s: float = 0.05) -> None:
+        super().__init__(server.running_waiting, interval_s)
 
     def max_running(self, t0: float = 0.0, t1: float = float("inf")) -> int:
         return max((s[1] for s in self.between(t0, t1)), default=0)
@@ -528,35 +531,17 @@ def limited_engine(daemon: Daemon, timeout_s: float = 30.0) -> pals_pb2.EngineSt
     return wait_until(limited, timeout_s, "a batch limit below the configured max_num_seqs")
 
 
-@dataclass
-class StatusSampler:
-    """Samples the daemon's view of one engine in a thread: (time, limit, running, waiting, tokens/s)."""
+class StatusSampler(Sampler):
+    """The daemon's view of one connected engine: (time, limit, running, waiting, tokens/s)."""
 
-    daemon: Daemon
-    engine_id: str
-    interval_s: float = 0.1
-    samples: list[tuple[float, int, int, int, float]] = field(default_factory=list)
+    def __init__(self, daemon: Daemon, engine_id: str, interval_s: float = 0.1) -> None:
+        def read() -> tuple[int, int, int, float] | None:
+            e = daemon.engine(engine_id)
+            if e is None or not e.connected:
+                return None
+            return e.max_num_seqs_limit, e.num_running, e.num_waiting, e.throughput_tokens_per_s
 
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(grpc.RpcError):
-                e = self.daemon.engine(self.engine_id)
-                if e is not None and e.connected:
-                    sample = (e.max_num_seqs_limit, e.num_running, e.num_waiting, e.throughput_tokens_per_s)
-                    self.samples.append((time.monotonic(), *sample))
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> StatusSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        super().__init__(read, interval_s)
 
 
 def check_limit_honoured(server: VllmServer, daemon: Daemon, n_requests: int = 96, max_tokens: int = 32) -> None:
