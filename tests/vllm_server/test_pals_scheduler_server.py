@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.vllm_server
-pytest.importorskip("vllm", reason="vllm is not installed (scripts/test_vllm_server.sh runs this)")
+pytest.importorskip("vllm.version", reason="vllm is not installed (scripts/test_vllm_server.sh runs this)")
 
 from harness import (  # noqa: E402
     MAX_NUM_SEQS,
