@@ -28,5 +28,4 @@ fi
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 "$VENV/bin/python" -c 'import torch, vllm; assert vllm.__version__ == "0.32.0", vllm.__version__; assert torch.__version__.endswith("+cpu"), torch.__version__; print("vllm", vllm.__version__, "torch", torch.__version__)'
-[[ $# -gt 0 ]] || set -- tests/vllm_server
-"$VENV/bin/python" -m pytest -q -m vllm_server -p no:cacheprovider "$@"
+"$VENV/bin/python" -m pytest -q -m vllm_server -p no:cacheprovider tests/vllm_server "$@"

@@ -99,14 +99,16 @@ def test_registers_and_reports_what_the_client_measured(server: VllmServer, daem
     assert sum(r["arrived_requests"] for r in reports) == n
 
     # TTFT and TPOT as the daemon got them, against the client's own measurement of the same requests. The
-    # daemon's clock starts at vLLM's arrival time and stops in the scheduler; the client's covers HTTP and
-    # streaming too, so the client is slower by a few ms; both see the same queueing.
+    # daemon's interval (from vLLM's arrival time to the scheduler seeing the token) lies inside the client's
+    # (from sending to the first streamed chunk): never longer, and shorter by the API server's own work on
+    # the request, which grows with the machine's load (seen: 24.6 against 41.4 ms at a load average of 15).
     ttft_d = statistics.median(f[0] for f in finished)
     ttft_c = statistics.median(r.ttft_ms for r in results)
     tpot_d = statistics.median(f[1] for f in finished)
     tpot_c = statistics.median(r.tpot_ms for r in results)
     print(f"TTFT median: daemon {ttft_d:.1f} ms, client {ttft_c:.1f} ms; TPOT: {tpot_d:.2f} ms, {tpot_c:.2f} ms")
-    assert abs(ttft_d - ttft_c) <= max(15.0, 0.3 * ttft_c), (ttft_d, ttft_c)
+    assert ttft_d <= ttft_c + 2.0, (ttft_d, ttft_c)
+    assert ttft_d >= ttft_c - max(25.0, 0.5 * ttft_c), (ttft_d, ttft_c)
     assert abs(tpot_d - tpot_c) <= max(1.0, 0.2 * tpot_c), (tpot_d, tpot_c)
 
     # Throughput: the daemon's tokens/s while the load ran against the client's (tokens over wall time).
