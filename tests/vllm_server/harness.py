@@ -305,6 +305,19 @@ class VllmServer:
         assert running is not None and waiting is not None, "vLLM's /metrics lacks the request gauges"
         return int(running), int(waiting)
 
+    def histogram_means(
+        self, names: dict[str, str], since: dict[str, tuple[float, float]] | None = None
+    ) -> dict[str, Any]:
+        """Without ``since``: each histogram's (sum, count) now. With it: the mean in ms of what came since."""
+        text = self.metrics()
+        now = {
+            k: (metric_sum(text, f"{n}_sum") or 0.0, metric_sum(text, f"{n}_count") or 0.0)
+            for k, n in names.items()
+        }
+        if since is None:
+            return now
+        return {k: (now[k][0] - since[k][0]) * 1000.0 / max(1.0, now[k][1] - since[k][1]) for k in names}
+
     def collective_rpc(self, method: str) -> list[Any]:
         """Each worker's answer to ``method`` (vLLM's /collective_rpc: needs VLLM_SERVER_DEV_MODE=1)."""
         body = json.dumps({"method": method, "timeout": 30}).encode()

@@ -39,6 +39,14 @@ from harness import (  # noqa: E402
 
 from pals_daemon.vllm.client import default_engine_id  # noqa: E402
 
+# vLLM's per-request histograms (seconds), by the names the test uses.
+REQUEST_HISTOGRAMS = {
+    "ttft": "vllm:time_to_first_token_seconds",
+    "queue": "vllm:request_queue_time_seconds",
+    "prefill": "vllm:request_prefill_time_seconds",
+    "tpot": "vllm:request_time_per_output_token_seconds",
+}
+
 
 @pytest.fixture(scope="module")
 def daemon(module_tmp: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
@@ -84,10 +92,12 @@ def test_registers_and_reports_what_the_client_measured(server: VllmServer, daem
     assert engine.configured_max_num_seqs == MAX_NUM_SEQS
     wait_until(lambda: daemon.tap(), 5, "the first report")
 
-    n, max_tokens, clients = 48, 32, 8
+    n, max_tokens, clients = 64, 160, 8  # a few seconds of load: the daemon's status is sampled every 0.05 s
+    before = server.histogram_means(REQUEST_HISTOGRAMS)
     with StatusSampler(daemon, engine.engine_id, interval_s=0.05) as status:
         results = run_load(server.url, prompt_ids(n, PROMPT_LEN, seed=2), max_tokens, clients)
         time.sleep(1.0)  # the last steps' report (0.1 s interval) and a tick of the daemon
+    vllm_ms = server.histogram_means(REQUEST_HISTOGRAMS, since=before)
     assert [r.status for r in results] == [200] * n
 
     # Every finished request reached the daemon, with its token counts exact.
@@ -98,24 +108,37 @@ def test_registers_and_reports_what_the_client_measured(server: VllmServer, daem
     assert sum(r["decode_tokens"] for r in reports) == n * max_tokens
     assert sum(r["arrived_requests"] for r in reports) == n
 
-    # TTFT and TPOT as the daemon got them, against the client's own measurement of the same requests. The
-    # daemon's interval (from vLLM's arrival time to the scheduler seeing the token) lies inside the client's
-    # (from sending to the first streamed chunk): never longer, and shorter by the API server's own work on
-    # the request, which grows with the machine's load (seen: 24.6 against 41.4 ms at a load average of 15).
-    ttft_d = statistics.median(f[0] for f in finished)
-    ttft_c = statistics.median(r.ttft_ms for r in results)
-    tpot_d = statistics.median(f[1] for f in finished)
-    tpot_c = statistics.median(r.tpot_ms for r in results)
-    print(f"TTFT median: daemon {ttft_d:.1f} ms, client {ttft_c:.1f} ms; TPOT: {tpot_d:.2f} ms, {tpot_c:.2f} ms")
-    assert ttft_d <= ttft_c + 2.0, (ttft_d, ttft_c)
-    assert ttft_d >= ttft_c - max(25.0, 0.5 * ttft_c), (ttft_d, ttft_c)
-    assert abs(tpot_d - tpot_c) <= max(1.0, 0.2 * tpot_c), (tpot_d, tpot_c)
+    # TTFT and TPOT as the daemon got them, against vLLM's own per-request figures for the same requests
+    # (means over the run, from its /metrics histograms) and against the client. The intervals nest:
+    #   vLLM's queue + prefill time (EngineCore timestamps: queued -> first token)
+    #   <= the daemon's TTFT (vLLM's arrival time, in the API server -> the pals hook after that step)
+    #   <= vLLM's TTFT (arrival -> the API server processing the token) <= the client's (send -> first chunk).
+    # The gaps are IPC and API-server work, which grow with the machine's load (seen with a load average of
+    # 15: daemon 10 ms, client 97 ms): the bounds are the nesting, not a tolerance around the client. TPOT is
+    # measured by the daemon and by vLLM in the same EngineCore steps (first token -> last, over tokens - 1).
+    # The client's TPOT is no reference: a starved client reads a stream's tokens in bursts (seen: 0.04 ms).
+    ttft_d = statistics.fmean(f[0] for f in finished)
+    tpot_d = statistics.fmean(f[1] for f in finished)
+    engine_first_ms = vllm_ms["queue"] + vllm_ms["prefill"]
+    ttft_c = statistics.fmean(r.ttft_ms for r in results)
+    print(
+        f"TTFT mean: vLLM queue+prefill {engine_first_ms:.1f} ms <= daemon {ttft_d:.1f} ms"
+        f" <= vLLM {vllm_ms['ttft']:.1f} ms <= client {ttft_c:.1f} ms;"
+        f" TPOT mean: daemon {tpot_d:.3f} ms, vLLM {vllm_ms['tpot']:.3f} ms"
+    )
+    assert engine_first_ms - 1.0 <= ttft_d <= vllm_ms["ttft"] + 1.0
+    assert vllm_ms["ttft"] <= ttft_c + 1.0
+    assert abs(tpot_d - vllm_ms["tpot"]) <= max(0.1, 0.05 * vllm_ms["tpot"]), (tpot_d, vllm_ms["tpot"])
+    # Each request's whole time as the daemon has it (TTFT + the rest of its tokens) fits in the client's.
+    e2e_d = sorted(f[0] + (f[3] - 1) * f[1] for f in finished)
+    e2e_c = sorted((r.done_s - r.sent_s) * 1000.0 for r in results)
+    assert all(d <= c + 2.0 for d, c in zip(e2e_d, e2e_c, strict=True)), (e2e_d, e2e_c)
 
     # Throughput: the daemon's tokens/s while the load ran against the client's (tokens over wall time).
     start = min(r.sent_s for r in results)
     end = max(r.done_s for r in results)
     client_tps = n * max_tokens / (end - start)
-    during = [s[4] for s in status.samples if start + 0.5 <= s[0] <= end - 0.2]
+    during = [s[4] for s in status.samples if start + 0.5 <= s[0] <= end - 0.5]
     assert during, "no daemon status sample while the load ran"
     daemon_tps = statistics.median(during)
     print(f"tokens/s: daemon {daemon_tps:.0f}, client {client_tps:.0f}")
