@@ -566,16 +566,20 @@ def check_limit_honoured(server: VllmServer, daemon: Daemon, n_requests: int = 9
         results = run_load(server.url, prompts, max_tokens, OVERLOAD_CLIENTS)
     assert [r.status for r in results] == [200] * n_requests
     assert all(r.output_tokens == max_tokens for r in results)
+    # The controller may move the limit while it learns (seen after a daemon restart: 1 to 4); every value
+    # it took is below the configured 16, so a limit not applied shows as more running than the largest.
     limits = {s[1] for s in status.samples}
     assert limits and max(limits) < MAX_NUM_SEQS, f"the limit moved up during the load: {sorted(limits)}"
-    limit = max(limits)
-    seen = [s[1] for s in gauges.samples]
-    assert max(seen) <= limit, f"vLLM ran {max(seen)} requests under a limit of {sorted(limits)}"
-    assert max(seen) == limit, f"vLLM never reached the limit {limit} under {OVERLOAD_CLIENTS} clients: {max(seen)}"
-    assert max(s[2] for s in gauges.samples) >= OVERLOAD_CLIENTS - limit - 2, "the load did not queue"
+    lo, hi = min(limits), max(limits)
+    seen = max(s[1] for s in gauges.samples)
+    assert seen <= hi, f"vLLM ran {seen} requests under limits {sorted(limits)}"
+    assert seen >= lo, f"vLLM never reached the limit {lo} under {OVERLOAD_CLIENTS} clients: {seen}"
+    if lo == hi:
+        assert seen == hi, f"vLLM never reached the limit {hi} under {OVERLOAD_CLIENTS} clients: {seen}"
+    assert max(s[2] for s in gauges.samples) >= OVERLOAD_CLIENTS - hi - 2, "the load did not queue"
     # The daemon's view of the same gauges (the last report's, sampled every 0.1 s over gRPC: a handful of
-    # samples under load): the limit full, a queue, never more requests than the clients.
-    assert max(s[2] for s in status.samples) == limit
+    # samples under load): within the limits, a queue, never more requests than the clients.
+    assert lo <= max(s[2] for s in status.samples) <= hi
     assert any(s[3] > 0 for s in status.samples), "the daemon never saw a queue"
     assert all(s[2] + s[3] <= OVERLOAD_CLIENTS for s in status.samples)
 

@@ -134,15 +134,19 @@ def test_registers_and_reports_what_the_client_measured(server: VllmServer, daem
     e2e_c = sorted((r.done_s - r.sent_s) * 1000.0 for r in results)
     assert all(d <= c + 2.0 for d, c in zip(e2e_d, e2e_c, strict=True)), (e2e_d, e2e_c)
 
-    # Throughput: the daemon's tokens/s while the load ran against the client's (tokens over wall time).
+    # Throughput: what the daemon received (decode tokens over the windows of the reports that carry them)
+    # against the client's (tokens over the load's wall time); the daemon's own per-tick figure is positive
+    # while the load runs (per tick it swings with how a starved client thread cut its windows).
     start = min(r.sent_s for r in results)
     end = max(r.done_s for r in results)
     client_tps = n * max_tokens / (end - start)
+    busy = [r for r in reports if r["kind"] == "step" and r["decode_tokens"] > 0]
+    daemon_tps = sum(r["decode_tokens"] for r in busy) / sum(r["window_s"] for r in busy)
     during = [s[4] for s in status.samples if start + 0.5 <= s[0] <= end - 0.5]
-    assert during, "no daemon status sample while the load ran"
-    daemon_tps = statistics.median(during)
-    print(f"tokens/s: daemon {daemon_tps:.0f}, client {client_tps:.0f}")
-    assert abs(daemon_tps - client_tps) <= 0.35 * client_tps, (daemon_tps, client_tps)
+    status_tps = statistics.median(during or [0])
+    print(f"tokens/s: daemon {daemon_tps:.0f} (status median {status_tps:.0f}), client {client_tps:.0f}")
+    assert abs(daemon_tps - client_tps) <= 0.2 * client_tps, (daemon_tps, client_tps)
+    assert during and statistics.median(during) > 0, "the daemon's status showed no throughput under load"
     # Running and waiting: a closed loop of 8 clients under a ceiling of 16 runs 8 and queues none.
     assert max(s[2] for s in status.samples) == clients
     assert max(s[3] for s in status.samples) == 0
