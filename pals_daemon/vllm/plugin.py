@@ -4,6 +4,10 @@ vLLM calls ``register()`` in every process it starts (API server, EngineCore, wo
 times. It does nothing unless ``PALS_VLLM_ENABLE=1``; then it makes vLLM's default scheduler choice (no
 ``--scheduler-cls``) resolve to ``pals_daemon.vllm.Scheduler``, which itself follows vLLM's async/sync
 choice. A scheduler class the user named explicitly is left alone. Nothing happens at import.
+
+Whatever ``PALS_VLLM_ENABLE`` says, it backports vLLM 0.33's call of a worker extension's
+``init_worker_extension`` to older vLLM (``pals_daemon.vllm.compat``): that acts only on workers that carry
+the routing extension, which ``--worker-extension-cls`` already asked for.
 """
 
 from __future__ import annotations
@@ -11,12 +15,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from pals_daemon.vllm.compat import backport_worker_extension_init
+
 ENV_ENABLE = "PALS_VLLM_ENABLE"
 _MARK = "_pals_default_scheduler"
 
 
 def register() -> None:
     """Idempotently route vLLM's default scheduler choice to the pals selector (when enabled)."""
+    backport_worker_extension_init()
     if os.environ.get(ENV_ENABLE) != "1":
         return
     from vllm.config.scheduler import SchedulerConfig  # noqa: PLC0415 - only ever called inside vLLM

@@ -188,8 +188,11 @@ class RoutingTelemetryExtension:
     """
 
     def init_worker_extension(self) -> None:
-        """Arrange for the routers to be hooked once the model is loaded."""
+        """Arrange for the routers to be hooked once the model is loaded (idempotent)."""
         worker: Any = self
+        if getattr(worker, "_pals_extension_ready", False):
+            return  # vLLM and the pre-0.33 backport (pals_daemon.vllm.compat) may both call this
+        worker._pals_extension_ready = True
         load_model = worker.load_model
 
         def load_model_then_attach(*args: Any, **kwargs: Any) -> Any:

@@ -222,8 +222,12 @@ class _PalsMixin:
         try:
             self._pals_awaiting_first.discard(request.request_id)
             first = self._pals_first_token.pop(request.request_id, None)
+            now = time.time()
+            if first is None and request.num_output_tokens > 0:
+                # Freed in the step that produced its first token (max_tokens 1, or a stop at once):
+                # update_from_output frees it before _pals_record could note that token.
+                first = now
             if first is not None:
-                now = time.time()
                 out = request.num_output_tokens
                 ttft_ms = max(0.0, (first - request.arrival_time) * 1000.0)
                 tpot_ms = (now - first) * 1000.0 / (out - 1) if out > 1 else 0.0

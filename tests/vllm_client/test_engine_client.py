@@ -115,7 +115,9 @@ class DaemonThread:
         return None
 
 
-def eventually(predicate: Callable[[], Any], timeout_s: float = 5.0, what: str = "condition") -> Any:
+def eventually(
+    predicate: Callable[[], Any], timeout_s: float = 5.0, what: str = "condition", interval_s: float = 0.01
+) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
@@ -123,7 +125,7 @@ def eventually(predicate: Callable[[], Any], timeout_s: float = 5.0, what: str =
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout_s} s")
-        time.sleep(0.01)
+        time.sleep(interval_s)
 
 
 @contextlib.contextmanager
