@@ -20,6 +20,9 @@ from pals_daemon.server import validate
 
 # Reports are small; a slow daemon tick must not let a fast engine grow memory without bound.
 OUTBOX_SIZE = 16
+# A per-GPU expert-load share is held for this many windows without a full new one (4 x 0.5 s ticks cover vLLM's
+# 1 s expert report interval twice over).
+SHARE_HOLD_WINDOWS = 4
 # Flood guard (chosen engineering values): an engine sends one StepReport per report interval plus at most one
 # ExpertLoadReport per GPU; a session may send FLOOD_FACTOR times that, but never less than MIN_REPORT_RATE_HZ
 # (twice the 100 Hz of the load acceptance test, so a fast but honest reporter is never cut off), with a
@@ -108,6 +111,9 @@ class EngineSession:
         self.session_id = session_id
         self.window = TelemetryWindow()
         self.expert_load = ExpertLoad()
+        # The last per-GPU expert-load share and how many windows since it was measured (see take_observation).
+        self._last_share: dict[int, float] = {}
+        self._share_age = 0
         self.num_running = 0
         self.num_waiting = 0
         self.kv_cache_usage = 0.0
@@ -181,12 +187,34 @@ class EngineSession:
             ttft_p90_ms=float(np.percentile(w.ttft_ms, 90)) if w.ttft_ms else None,
             tpot_p90_ms=float(np.percentile(w.tpot_ms, 90)) if w.tpot_ms else None,
             current_max_num_seqs=self.current_max_num_seqs,
-            expert_load_share={g: t / total_load for g, t in load.tokens_by_gpu.items()} if total_load else {},
+            expert_load_share=self._expert_share(load, total_load),
             num_steps=w.num_steps,
             arrived_requests=w.arrived_requests,
             ttft_p99_ms=float(np.percentile(w.ttft_ms, 99)) if w.ttft_ms else None,
             tpot_p99_ms=float(np.percentile(w.tpot_ms, 99)) if w.tpot_ms else None,
         )
+
+
+    def _expert_share(self, load: ExpertLoad, total: int) -> dict[int, float]:
+        """This window's per-GPU share of the expert load, or the last one measured within SHARE_HOLD_WINDOWS.
+
+        Workers report expert load on their own interval (vLLM's default 1 s) and unsynchronised per GPU, while
+        the tick is 0.5 s: a window that caught no report (or not every GPU's) is not a uniform load, and taking
+        it as one made routing-aware caps flap between skewed and uniform every other tick.
+        """
+        if total and len(load.tokens_by_gpu) >= len(self._last_share):
+            self._last_share = {g: t / total for g, t in load.tokens_by_gpu.items()}
+            self._share_age = 0
+            return dict(self._last_share)
+        self._share_age += 1
+        if self._last_share and self._share_age <= SHARE_HOLD_WINDOWS:
+            return dict(self._last_share)
+        if total:
+            self._last_share = {g: t / total for g, t in load.tokens_by_gpu.items()}
+            self._share_age = 0
+            return dict(self._last_share)
+        self._last_share = {}
+        return {}
 
 
 class EngineRegistry:
