@@ -750,11 +750,10 @@ class Controller:
         j_tpot = np.argmax(np.where(p.tpot_ok, p.tput, -np.inf), axis=1)
         j_min = np.argmin(p.tpot, axis=1)
         js = np.where(has_meet, j_meet, np.where(has_tpot, j_tpot, j_min))
-        if p.slo is not None and p.slo.closeness.shape == p.meets.shape:
-            # Short of the SLO at a cap: the batch limit that comes closest (ties: the larger, last column).
-            c = p.slo.closeness
-            j_close = c.shape[1] - 1 - np.argmax(c[:, ::-1], axis=1)
-            js = np.where(has_meet, j_meet, j_close)
+        if p.slo is not None:
+            # Short of the SLO at a cap: the configured batch limit (last column). A smaller one predicted closer
+            # to the SLO may not keep up with the arrivals, and a queue costs more than the tail it saves.
+            js = np.where(has_meet, j_meet, p.meets.shape[1] - 1)
 
         def score(i: int, j: int, slack: float) -> float:
             meets = p.tput[i, j] >= p.required * (1 - slack) and (

@@ -218,10 +218,10 @@ class LatencyModel:
         tau = theta_d * self.decode_step_s(caps, np.ones_like(caps))
         with np.errstate(divide="ignore", invalid="ignore"):
             for _ in range(_FIXED_POINT_ITERS):
-                b = np.clip(lam_d * tau, 1.0, b_lim)
+                b = np.clip(np.nan_to_num(lam_d * tau, nan=1.0, posinf=b_lim), 1.0, b_lim)
                 tau_dec = theta_d * self.decode_step_s(caps, b)
                 tau = np.where(rho_p < 1.0, tau_dec / np.maximum(1.0 - rho_p, 1e-3), np.inf)
-            b = np.clip(lam_d * tau, 1.0, b_lim)
+            b = np.clip(np.nan_to_num(lam_d * tau, nan=1.0, posinf=b_lim), 1.0, b_lim)
             capacity = (
                 b_lim
                 / np.maximum(theta_d * self.decode_step_s(caps, np.full_like(caps, b_lim)), 1e-9)

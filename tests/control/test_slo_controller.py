@@ -150,3 +150,15 @@ def test_a_binding_budget_gives_an_engine_short_of_its_slo_the_highest_cap_that_
     assert d is not None
     assert sum(d.gpu_limits_w.values()) <= 1000.0 + 1e-6
     assert min(d.gpu_limits_w.values()) >= 250.0 - 1e-6, d.gpu_limits_w
+
+
+def test_prefill_overload_without_decode_demand_predicts_overload_instead_of_failing() -> None:
+    """No decode tokens forecast but more prefill work than a cap can do: the step time is infinite at that cap,
+    and 0 x inf must not reach the power model as NaN (it raised 'batch must be >= 1' inside the tick)."""
+    profile = REG.find("mixtral-8x7b-instruct")
+    assert profile is not None
+    lat = LatencyModel(PerfModel(profile), tput_scale=1.0)
+    caps = np.array([100.0, 200.0, 400.0])
+    pred = lat.predict(caps, 0.0, 5e6, 64, 15_000.0, 0.0, chunk_tokens=8192.0, step_tokens=8192.0)
+    assert pred.overloaded.all()
+    assert np.isfinite(pred.batch).all() and (pred.batch >= 1).all()
