@@ -741,6 +741,8 @@ class Controller:
 
     def _options(self, p: _Plan) -> list[tuple[float, float, tuple[int, int]]]:
         """Per-cap best options (cost, score, index) for the budget DP, plus the incumbent with its bonus."""
+        if p.slo is not None and p.slo.choice is not None:
+            return self._slo_options(p, p.slo.choice)
         h = self.config.hysteresis
         eff_max = float(p.eff.max()) or 1.0
         n_rows, _ = p.meets.shape
@@ -772,6 +774,23 @@ class Controller:
         if p.incumbent is not None:
             i, j = p.incumbent
             opts.append((float(p.cost_w[i]), score(i, j, h), (i, j)))
+        return opts
+
+    @staticmethod
+    def _slo_options(p: _Plan, choice: tuple[int, int]) -> list[tuple[float, float, tuple[int, int]]]:
+        """Budget options of an engine under latency SLOs: its planner's choice (which "meets"), and every lower
+        cap at the configured batch, scored by how close it comes to the SLO, then by height (a higher cap keeps
+        more of the SLO than the planner's optimistic prediction of a lower one). Nothing above the choice: the
+        planner's rate limits and breach holds stay in force, and a binding budget only ever lowers it."""
+        row_c, col_c = choice
+        last = p.meets.shape[1] - 1
+        closeness = p.slo.closeness if p.slo is not None and p.slo.closeness.shape == p.meets.shape else None
+        opts = []
+        for i in range(min(row_c, p.meets.shape[0] - 1) + 1):
+            j = col_c if i == row_c else last
+            close = 1.0 if closeness is None else min(1.0, float(closeness[i, j]))
+            score = _W_MEET * (i == row_c) + _W_FRACTION * close + i / max(1, row_c)
+            opts.append((float(p.cost_w[i]), score, (i, j)))
         return opts
 
     def _solve_budget(self, plans: list[_Plan], budget_w: float) -> list[tuple[int, int]]:

@@ -78,6 +78,8 @@ class SloEngine:
         self.column = -1
         # Per cap of the last plan: 1 when the SLO is predicted met, else how close (the budget split's score).
         self.closeness: FloatArray = np.zeros(0)
+        # The (cap row, batch column) chosen last without the budget (the budget split offers nothing above it).
+        self.choice: tuple[int, int] | None = None
         # (time s, smoothed decode tokens/s, smoothed prefill tokens/s) over the forecast window.
         self._history: deque[tuple[float, float, float]] = deque()
         self._clock_s = 0.0
@@ -270,6 +272,7 @@ class SloEngine:
             near_cols = np.flatnonzero(e <= float(e.min()) * (1 + cfg.slo_min_saving))
             col = int(near_cols[-1])
         self.column = col
+        self.choice = (row, col)
         return SloChoice(row, col, "first" if first else cause)
 
 
