@@ -39,6 +39,10 @@ def test_simulated_engines_attach_obey_directives_and_follow_caps(start_daemon, 
     assert attached.client.directives_received > 0
     # The mirrored GPUs followed the caps the daemon enforces under 800 W (4 x 200 W).
     assert [g.read().requested_limit_mw for g in attached.engine.gpus] == [200_000] * 4
+    # The daemon logs the disconnect when it sees the stream end, which may be just after attach() returns.
+    deadline = time.monotonic() + WAIT_S
+    while "engine sim0 disconnected" not in daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
     log = daemon.log()
     assert "engine sim0 connected (mixtral-8x7b-instruct on GPUs [0, 1, 2, 3])" in log
     assert "engine sim0 disconnected" in log
