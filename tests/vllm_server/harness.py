@@ -613,8 +613,9 @@ def check_fails_open(server: VllmServer, daemon: Daemon, sig: signal.Signals) ->
     assert all(r.output_tokens == max_tokens for r in results)
     assert gauges.max_running() == MAX_NUM_SEQS, "vLLM's configured ceiling was not reached (or was exceeded)"
     # The directive lives directive_ttl_s from when it was received (at most one control period before the
-    # signal); then one step admits more, and vLLM's gauge and this sampler (0.05 s) show it: seen 1.9-2.9 s
-    # with a 2 s TTL on a loaded 2-core machine, so 2 s of slack for that chain.
+    # signal); then one step admits more, and vLLM's gauge and this sampler (0.05 s) show it: seen 1.9-3.7 s with a
+    # 2 s TTL on the 2-core machine, and 4.5 s once in a full CI run (SIGKILL, limit 2), so 4 s of slack for that
+    # chain. A TTL not honoured would show only when the client gives up on the connection (>= 10 s, the wait).
     elapsed = reopened - signalled
-    assert elapsed <= daemon.directive_ttl_s + 2.0, f"fail-open took {elapsed:.2f} s (TTL {daemon.directive_ttl_s} s)"
+    assert elapsed <= daemon.directive_ttl_s + 4.0, f"fail-open took {elapsed:.2f} s (TTL {daemon.directive_ttl_s} s)"
     return elapsed
