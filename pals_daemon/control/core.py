@@ -177,6 +177,15 @@ def _scaled_batched_tokens(engine: EngineObservation, max_num_seqs: int) -> int:
     return int(min(max(scaled, max_num_seqs), configured))
 
 
+def _incumbent(state: _EngineState, caps_w: FloatArray, batches: NDArray[np.int64]) -> tuple[int, int] | None:
+    """Row and column of last tick's (cap, batch) choice in this tick's grid (the hysteresis incumbent), if there."""
+    if state.cap_w is None or state.batch is None:
+        return None
+    ci = np.flatnonzero(np.isclose(caps_w, state.cap_w, rtol=0, atol=1e-6))
+    bj = np.flatnonzero(batches == state.batch)
+    return (int(ci[0]), int(bj[0])) if ci.size and bj.size else None
+
+
 def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(float(x)) else None
 
@@ -603,12 +612,7 @@ class Controller:
         tpot_ok = tpot <= tpot_slo if tpot_slo is not None else np.ones_like(tput, dtype=bool)
         meets = (tput >= required) & tpot_ok
 
-        incumbent = None
-        if state.cap_w is not None and state.batch is not None:
-            ci = np.flatnonzero(np.isclose(caps, state.cap_w, rtol=0, atol=1e-6))
-            bj = np.flatnonzero(batches == state.batch)
-            if ci.size and bj.size:
-                incumbent = (int(ci[0]), int(bj[0]))
+        incumbent = _incumbent(state, caps, batches)
         plan = _Plan(
             engine=eng,
             model=model,
@@ -672,12 +676,7 @@ class Controller:
         lam_d, _ = slo.forecast()
         served = np.stack([np.minimum(lam_d, pr.capacity_tokens_per_s) for pr in slo.predictions], axis=1)
         tpot = np.stack([pr.tpot_p90_ms for pr in slo.predictions], axis=1)
-        incumbent = None
-        if state.cap_w is not None and state.batch is not None:
-            ci = np.flatnonzero(np.isclose(grid.caps_w, state.cap_w, rtol=0, atol=1e-6))
-            bj = np.flatnonzero(batches == state.batch)
-            if ci.size and bj.size:
-                incumbent = (int(ci[0]), int(bj[0]))
+        incumbent = _incumbent(state, grid.caps_w, batches)
         return _Plan(
             engine=eng,
             model=model,

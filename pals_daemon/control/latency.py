@@ -53,8 +53,6 @@ CAL_RANGE = (0.5, 10.0)
 CAL_ALPHA = 0.15
 # Fixed-point iterations of the step-time equation (converges in a few; 16 leaves margin).
 _FIXED_POINT_ITERS = 16
-# Bound of the per-engine log of (predicted, measured) p90 pairs (the suite's error report reads it).
-_P90_LOG_MAX = 100_000
 
 
 @dataclass
@@ -123,8 +121,6 @@ class LatencyModel:
         # Relative errors of the p90 predictions (EWMA over windows), reported.
         self.tpot_error = math.nan
         self.ttft_error = math.nan
-        # Every (window, predicted p90, measured p90) kept for offline error reports (bounded).
-        self.p90_log: list[tuple[str, float, float]] = []
         self.busy_error = math.nan
 
     # ---- priors -------------------------------------------------------------------------------------------
@@ -188,8 +184,6 @@ class LatencyModel:
             if q != 90:
                 continue
             err = abs(pred - value) / value
-            if len(self.p90_log) < _P90_LOG_MAX:
-                self.p90_log.append((kind, pred, value))
             if kind == "tpot":
                 self.tpot_error = err if math.isnan(self.tpot_error) else 0.9 * self.tpot_error + 0.1 * err
             else:
