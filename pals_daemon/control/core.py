@@ -672,6 +672,7 @@ class Controller:
             eng.num_waiting,
             state.power_ratio,
             target,
+            num_running=eng.num_running,
         )
         lam_d, _ = slo.forecast()
         served = np.stack([np.minimum(lam_d, pr.capacity_tokens_per_s) for pr in slo.predictions], axis=1)

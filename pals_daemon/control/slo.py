@@ -7,17 +7,22 @@ profile) gives the GPUs' power at that operating point; energy per output token 
 - feasible caps: not overloaded and both predicted p90s within ``SLO x (1 - margin)``;
 - the feasible cap with the least predicted energy per output token; none feasible: the top cap (the most
   goodput; a lower cap only adds misses);
-- fast release: a cap above the one in force is taken at once, and a measured SLO breach or a growing queue
-  raises it by at least ``slo_release_w`` the next tick;
-- rate-limited descent: at most ``slo_step_down_w`` per tick, and only for a predicted saving of at least
-  ``slo_min_saving``;
+- fast release: a cap above the one in force is taken at once; a measured SLO breach raises it by at least
+  ``slo_release_w`` the next tick (the top cap by default), and a growing queue whose requests would miss TTFT
+  raises it to the lowest cap at which they would not;
+- a learned floor: a breach at a cap makes the caps up to one step above it unavailable while the load stays
+  within 80% of the load it breached at (the model's error where it showed), one step less per regime window
+  without a breach;
+- rate-limited descent: at most ``slo_step_down_w`` per tick, only for a predicted saving of at least
+  ``slo_min_saving``, none within ``slo_breach_hold_s`` of a breach or the first forecast window;
 - the margin adapts from measured slack: an integral on (measured p90 / SLO - 1) when it is above 1, with
   anti-windup (no growth while at the top cap, where a larger margin cannot help), decaying slowly with slack.
 The batch limit (and with it the step's token budget, scaled alike) is chosen with the cap among the configured
 maximum and its half and quarter: a smaller token budget cuts the prompt chunk that stalls every decoding request
 in a step (TPOT's tail) at the cost of more steps per long prompt (TTFT), and a limit below what keeps up with
-arrivals is never feasible (the issue's "never cut the batch below what keeps up with arrivals"); in the overload
-regime, the configured batch.
+arrivals is never feasible (the issue's "never cut the batch below what keeps up with arrivals"), nor one below
+the requests present (running and waiting); when nothing is feasible the batch limit in force is kept while it
+keeps up; in the overload regime, the configured batch.
 """
 
 from __future__ import annotations
@@ -47,6 +52,11 @@ PREFILL_POWER_FRACTION = 0.9
 # memory of ~4 minutes at 0.5 s windows), which equal the arrivals' sizes over time.
 FAST_ALPHA = 0.1
 SIZE_DECAY = 0.998
+# The learned cap floor (SloEngine._raise_floor; modelled choices): the caps in force over the last 5 s are those
+# the requests finishing now were served under (the TTFT SLOs of the suite are 2-3 s); the floor holds while the
+# forecast is at least 80% of the load it was learned at.
+FLOOR_LOOKBACK_S = 5.0
+FLOOR_LOAD_FRACTION = 0.8
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,15 @@ class SloEngine:
         self._last_breach_s = -math.inf
         # Fraction of the windows with finished requests that breached, averaged over slo_regime_window_s.
         self.breach_rate = 0.0
+        self._ttft_slo_ms: float | None = None
+        # Learned cap floor (see _raise_floor): no plan below floor_w while the forecast is at least
+        # FLOOR_LOAD_FRACTION of the load it was learned at.
+        self.floor_w = 0.0
+        self._floor_load = math.inf
+        self._floor_set_s = -math.inf
+        self._recent_caps: deque[tuple[float, float]] = deque()
+        # Per batch column of the last plan: its limit is below the requests present (running + waiting).
+        self._too_small: NDArray[np.bool_] = np.zeros(0, dtype=bool)
 
     # ---- per-window learning ------------------------------------------------------------------------------
     def observe(
@@ -106,6 +125,16 @@ class SloEngine:
             self.prompt_tokens = self._sum_prefill / self._sum_arrived
             self.output_tokens = self._sum_decode / self._sum_arrived
         self._clock_s += span
+        caps = self._recent_caps
+        caps.append((self._clock_s, cap_in_force_w))
+        while caps and caps[0][0] < self._clock_s - FLOOR_LOOKBACK_S:
+            caps.popleft()
+        if self._clock_s - self._floor_set_s >= self.config.slo_regime_window_s and self.floor_w > 0:
+            # A regime window without a breach: the floor comes down one descent step (re-probed).
+            self.floor_w = max(0.0, self.floor_w - self.config.slo_step_down_w)
+            self._floor_set_s = self._clock_s
+            if self.floor_w == 0.0:
+                self._floor_load = math.inf
         hist = self._history
         hist.append((self._clock_s, self.requests_fast, 0.0))
         while hist and hist[0][0] < self._clock_s - self.config.slo_forecast_window_s:
@@ -126,6 +155,7 @@ class SloEngine:
                     ("tpot", 99): eng.tpot_p99_ms,
                     ("ttft", 99): eng.ttft_p99_ms,
                 },
+                eng.finished_ms,
             )
         ratio = _slo_ratio(eng, target, self.config.slo_percentile)
         if ratio is None:
@@ -136,6 +166,7 @@ class SloEngine:
         if ratio > 1.0:
             self.breach = True
             self._last_breach_s = self._clock_s
+            self._raise_floor(at_top)
             if not at_top:  # anti-windup: at the top cap a larger margin cannot help
                 self.margin = min(cfg.slo_margin_max, self.margin + cfg.slo_margin_gain * (ratio - 1.0))
         elif ratio < 1.0 - self.margin:
@@ -157,9 +188,11 @@ class SloEngine:
         num_waiting: int,
         power_ratio: float,
         target: EngineTargets,
+        num_running: int = 0,
     ) -> tuple[FloatArray, NDArray[np.bool_], FloatArray]:
         """(predicted engine power W, feasible, energy per output token J), each (caps x batch limits)."""
         lam_d, lam_p = self.forecast()
+        self._ttft_slo_ms = target.ttft_ms
         backlog = num_waiting * self.prompt_tokens
         columns = []
         for b_lim, tok_lim in zip(batch_limits, batched_tokens_limits, strict=True):
@@ -178,6 +211,12 @@ class SloEngine:
             columns.append(self._column(pred, eff_caps_w, n_gpus, max_limit_w, lam_d, power_ratio, target))
         self.predictions = [c[0] for c in columns]
         power, ok, energy, closeness = (np.stack([c[k] for c in columns], axis=1) for k in range(1, 5))
+        # A batch limit below the requests present now (running and waiting) would queue some of them for a
+        # seat mid-burst (the forecast lags a burst's onset): never feasible while they are there.
+        below = np.asarray(batch_limits) < num_running + num_waiting
+        ok = ok & ~below[None, :]
+        self._too_small = below
+        closeness = np.where(below[None, :], np.minimum(closeness, 0.5), closeness)
         self.closeness = closeness
         return power, ok, energy
 
@@ -229,6 +268,8 @@ class SloEngine:
         cfg = self.config
         top = caps_w.size - 1
         configured = energy.shape[1] - 1
+        if self.floor_w > 0 and self.forecast()[0] >= FLOOR_LOAD_FRACTION * self._floor_load:
+            feasible = feasible & (caps_w >= self.floor_w - 1e-9)[:, None]
         if self.breach_rate > cfg.slo_infeasible_breach_rate:
             # The SLO is not being met at the caps tried: serve the most goodput (the top cap, the configured
             # batch), and come back down only once breaches have become rare again.
@@ -246,7 +287,7 @@ class SloEngine:
         inc = top if incumbent is None else incumbent[0]  # a new engine starts from the top cap
         inc_col = configured if incumbent is None else incumbent[1]
         row = want
-        recent_breach = self._clock_s - self._last_breach_s < cfg.slo_forecast_window_s
+        recent_breach = self._clock_s - self._last_breach_s < cfg.slo_breach_hold_s
         if want < inc and (recent_breach or self._clock_s < cfg.slo_forecast_window_s):
             # No descent within a forecast window of a measured breach (the load that caused it may recur), nor
             # before the engine has been watched for one forecast window (its bursts are not known yet).
@@ -260,10 +301,17 @@ class SloEngine:
                 row, cause = inc, "hold"
         elif want == inc:
             cause = "hold"
-        threatened = self.queue_growing and not bool(feasible[inc, inc_col])
-        if self.breach or threatened:
+        if self.breach:
+            # Measured: the model was wrong here; release by slo_release_w (to the top cap by default).
             up = int(np.searchsorted(caps_w, caps_w[inc] + cfg.slo_release_w - 1e-9))
             row = max(row, min(up, top))
+            cause = "slo-release"
+        elif self.queue_growing and self._backlog_threatens(inc, inc_col):
+            # Predicted: the requests waiting would miss TTFT at this cap. The next tick, the lowest cap above at
+            # which a request behind them meets it (the top cap if none does): a burst's backlog at light load
+            # drains at a middle cap, and the top one would spend the burst's energy at its power.
+            drains = [r for r in range(inc + 1, top + 1) if not self._backlog_threatens(r, inc_col)]
+            row = max(row, drains[0] if drains else top)
             cause = "slo-release"
         col = configured
         if cause != "slo-overload" and feasible[row].any():
@@ -271,9 +319,39 @@ class SloEngine:
             e = np.where(feasible[row], energy[row], np.inf)
             near_cols = np.flatnonzero(e <= float(e.min()) * (1 + cfg.slo_min_saving))
             col = int(near_cols[-1])
+        elif (
+            cause != "slo-overload"
+            and not first
+            and self.predictions
+            and not self.predictions[inc_col].overloaded[row]
+            and not self._too_small[inc_col]
+        ):
+            # Nothing meets the SLO at this cap (a burst's backlog): keep the batch limit in force while it keeps
+            # up with the arrivals; the configured one would only add prompt-chunk stalls to every decode.
+            col = inc_col
         self.column = col
         self.choice = (row, col)
         return SloChoice(row, col, "first" if first else cause)
+
+    def _raise_floor(self, at_top: bool) -> None:
+        """A measured breach: the lowest cap in force over the last FLOOR_LOOKBACK_S (what the requests finishing
+        now ran under) was too low for this load; plan no lower than one descent step above it while the load
+        stays near. The model's error at low caps is thereby learned where it shows, per engine and load, and
+        the floor comes back down one step per regime window without a breach (so it is re-probed)."""
+        if at_top or not self._recent_caps:
+            return
+        low = min(c for _, c in self._recent_caps)
+        self.floor_w = max(self.floor_w, low + self.config.slo_step_down_w)
+        self._floor_load = min(self._floor_load, self.forecast()[0])
+        self._floor_set_s = self._clock_s
+
+    def _backlog_threatens(self, row: int, col: int) -> bool:
+        """Whether a request arriving now, behind the requests waiting, would wait past the TTFT SLO (with the
+        margin) at the cap and batch limit in force."""
+        slo = self._ttft_slo_ms
+        if not slo or slo <= 0 or not self.predictions:
+            return False
+        return bool(1000.0 * self.predictions[col].ttft_mean_s[row] > slo * (1 - self.margin))
 
 
 def _slo_ratio(eng: EngineObservation, target: EngineTargets, percentile: int) -> float | None:

@@ -74,6 +74,10 @@ class EngineObservation:
     # 99th percentile TTFT/TPOT of requests finished in the window (the SLO planner's tail); None when none.
     ttft_p99_ms: float | None = None
     tpot_p99_ms: float | None = None
+    # Every request finished in the window: (TTFT ms, TPOT ms), TPOT NaN for a single output token (judged on
+    # TTFT only). The SLO planner learns its tails per request from these (a window's p99 of a handful of
+    # requests is their maximum, not the tail the operator judges).
+    finished_ms: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)

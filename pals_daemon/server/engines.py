@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -94,6 +95,8 @@ class TelemetryWindow:
     arrived_requests: int = 0
     ttft_ms: list[float] = field(default_factory=list)
     tpot_ms: list[float] = field(default_factory=list)
+    # Per finished request: TPOT is judged only with more than one output token.
+    multi_token: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -149,6 +152,7 @@ class EngineSession:
         w.arrived_requests += arrived
         w.ttft_ms.extend(ttft)
         w.tpot_ms.extend(tpot)
+        w.multi_token.extend(f.output_tokens > 1 for f in report.finished)
         self.num_running = running
         self.num_waiting = waiting
         self.kv_cache_usage = kv
@@ -192,6 +196,9 @@ class EngineSession:
             arrived_requests=w.arrived_requests,
             ttft_p99_ms=float(np.percentile(w.ttft_ms, 99)) if w.ttft_ms else None,
             tpot_p99_ms=float(np.percentile(w.tpot_ms, 99)) if w.tpot_ms else None,
+            finished_ms=tuple(
+                (a, b if multi else math.nan) for a, b, multi in zip(w.ttft_ms, w.tpot_ms, w.multi_token, strict=True)
+            ),
         )
 
 

@@ -162,3 +162,89 @@ def test_prefill_overload_without_decode_demand_predicts_overload_instead_of_fai
     pred = lat.predict(caps, 0.0, 5e6, 64, 15_000.0, 0.0, chunk_tokens=8192.0, step_tokens=8192.0)
     assert pred.overloaded.all()
     assert np.isfinite(pred.batch).all() and (pred.batch >= 1).all()
+
+
+def test_a_breach_at_a_low_cap_leaves_a_floor_while_the_load_stays() -> None:
+    """After a measured breach at a low cap the planner may come down again once the hold is over, but not to the
+    cap that breached (nor below) while the load stays near the one it breached at: the model's error there is
+    learned. A much lighter load is planned without the floor."""
+    cfg = ControllerConfig()
+    ctrl = Controller(REG, cfg)
+    caps = _run(ctrl, [_window(requests=1) for _ in range(200)])
+    low = caps[-1]
+    assert low < 300.0
+    breach = _window(requests=1, ttft99=2500.0, tpot99=20.0)  # the SLO missed at the low cap, no queue
+    after = _run(ctrl, [breach] + [_window(requests=1) for _ in range(200)], start_w=low)
+    assert after[0] == 400.0, "a measured breach releases to the top cap the next tick"
+    assert min(after[1:]) >= low + cfg.slo_step_down_w - 1e-9, (low, min(after[1:]))
+    assert after[-1] < 400.0, "the cap still comes down to the floor after the hold"
+    # The floor holds only near the load it was learned at: with arrivals a tenth as dense it is not applied.
+    ctrl2 = Controller(REG, cfg)
+    _run(ctrl2, [_window(requests=10) for _ in range(200)])
+    slo = ctrl2._slo["e0"]
+    slo.floor_w, slo._floor_load = 300.0, slo.forecast()[0]
+    free = _run(ctrl2, [_window(requests=1) for _ in range(400)], start_w=300.0)
+    assert free[-1] < 300.0, "a floor learned at ten times the load held the cap up"
+
+
+def test_the_floor_comes_down_one_step_per_regime_window_without_a_breach() -> None:
+    cfg = ControllerConfig()
+    ctrl = Controller(REG, cfg)
+    _run(ctrl, [_window(requests=1) for _ in range(10)])
+    slo = ctrl._slo["e0"]
+    slo.floor_w, slo._floor_load, slo._floor_set_s = 300.0, slo.forecast()[0], slo._clock_s
+    windows = int(cfg.slo_regime_window_s / 0.5) + 2
+    _run(ctrl, [_window(requests=1) for _ in range(windows)], start_w=300.0)
+    assert slo.floor_w == 300.0 - cfg.slo_step_down_w
+
+
+def test_no_batch_limit_below_the_requests_present() -> None:
+    """A batch column below the requests running and waiting now is never feasible (the forecast lags a burst's
+    onset; cutting there queues requests for a seat), whatever the latency model predicts for it."""
+    profile = REG.find(MODEL)
+    assert profile is not None
+    ctrl = Controller(REG)
+    _run(ctrl, [_window(requests=1) for _ in range(100)])
+    slo = ctrl._slo["e0"]
+    caps = np.array([200.0, 300.0, 400.0])
+    args = (caps, 4, 400.0, [16, 32, 64], [2048, 4096, 8192])
+    _, ok_idle, _ = slo.plan(*args, 0, 1.0, SLO, num_running=2)
+    assert ok_idle[:, 0].any(), "a light load: the quarter batch is feasible somewhere (else the test proves nothing)"
+    _, ok, _ = slo.plan(*args, 5, 1.0, SLO, num_running=20)
+    assert not ok[:, 0].any() and (ok[:, 1] == ok_idle[:, 1]).all()
+    _, ok, _ = slo.plan(*args, 10, 1.0, SLO, num_running=30)
+    assert not ok[:, :2].any()
+
+
+def test_tails_are_learned_per_request_and_per_batch_column() -> None:
+    """Finished requests set the tails as percentiles (a window's p99 over a handful of requests is their
+    maximum); the TPOT excess is learned per batch column (step token budget), the pooled one stands in for a
+    column not run yet."""
+    profile = REG.find(MODEL)
+    assert profile is not None
+    lat = LatencyModel(PerfModel(profile), tput_scale=1.0)
+    caps = np.array([400.0])
+
+    def pred(step_tokens: float) -> object:
+        return lat.predict(caps, 100.0, 2000.0, 64, 1000.0, 0.0, chunk_tokens=2000.0, step_tokens=step_tokens)
+
+    big = pred(8192.0)
+    mean_ms = 1000.0 * float(big.ttft_mean_s[0])
+    tau_ms, chunk_ms = 1000.0 * float(big.step_s[0]), 1000.0 * float(big.chunk_s[0])
+    rng = np.random.default_rng(1)
+    ratios = rng.uniform(1.0, 3.0, 400)
+    excess = rng.uniform(0.0, 2.0, 400)
+    finished = [(r * mean_ms, tau_ms + x * chunk_ms) for r, x in zip(ratios, excess, strict=True)]
+    finished += [(mean_ms, float("nan"))] * 10  # single-token requests: judged on TTFT only
+    lat.calibrate(big, 0, {}, finished)
+    assert abs(lat.cal[("ttft", 99)] - np.percentile(np.r_[ratios, np.ones(10)], 99)) < 1e-9
+    assert abs(lat.tpot_chunks_by_column[8192][99] - np.percentile(excess, 99)) < 1e-9
+    # Another column has no samples of its own: the pooled tail; once it has, its own.
+    small = pred(2048.0)
+    assert np.isclose(
+        float(small.tpot_p99_ms[0]), 1000.0 * (float(small.step_s[0]) + lat.tpot_chunks[99] * float(small.chunk_s[0]))
+    )
+    lat.calibrate(small, 0, {}, [(mean_ms, 1000.0 * float(small.step_s[0]))] * 50)  # no excess at all
+    assert lat.tpot_chunks_by_column[2048][99] == 0.0
+    assert np.isclose(float(pred(2048.0).tpot_p99_ms[0]), 1000.0 * float(pred(2048.0).step_s[0]))
+    assert lat.tpot_chunks_by_column[8192][99] > 1.0

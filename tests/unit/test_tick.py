@@ -177,3 +177,20 @@ def test_observe_takes_every_window_and_leaves_out_engines_on_unmanaged_gpus(slo
     assert inp.budget_w == 1000.0
     # The left-out engine's window was taken all the same (a new one started).
     assert elsewhere.window.decode_tokens == 0
+
+
+def test_observation_carries_each_finished_request_with_tpot_judged_only_past_one_token() -> None:
+    from pals_daemon.api import pals_pb2
+
+    registry = EngineRegistry()
+    a = registry.register(EngineRegistration("a", "m", (0,), 64, 8192))
+    finished = [
+        pals_pb2.FinishedRequest(ttft_ms=120.0, tpot_ms=30.0, prompt_tokens=100, output_tokens=20),
+        pals_pb2.FinishedRequest(ttft_ms=90.0, tpot_ms=0.0, prompt_tokens=50, output_tokens=1),
+    ]
+    a.add_step_report(pals_pb2.StepReport(window_s=0.5, num_steps=3, finished=finished))
+    a.add_step_report(pals_pb2.StepReport(window_s=0.5, num_steps=2, finished=finished[:1]))
+    obs = a.take_observation(1.0)
+    assert obs.finished_ms[0] == (120.0, 30.0) and obs.finished_ms[2] == (120.0, 30.0)
+    assert obs.finished_ms[1][0] == 90.0 and obs.finished_ms[1][1] != obs.finished_ms[1][1]  # NaN: one token
+    assert a.take_observation(0.5).finished_ms == ()
