@@ -53,35 +53,39 @@ class ClockResponse:
         """The highest profiled clock (the unlocked clock of the profiled GPU)."""
         return float(self.clocks_mhz[-1])
 
-    def ratios(self, clock_mhz: float, batch: ArrayLike) -> tuple[FloatArray, FloatArray]:
-        """(throughput ratio, power ratio) of a lock at ``clock_mhz`` at each ``batch``, both in (0, 1]."""
-        b = np.log2(np.maximum(np.asarray(batch, dtype=float), 1.0))
-        c = float(clock_mhz)
-        if c >= self.top_clock_mhz:
-            ones = np.ones_like(b)
-            return ones, ones
+    def ratios(self, clock_mhz: ArrayLike, batch: ArrayLike) -> tuple[FloatArray, FloatArray]:
+        """(throughput ratio, power ratio) of locks at ``clock_mhz`` at ``batch`` (broadcast), both in (0, 1]."""
+        c, b = np.broadcast_arrays(np.asarray(clock_mhz, dtype=float), np.asarray(batch, dtype=float))
+        logb = np.log2(np.maximum(b, 1.0))
         cs = self.clocks_mhz
-        i = int(np.clip(np.searchsorted(cs, c) - 1, 0, cs.size - 2)) if cs.size > 1 else 0
-        w = 0.0 if cs.size == 1 else float(np.clip((c - cs[i]) / (cs[i + 1] - cs[i]), 0.0, 1.0))
-        i1 = min(i + 1, cs.size - 1)
         out = []
         for table in (self._r_t, self._r_p):
-            row = (1 - w) * table[i] + w * table[i1]
-            out.append(np.interp(b, self._log_b, row))
+            # Per profiled clock, the ratio at each batch; then linear in the clock (1 above the top clock).
+            rows = np.stack([np.interp(logb, self._log_b, table[i]) for i in range(cs.size)])
+            if cs.size == 1:
+                r = rows[0]
+            else:
+                i = np.clip(np.searchsorted(cs, c) - 1, 0, cs.size - 2)
+                w = np.clip((c - cs[i]) / (cs[i + 1] - cs[i]), 0.0, 1.0)
+                lo = np.take_along_axis(rows, i[None, ...], axis=0)[0]
+                hi = np.take_along_axis(rows, (i + 1)[None, ...], axis=0)[0]
+                r = (1 - w) * lo + w * hi
+            out.append(np.where(c >= self.top_clock_mhz, 1.0, r))
         return out[0], out[1]
 
 
 class ClockedPerfModel:
-    """A :class:`PerfModel` seen under one locked clock: same interface, slower and lower where the lock binds.
+    """A :class:`PerfModel` seen under a locked clock: same interface, slower and lower where the lock binds.
 
     Everything but the two predictions is the base model's (caps, batches, GPU count...), so a latency model
     built for the base model can be pointed at this view to predict a locked engine.
     """
 
-    def __init__(self, base: PerfModel, response: ClockResponse, clock_mhz: float) -> None:
+    def __init__(self, base: PerfModel, response: ClockResponse, clock_mhz: ArrayLike) -> None:
         self.base = base
         self.response = response
-        self.clock_mhz = float(clock_mhz)
+        # One lock, or one per element of the cap arrays the predictions are asked at (a grid of locks at once).
+        self.clock_mhz = np.asarray(clock_mhz, dtype=float)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.base, name)
