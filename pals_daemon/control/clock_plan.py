@@ -9,8 +9,9 @@ force is the lower of the lock and the clock the cap leaves), and picks:
 - feasible clocks: not overloaded, every predicted tail within SLO x (1 - margin) (the SLO planner's test);
 - the highest feasible clock within ``slo_min_saving`` of the least energy per output token (unlocked where
   the lock saves nothing); none feasible: unlocked;
-- fast release: a measured breach, or a growing queue the clock in force is not predicted to serve, unlocks at
-  once; so does the SLO planner's overload regime (the SLO not being met at the top settings);
+- headroom: under a lock the forecast load may take at most CLOCK_MAX_LOAD of the engine's capacity;
+- fast release: a measured breach or a growing queue unlocks at once; so does the SLO planner's overload regime
+  (the SLO not being met at the top settings);
 - slow descent: no lower clock within one forecast window of a breach or of the engine's start, at most
   ``CLOCK_STEP_DOWN_MHZ`` lower per tick, and only for a predicted saving of ``slo_min_saving``.
 
@@ -38,6 +39,10 @@ from pals_daemon.model.clock_model import ClockedPerfModel, ClockResponse
 # Modelled choice: the largest step down per tick (0.5 s), so a clock reaches the bottom of an H100's profiled
 # range (1980 -> 630 MHz) in five ticks; a release jumps straight back to unlocked.
 CLOCK_STEP_DOWN_MHZ = 300.0
+# Modelled choice: the largest share of the engine's capacity at its batch limit that the forecast decode load may
+# take under a lock. Queueing delay grows without bound near saturation, and the latency model's mean-value TTFT
+# only sees the queue already there.
+CLOCK_MAX_LOAD = 0.7
 
 FloatArray = NDArray[np.float64]
 
@@ -52,22 +57,45 @@ class ClockChoice:
     prediction: Prediction | None = None
 
 
-@contextmanager
-def locked_view(latency: LatencyModel, response: ClockResponse | None, clock_mhz: int | None) -> Iterator[None]:
-    """Let ``latency`` see its engine under ``clock_mhz`` for the block (unlocked or no clock dimension: as is).
+def clocked_latency(latency: LatencyModel, response: ClockResponse, clocks_mhz: object) -> LatencyModel:
+    """A copy of ``latency`` (sharing its learned state) that predicts the engine under the lock(s) ``clocks_mhz``.
 
-    Used while folding in a window that ran under a lock, so the step-time correction learns the model's error,
-    not the lock's slowdown.
+    Decode and power come from the clocked performance model; prefill, compute-bound, slows with the clock in
+    force: its slowdown is the larger of the cap's (the model's prior) and top clock / lock (modelled: prefill
+    time ~ 1 / SM clock, GreenLLM arXiv 2508.16449; the profile's decode points would understate it).
+    """
+    base = copy.copy(latency)
+    lat = copy.copy(latency)
+    lat.model = ClockedPerfModel(latency.model, response, clocks_mhz)  # type: ignore[assignment]
+    ratio = response.top_clock_mhz / np.maximum(np.asarray(clocks_mhz, dtype=float), 1.0)
+
+    def prefill_slowdown(cap_w: FloatArray) -> FloatArray:
+        return np.maximum(base.prefill_slowdown(cap_w), ratio)
+
+    lat.prefill_slowdown = prefill_slowdown  # type: ignore[method-assign]
+    return lat
+
+
+@contextmanager
+def locked_view(holder: SloEngine, response: ClockResponse | None, clock_mhz: int | None) -> Iterator[None]:
+    """Let ``holder``'s latency model see its engine under ``clock_mhz`` for the block (unlocked or no clock
+    dimension: as is). Used while folding in a window that ran under a lock, so the step-time correction learns
+    the model's error, not the lock's slowdown (the copy shares the learned state, which the block updates).
     """
     if response is None or clock_mhz is None or clock_mhz >= response.top_clock_mhz:
         yield
         return
-    base = latency.model
-    latency.model = ClockedPerfModel(base, response, clock_mhz)  # type: ignore[assignment]
+    base = holder.latency
+    view = clocked_latency(base, response, clock_mhz)
+    holder.latency = view
     try:
         yield
     finally:
-        latency.model = base
+        holder.latency = base
+        # What the block learned into plain attributes (the error EWMAs) goes back to the model itself.
+        for name, value in vars(view).items():
+            if name not in ("model", "prefill_slowdown"):
+                setattr(base, name, value)
 
 
 def engine_clock_range(own: Sequence[GpuObservation]) -> tuple[int, int] | None:
@@ -91,6 +119,7 @@ class ClockPlanner:
         self.clock_mhz: int | None = None
         self._clock_s = 0.0
         self._last_breach_s = -math.inf
+        self._growing = 0  # consecutive windows with a growing queue
 
     def candidates(self, lo_mhz: int, hi_mhz: int) -> list[int]:
         """The profiled clocks within the engine's supported range, highest first (the top one: unlocked)."""
@@ -121,9 +150,7 @@ class ClockPlanner:
         clocks = np.asarray(clocks_mhz, dtype=float)
         caps = np.full(clocks.shape, float(cap_w))
         view = copy.copy(slo)
-        lat = copy.copy(slo.latency)
-        lat.model = ClockedPerfModel(slo.latency.model, self.response, clocks)  # type: ignore[assignment]
-        view.latency = lat
+        view.latency = clocked_latency(slo.latency, self.response, clocks)
         _, ok, energy = view.plan(
             caps, n_gpus, max_limit_w, [batch_limit], [tokens_limit], num_waiting, power_ratio, target
         )
@@ -170,7 +197,17 @@ class ClockPlanner:
         def pick(clock: int, cause: str) -> ClockChoice:
             return self._set(clock, cause, float(energy[row[clock]]), _row(pred, row[clock]))
 
-        if slo.breach or (slo.queue_growing and not ok[row[current]]) or slo.breach_rate > overload_rate:
+        # Headroom (modelled): under a lock the forecast decode load may use at most CLOCK_MAX_LOAD of what the
+        # engine can serve at its batch limit (or no more than unlocked); near saturation the queueing tail, which
+        # the mean-value latency model does not see, would eat the slack.
+        lam_d, _ = slo.forecast()
+        load = lam_d / np.maximum(pred.capacity_tokens_per_s, 1e-9)
+        ok = ok & (load <= max(CLOCK_MAX_LOAD, float(load[row[top]])))
+        self._growing = self._growing + 1 if slo.queue_growing else 0
+        # A queue that keeps growing under a lock (two windows running) is capacity the lock took: give it back.
+        if slo.breach or self._growing >= 2 or slo.breach_rate > overload_rate:
+            if self._growing >= 2:
+                self._last_breach_s = self._clock_s
             return pick(top, "clock-release")
         if not ok.any():
             return pick(top, "clock-infeasible")
