@@ -48,6 +48,20 @@ FloatArray = NDArray[np.float64]
 
 
 @dataclass(frozen=True)
+class Setting:
+    """The engine's (cap, batch) the SLO planner chose this tick, and what its plan needs to predict it."""
+
+    cap_w: float  # the cap the engine's step runs at (its plan's effective cap)
+    n_gpus: int
+    max_limit_w: float
+    batch_limit: int
+    tokens_limit: int
+    num_waiting: int
+    power_ratio: float
+    target: EngineTargets
+
+
+@dataclass(frozen=True)
 class ClockChoice:
     """The planner's lock for one engine this tick (None: unlocked), why, and its prediction at the cap chosen."""
 
@@ -127,17 +141,7 @@ class ClockPlanner:
         return sorted(set(cs) | {int(min(hi_mhz, self.response.top_clock_mhz))}, reverse=True)
 
     def evaluate(
-        self,
-        slo: SloEngine,
-        clocks_mhz: Sequence[int],
-        cap_w: float,
-        n_gpus: int,
-        max_limit_w: float,
-        batch_limit: int,
-        tokens_limit: int,
-        num_waiting: int,
-        power_ratio: float,
-        target: EngineTargets,
+        self, slo: SloEngine, clocks_mhz: Sequence[int], at: Setting
     ) -> tuple[NDArray[np.bool_], FloatArray, Prediction]:
         """(feasible, energy per output token J, prediction), one row per clock, of the engine at ``cap_w``.
 
@@ -148,18 +152,25 @@ class ClockPlanner:
         least as much), which adds the prefill term's share of the difference to each row's energy.
         """
         clocks = np.asarray(clocks_mhz, dtype=float)
-        caps = np.full(clocks.shape, float(cap_w))
+        caps = np.full(clocks.shape, float(at.cap_w))
         view = copy.copy(slo)
         view.latency = clocked_latency(slo.latency, self.response, clocks)
         _, ok, energy = view.plan(
-            caps, n_gpus, max_limit_w, [batch_limit], [tokens_limit], num_waiting, power_ratio, target
+            caps,
+            at.n_gpus,
+            at.max_limit_w,
+            [at.batch_limit],
+            [at.tokens_limit],
+            at.num_waiting,
+            at.power_ratio,
+            at.target,
         )
         pred = view.predictions[0]
         _, r_p = self.response.ratios(clocks, float(self.response.batches[-1]))
-        p_pre = np.minimum(caps, PREFILL_POWER_FRACTION * max_limit_w)
+        p_pre = np.minimum(caps, PREFILL_POWER_FRACTION * at.max_limit_w)
         lam_d, _ = slo.forecast()
         # The prefill part of the busy power, as SloEngine._column weighs it: n x work x prefill share / lam_d.
-        saved = n_gpus * pred.work * pred.prefill_share * p_pre * (1.0 - r_p) / max(lam_d, 1e-6)
+        saved = at.n_gpus * pred.work * pred.prefill_share * p_pre * (1.0 - r_p) / max(lam_d, 1e-6)
         return ok[:, 0], energy[:, 0] - saved, pred
 
     def choose(
@@ -167,14 +178,7 @@ class ClockPlanner:
         slo: SloEngine,
         window_s: float,
         clock_range: tuple[int, int],
-        cap_w: float,
-        n_gpus: int,
-        max_limit_w: float,
-        batch_limit: int,
-        tokens_limit: int,
-        num_waiting: int,
-        power_ratio: float,
-        target: EngineTargets,
+        at: Setting,
         overload_rate: float,
         min_saving: float,
         forecast_window_s: float,
@@ -189,9 +193,7 @@ class ClockPlanner:
         current = top if self.clock_mhz is None else min(max(self.clock_mhz, lo), top)
         if current not in cands:
             cands = sorted(set(cands) | {current}, reverse=True)
-        ok, energy, pred = self.evaluate(
-            slo, cands, cap_w, n_gpus, max_limit_w, batch_limit, tokens_limit, num_waiting, power_ratio, target
-        )
+        ok, energy, pred = self.evaluate(slo, cands, at)
         row = {c: k for k, c in enumerate(cands)}
 
         def pick(clock: int, cause: str) -> ClockChoice:

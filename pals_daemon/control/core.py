@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 from pals_daemon.control.allocate import Option, solve_budget
 from pals_daemon.control.clock_plan import (
     ClockPlanner,
+    Setting,
     engine_clock_range,
     lock_in_force,
     locked_view,
@@ -404,18 +405,21 @@ class Controller:
             i, j = choice[eid]
             cfg = self.config
             batch = int(p.batches[j])
+            at = Setting(
+                cap_w=float(p.slo.predictions[j].caps_w[i]),
+                n_gpus=len(p.engine.gpu_indices) or p.model.num_gpus,
+                max_limit_w=max(g.max_limit_w for g in p.ctrl),
+                batch_limit=batch,
+                tokens_limit=_scaled_batched_tokens(p.engine, batch),
+                num_waiting=p.engine.num_waiting,
+                power_ratio=p.state.power_ratio,
+                target=inp.targets.get(eid, EngineTargets()),
+            )
             ch = planner.choose(
                 p.slo,
                 p.engine.window_s,
                 rng,
-                float(p.slo.predictions[j].caps_w[i]),
-                len(p.engine.gpu_indices) or p.model.num_gpus,
-                max(g.max_limit_w for g in p.ctrl),
-                batch,
-                _scaled_batched_tokens(p.engine, batch),
-                p.engine.num_waiting,
-                p.state.power_ratio,
-                inp.targets.get(eid, EngineTargets()),
+                at,
                 cfg.slo_infeasible_breach_rate,
                 cfg.slo_min_saving,
                 cfg.slo_forecast_window_s,
