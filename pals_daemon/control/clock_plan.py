@@ -12,8 +12,11 @@ force is the lower of the lock and the clock the cap leaves), and picks:
 - headroom: under a lock the forecast load may take at most CLOCK_MAX_LOAD of the engine's capacity;
 - fast release: a measured breach or a growing queue unlocks at once; so does the SLO planner's overload regime
   (the SLO not being met at the top settings);
-- slow descent: no lower clock within one forecast window of a breach or of the engine's start, at most
-  ``CLOCK_STEP_DOWN_MHZ`` lower per tick, and only for a predicted saving of ``slo_min_saving``.
+- slow descent: none within CLOCK_RELEASE_HOLD_S of a release nor within one forecast window of the engine's
+  start, at most ``CLOCK_STEP_DOWN_MHZ`` lower per tick, and only for a predicted saving of ``slo_min_saving``;
+- a learned floor: a release raises the lowest clock the planner may lock to one step above the lock that
+  breached; each forecast window without a breach lowers it one step (the bursts a lock must absorb are the
+  engine's own, which the mean-value latency model does not see).
 
 Coordinate-wise, not a full 3-D search: the cap and batch are chosen at the top clock first (so cap-only
 behaviour is unchanged where there is no clock knob, and the budget split's caps still bound power: a lock only
@@ -43,6 +46,9 @@ CLOCK_STEP_DOWN_MHZ = 300.0
 # take under a lock. Queueing delay grows without bound near saturation, and the latency model's mean-value TTFT
 # only sees the queue already there.
 CLOCK_MAX_LOAD = 0.7
+# Modelled choice: seconds without descent after a release; the floor (raised above the lock that breached)
+# keeps the planner from going straight back to it.
+CLOCK_RELEASE_HOLD_S = 10.0
 
 FloatArray = NDArray[np.float64]
 
@@ -134,6 +140,10 @@ class ClockPlanner:
         self._clock_s = 0.0
         self._last_breach_s = -math.inf
         self._growing = 0  # consecutive windows with a growing queue
+        # The lowest clock the planner may lock now: raised above a lock that breached, lowered one step per
+        # forecast window without a breach (it learns the lowest clock the engine's bursts tolerate).
+        self.floor_mhz = 0.0
+        self._floor_s = 0.0
 
     def candidates(self, lo_mhz: int, hi_mhz: int) -> list[int]:
         """The profiled clocks within the engine's supported range, highest first (the top one: unlocked)."""
@@ -185,12 +195,20 @@ class ClockPlanner:
     ) -> ClockChoice:
         """This tick's lock for the engine (call after ``slo.observe`` and ``slo.choose`` of the same tick)."""
         self._clock_s += max(0.0, window_s)
-        if slo.breach:
-            self._last_breach_s = self._clock_s
         lo, hi = clock_range
         cands = self.candidates(lo, hi)
         top = cands[0]
         current = top if self.clock_mhz is None else min(max(self.clock_mhz, lo), top)
+        self._growing = self._growing + 1 if slo.queue_growing else 0
+        # A queue that keeps growing under a lock (two windows running) is capacity the lock took: give it back.
+        release = slo.breach or self._growing >= 2 or slo.breach_rate > overload_rate
+        if slo.breach or self._growing >= 2:
+            self._last_breach_s = self._floor_s = self._clock_s
+            if current < top:
+                self.floor_mhz = min(float(top), max(self.floor_mhz, current + CLOCK_STEP_DOWN_MHZ))
+        elif self._clock_s - self._floor_s >= forecast_window_s and self.floor_mhz > 0:
+            self.floor_mhz = max(0.0, self.floor_mhz - CLOCK_STEP_DOWN_MHZ)
+            self._floor_s = self._clock_s
         if current not in cands:
             cands = sorted(set(cands) | {current}, reverse=True)
         ok, energy, pred = self.evaluate(slo, cands, at)
@@ -205,12 +223,9 @@ class ClockPlanner:
         lam_d, _ = slo.forecast()
         load = lam_d / np.maximum(pred.capacity_tokens_per_s, 1e-9)
         ok = ok & (load <= max(CLOCK_MAX_LOAD, float(load[row[top]])))
-        self._growing = self._growing + 1 if slo.queue_growing else 0
-        # A queue that keeps growing under a lock (two windows running) is capacity the lock took: give it back.
-        if slo.breach or self._growing >= 2 or slo.breach_rate > overload_rate:
-            if self._growing >= 2:
-                self._last_breach_s = self._clock_s
+        if release:
             return pick(top, "clock-release")
+        ok = ok & ((np.array(cands) >= self.floor_mhz) | (np.array(cands) == top))
         if not ok.any():
             return pick(top, "clock-infeasible")
         best = float(np.min(np.where(ok, energy, np.inf)))
@@ -218,7 +233,9 @@ class ClockPlanner:
         want = max(c for c in cands if ok[row[c]] and energy[row[c]] <= best * (1 + min_saving))
         if want >= current:
             return pick(want, "clock-energy" if want != current else "hold")
-        recent = self._clock_s - self._last_breach_s < forecast_window_s
+        # No descent for CLOCK_RELEASE_HOLD_S after a release (the burst that caused it may go on), nor before
+        # the engine has been watched for one forecast window; after that, down to the floor.
+        recent = self._clock_s - self._last_breach_s < CLOCK_RELEASE_HOLD_S
         if recent or self._clock_s < forecast_window_s:
             return pick(current, "hold")
         if not energy[row[want]] < energy[row[current]] * (1 - min_saving):
