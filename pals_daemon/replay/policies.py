@@ -145,8 +145,8 @@ def parse_static_spec(spec: str) -> StaticSpec:
             clock = int(parts[2])
         except ValueError:
             raise ValueError(f"bad static policy spec {spec!r}: CLOCK {parts[2]!r} is not an integer of MHz") from None
-        if not 1 <= clock <= 10_000:
-            raise ValueError(f"bad static policy spec {spec!r}: CLOCK must be in [1, 10000] MHz")
+        if not 100 <= clock <= 10_000:
+            raise ValueError(f"bad static policy spec {spec!r}: CLOCK must be in [100, 10000] MHz")
     return StaticSpec(cap, batch, clock)
 
 
