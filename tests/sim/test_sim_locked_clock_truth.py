@@ -13,16 +13,9 @@ from pals_daemon.sim.fitted import a100_physics
 from pals_daemon.sim.gpu import make_sim_gpus
 from pals_daemon.sim.h100 import load_h100_truth
 from pals_daemon.sim.truth import load_a100_truth
+from tests.sim.test_sim_gpu_clocks import ManualClock
 
 H100_MODEL = ("Qwen/Qwen3-30B-A3B-Instruct-2507", 1)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def test_lock_lowers_power_and_lengthens_steps_where_the_cap_does_not_bind() -> None:
@@ -100,7 +93,7 @@ def test_skewed_steps_follow_the_lock() -> None:
 
 def _serve(lock_mhz: int | None) -> tuple[float, float, float]:
     """(energy J per output token, mean TPOT s, busy s) of a light load on one simulated H100."""
-    clock = FakeClock()
+    clock = ManualClock()
     truth = load_h100_truth(*H100_MODEL)
     gpus = make_sim_gpus("H100-SXM5", 1, clock, cap_delay_s=0.0)
     if lock_mhz is not None:
