@@ -102,7 +102,8 @@ def fitted_documents(
             "method": "least squares on log ITL and log power (pals_daemon.sim.physics.fit_decode_physics, "
             "Levenberg-Marquardt within pals_daemon.sim.fitting.physics_bounds), best of 4 starts",
             "transferred": "alpha and f_knee: the median of the A100 fits (pals_daemon.sim.fitted.H100_ALPHA, "
-            "H100_F_KNEE); f_min: modelled (H100_F_MIN); idle_w from the hardware profile (H100-SXM5)",
+            "H100_F_KNEE); f_min and core_mem_share: modelled (H100_F_MIN, H100_CORE_MEM_SHARE); idle_w from the "
+            "hardware profile (H100-SXM5)",
             "command": "python bench/sim_calibration.py --refit --write",
         },
         fitted_on=fitted_on,

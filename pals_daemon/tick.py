@@ -13,9 +13,10 @@ Both run the same steps on different nodes, so a decision depends only on what t
   actuator (``actuators/power.py``: a phase's writes concurrently on the async GPU workers, a failed lowering
   phase defers the raising one), the replay through :func:`apply_plan`.
 
-A knob is one per-GPU setting (:class:`Knob`: the power limit). The locked-clock actuator still plans its
-own writes and the replay has no clock writer yet, so the replay reports that knob off (:class:`ClockView`);
-bringing it here is a ``Knob`` plus a writer on each node, not an edit of the pipeline.
+A knob is one per-GPU setting (:class:`Knob`): the power limit (:class:`PowerLimitKnob`) and the locked SM
+clock (:class:`LockedClockKnob`, on a node that offers it: :class:`ClockKnobView`). The replay writes both
+through :func:`apply_plan`; the daemon's locked-clock actuator (``actuators/clock.py``) plans its own writes,
+with the same target rule (:func:`locked_clock_target`), since it also keeps the clock record on disk.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from pals_daemon.api import pals_pb2
 from pals_daemon.control.types import ControllerInput, Decision, EngineObservation, EngineTargets, GpuObservation
-from pals_daemon.gpu.backend import GpuIdentity, GpuReading, PowerConstraints
+from pals_daemon.gpu.backend import ClockInfo, GpuIdentity, GpuReading, PowerConstraints
 from pals_daemon.units import mj_to_j, mw_to_w, w_to_mw
 
 if TYPE_CHECKING:
@@ -197,6 +198,44 @@ class PowerLimitKnob:
 
 POWER_LIMIT = PowerLimitKnob()
 DEFAULT_KNOBS: tuple[Knob, ...] = (POWER_LIMIT,)
+
+
+class ClockKnobView(GpuView, Protocol):
+    """A GPU view whose node offers the locked-clock knob: the supported clocks and the ceiling locked now."""
+
+    # None: the knob is off on this GPU (no clock list, NOT_SUPPORTED, disabled): nothing is written.
+    clock_info: ClockInfo | None
+    locked_clock_mhz: int | None
+
+
+def locked_clock_target(info: ClockInfo, want_mhz: int | None) -> int | None:
+    """The ceiling to lock for a decided one: snapped down to a supported clock; None or the top clock: unlocked."""
+    if want_mhz is None:
+        return None
+    mhz = info.snap_down(int(want_mhz))
+    return None if mhz >= info.max_mhz else mhz
+
+
+class LockedClockKnob:
+    """The locked SM clock ceiling (MHz; 0 = reset to unlocked): written when the decided ceiling, snapped as
+    the daemon's actuator snaps it, differs from the one held. A lower ceiling lowers power (lowering phase)."""
+
+    name = "locked_clock_mhz"
+
+    def wanted(self, g: GpuView, decision: Decision, now_s: float) -> tuple[int, bool] | None:
+        """The ceiling to lock (0: unlock), or None."""
+        info: ClockInfo | None = getattr(g, "clock_info", None)
+        if info is None:
+            return None
+        held: int | None = getattr(g, "locked_clock_mhz", None)
+        target = locked_clock_target(info, decision.gpu_locked_clocks_mhz.get(g.identity.index))
+        if target == held:
+            return None
+        lowers = target is not None and (held is None or target < held)
+        return (0 if target is None else target), lowers
+
+
+LOCKED_CLOCK = LockedClockKnob()
 
 
 def plan_settings(

@@ -43,6 +43,7 @@ from pals_daemon.errors import (
 )
 from pals_daemon.gpu.backend import CLOCK_EVENT_APPLICATIONS_CLOCKS_SETTING, ClockInfo, GpuDevice
 from pals_daemon.state import DaemonState, OriginalClock, origin_notes
+from pals_daemon.tick import locked_clock_target
 
 if TYPE_CHECKING:
     from pals_daemon.server.daemon import GpuSlot
@@ -191,10 +192,7 @@ class LockedClockActuator(Actuator):
 
     @staticmethod
     def _target(st: ClockGpu, want_mhz: int | None) -> int | None:
-        if want_mhz is None or st.info is None:
-            return None
-        mhz = st.info.snap_down(int(want_mhz))
-        return None if mhz >= st.info.max_mhz else mhz
+        return None if st.info is None else locked_clock_target(st.info, want_mhz)
 
     async def apply(self, host: ActuatorHost, decision: Decision, now_s: float) -> None:
         """Lock (or reset) each controllable GPU whose decided ceiling differs from the one in force."""

@@ -22,12 +22,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from numpy.typing import NDArray
 
 from pals_daemon.control.allocate import Option, solve_budget
+from pals_daemon.control.clock_plan import (
+    ClockPlanner,
+    Setting,
+    engine_clock_range,
+    lock_in_force,
+    locked_view,
+    patch_prediction,
+)
 from pals_daemon.control.config import ControllerConfig
 from pals_daemon.control.latency import LatencyModel
 from pals_daemon.control.meter import MeterCompensation, lower_to
@@ -41,6 +49,7 @@ from pals_daemon.control.types import (
     GpuObservation,
 )
 from pals_daemon.errors import InvalidRequestError
+from pals_daemon.model.clock_model import ClockResponse, clock_response
 from pals_daemon.model.perf_model import PerfModel
 from pals_daemon.model.profile import Profile, ProfileRegistry
 
@@ -212,6 +221,10 @@ class Controller:
         self._prev_batches: dict[str, tuple[int, int]] = {}
         self._meter = MeterCompensation(self.config.meter_window_s, self.config.cap_settle_s)
         self._slo: dict[str, SloEngine] = {}
+        # The clock knob (control/clock_plan.py): a planner per engine that has it, the last locks decided.
+        self._clocks: dict[str, ClockPlanner] = {}
+        self._clock_responses: dict[Profile, ClockResponse | None] = {}
+        self._prev_locks: dict[int, int | None] = {}
 
     # ----------------------------------------------------------------------------------------------
     # public
@@ -247,6 +260,8 @@ class Controller:
         self._meter = MeterCompensation(self.config.meter_window_s, self.config.cap_settle_s)
         self._states.clear()
         self._slo.clear()
+        self._clocks.clear()
+        self._prev_locks.clear()
         self._prev_limits = None
         self._prev_batches.clear()
 
@@ -341,10 +356,12 @@ class Controller:
             )
         if budget is not None and feasible:
             self._enforce_budget(limits, gpus, budget - fixed_w, notes)
+        locks = self._clock_decisions(plans, choice, inp, engine_decisions)
         # Keep engine decisions in the input's order.
         engine_decisions = {e.engine_id: engine_decisions[e.engine_id] for e in inp.engines}
 
-        changed = self._changed(limits, engine_decisions, inp)
+        changed = self._changed(limits, engine_decisions, inp) or locks != self._prev_locks
+        self._prev_locks = dict(locks)
         self._prev_limits = dict(limits)
         self._prev_batches = {eid: (d.max_num_seqs, d.max_num_batched_tokens) for eid, d in engine_decisions.items()}
         reason = self._reason(changed, causes, notes, plans, prof_ids)
@@ -354,7 +371,72 @@ class Controller:
             limits = lower_to(limits, min_w, fixed_w, meter_ceiling_w)
             changed = True
             reason += f"; limits held to {meter_ceiling_w:.0f} W for the meter's window after the budget drop"
-        return Decision(gpu_limits_w=limits, engines=engine_decisions, changed=changed, reason=reason)
+        return Decision(
+            gpu_limits_w=limits, engines=engine_decisions, changed=changed, reason=reason, gpu_locked_clocks_mhz=locks
+        )
+
+    def _clock_response(self, profile: Profile) -> ClockResponse | None:
+        if profile not in self._clock_responses:
+            self._clock_responses[profile] = clock_response(profile)
+        return self._clock_responses[profile]
+
+    def _clock_decisions(
+        self,
+        plans: list[_Plan],
+        choice: Mapping[str, tuple[int, int]],
+        inp: ControllerInput,
+        engine_decisions: dict[str, EngineDecision],
+    ) -> dict[int, int | None]:
+        """Each clock-controlled GPU's lock (None: unlocked), chosen at its engine's (cap, batch): clock_plan.py.
+
+        Only engines under latency SLOs whose every GPU has the clock knob and whose profile has a clock
+        dimension get a lock; every other GPU with the knob is left unlocked. The caps are untouched.
+        """
+        locks: dict[int, int | None] = {g.index: None for g in inp.gpus if g.clock_control and g.controlled}
+        live = set()
+        for p in plans:
+            eid = p.engine.engine_id
+            rng = engine_clock_range(p.ctrl)
+            resp = self._clock_response(p.model.profile)
+            if p.slo is None or rng is None or resp is None or not p.slo.predictions:
+                continue
+            live.add(eid)
+            planner = self._clocks.setdefault(eid, ClockPlanner(resp))
+            i, j = choice[eid]
+            cfg = self.config
+            batch = int(p.batches[j])
+            at = Setting(
+                cap_w=float(p.slo.predictions[j].caps_w[i]),
+                n_gpus=len(p.engine.gpu_indices) or p.model.num_gpus,
+                max_limit_w=max(g.max_limit_w for g in p.ctrl),
+                batch_limit=batch,
+                tokens_limit=_scaled_batched_tokens(p.engine, batch),
+                num_waiting=p.engine.num_waiting,
+                power_ratio=p.state.power_ratio,
+                target=inp.targets.get(eid, EngineTargets()),
+            )
+            ch = planner.choose(
+                p.slo,
+                p.engine.window_s,
+                rng,
+                at,
+                cfg.slo_infeasible_breach_rate,
+                cfg.slo_min_saving,
+                cfg.slo_forecast_window_s,
+            )
+            if ch.prediction is not None:
+                patch_prediction(p.slo, j, i, ch.prediction)
+                pred = p.slo.predictions[j]
+                engine_decisions[eid] = replace(
+                    engine_decisions[eid],
+                    predicted_ttft_p90_ms=_finite_or_none(float(pred.ttft_p90_ms[i])),
+                    predicted_tpot_p90_ms=_finite_or_none(float(pred.tpot_p90_ms[i])),
+                )
+            for g in p.ctrl:
+                locks[g.index] = ch.clock_mhz
+        for eid in [e for e in self._clocks if e not in live]:
+            del self._clocks[eid]
+        return locks
 
     def _allocate(
         self,
@@ -657,7 +739,9 @@ class Controller:
         powers = [g.power_avg_w for g in own if _finite(g.power_avg_w) and g.power_avg_w > 0]
         gpu_power_w = float(np.mean(powers)) if powers else 0.0
         at_top = cap_in_force >= float(grid.eff_cap_w.max()) - 1.0
-        slo.observe(eng, cap_in_force, at_top, target, gpu_power_w)
+        # A window run under a lock is folded in through the clocked model (the lock's slowdown is not an error).
+        with locked_view(slo, self._clock_response(model.profile), lock_in_force(own)):
+            slo.observe(eng, cap_in_force, at_top, target, gpu_power_w)
         n_gpus = len(eng.gpu_indices) or model.num_gpus
         max_limit_w = max((g.max_limit_w for g in own), default=model.max_cap_w)
         configured = max(1, eng.configured_max_num_seqs)

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pals_daemon.model.clock_points import h100_clock_points
 from pals_daemon.model.profile import Profile, ProfileError, ProfilePoint, dumps_profile, profile_from_dict
 
 CSV_ORIGIN = "mrhankendi/AI_LLM moe_summary_tp4.xlsx"
@@ -60,6 +61,11 @@ H100_MIN_CAP_W = 200.0  # min_power_limit_w
 H100_MAX_CAP_W = 700.0  # max_power_limit_w = default_power_limit_w: the limit ML.ENERGY v3 measured at
 H100_CAP_STEP_W = 50.0  # modelled grid spacing (a choice, not a measurement)
 H100_IDLE_W = 73.5  # idle_power_w 72-75, midpoint: the DVFS model's floor
+CLOCK_NOTES = (
+    " Clock dimension MODELLED (clock_points, every one modelled=true; at the 700 W cap): the measured 700 W point "
+    "scaled by the ratio of step time and power that the fitted decode physics (pals_daemon/sim/fitted.py, "
+    "pals_daemon/model/clock_points.py) gives between the locked clock and the top clock (1980 MHz) at that batch."
+)
 A100_IDLE_W = 60.0  # data/gpu_power_limits.csv row A100-SXM4-80GB idle_power_w 52-68, midpoint
 # Throughput under a binding cap relative to uncapped, as a function of x = (cap - P_idle) / (P_uncapped -
 # P_idle): g(x) = (softmin(1, x/KNEE) / softmin(1, 1/KNEE))^EXPONENT, softmin of sharpness SHARPNESS.
@@ -292,12 +298,15 @@ def profiles_from_mlenergy_csv(
         if len(by_batch) < 2:
             continue
         points = []
+        measured = []
         for batch, vals in sorted(by_batch.items()):
             tput, total_w, itl = (sum(v[k] for v in vals) / len(vals) for k in range(3))
             power_w = total_w / num_gpus
             if power_w > H100_MAX_CAP_W * 1.25:
                 raise ProfileError(f"{csv_path}: {model_id} batch {batch}: {power_w:.0f} W per GPU (total power?)")
             points.extend(modelled_h100_point(c, batch, tput, power_w, itl) for c in caps)
+            measured.append((batch, tput, power_w, itl))
+        clock_points = h100_clock_points(model_id, num_gpus, H100_MAX_CAP_W, measured)
         model = model_id.rsplit("/", 1)[-1].lower()
         data = {
             "schema": "pals.profile/v1",
@@ -318,10 +327,12 @@ def profiles_from_mlenergy_csv(
                 f"{DVFS_SHARPNESS}; fitted on the measured A100 MoE sweep, 3.3% MAPE; idle 73.5 W from "
                 "data/gpu_power_limits.csv; decode memory-bound, loses little until the cap bites deep: "
                 "GreenLLM arXiv 2508.16449, Maliakel et al. arXiv 2501.08219); "
-                "tpot scales as 1/throughput. No TTFT in the source."
+                "tpot scales as 1/throughput. No TTFT in the source." + (CLOCK_NOTES if clock_points else "")
             ),
             "points": [p.to_dict() for p in points],
         }
+        if clock_points:
+            data["clock_points"] = [p.to_dict() for p in clock_points]
         profiles.append(profile_from_dict(data, origin=f"{csv_path} model {model_id}"))
     return sorted(profiles, key=profile_filename)
 

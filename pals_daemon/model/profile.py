@@ -21,12 +21,14 @@ SCHEMA = "pals.profile/v1"
 METHODS = ("measured", "modelled")
 
 _REQUIRED_KEYS = ("schema", "model", "aliases", "gpu", "num_gpus", "parallelism", "source", "method", "points")
-_OPTIONAL_KEYS = ("notes",)
+_OPTIONAL_KEYS = ("notes", "clock_points")
 _POINT_KEYS = ("cap_w", "batch", "tokens_per_s", "gpu_power_w")
 _OPTIONAL_POINT_KEYS = ("tpot_ms", "ttft_ms", "modelled")
 # Averaged GPU power may overshoot a cap briefly (the cap acts on a moving average); more than this
 # factor above the cap means a unit or column mix-up, not measurement noise.
 _MAX_POWER_OVER_CAP = 1.25
+# No GPU's SM clock is near 10 GHz: a larger clock_mhz is a unit mix-up (kHz, Hz).
+_MAX_CLOCK_MHZ = 10_000
 
 
 class ProfileError(PalsError):
@@ -44,6 +46,8 @@ class ProfilePoint:
     tpot_ms: float | None = None  # median time per output token (inter-token latency), where known
     ttft_ms: float | None = None  # median time to first token, where known
     modelled: bool = False  # True: the numbers come from a model (say which in the profile's notes)
+    # Locked SM clock ceiling (MHz) of a point of the clock dimension (Profile.clock_points); None: unlocked.
+    clock_mhz: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of this point; optional fields only when set."""
@@ -51,6 +55,10 @@ class ProfilePoint:
             # Whole-watt caps print as integers ("cap_w": 150), which is how people write them.
             "cap_w": int(self.cap_w) if self.cap_w.is_integer() else self.cap_w,
             "batch": self.batch,
+        }
+        if self.clock_mhz is not None:
+            out["clock_mhz"] = self.clock_mhz
+        out |= {
             "tokens_per_s": self.tokens_per_s,
             "gpu_power_w": self.gpu_power_w,
         }
@@ -76,6 +84,14 @@ class Profile:
     method: str
     points: tuple[ProfilePoint, ...]
     notes: str = ""
+    # The clock dimension (optional): points under a locked SM clock, a full clock x batch grid at each of
+    # their caps (each cap and batch one of ``points``'). Kept apart so that cap-only readers see the same grid.
+    clock_points: tuple[ProfilePoint, ...] = ()
+
+    @property
+    def clocks_mhz(self) -> tuple[int, ...]:
+        """The distinct locked clocks of the clock dimension, ascending (empty: no clock dimension)."""
+        return tuple(sorted({p.clock_mhz for p in self.clock_points if p.clock_mhz is not None}))
 
     @property
     def caps_w(self) -> tuple[float, ...]:
@@ -106,23 +122,28 @@ class Profile:
         if self.notes:
             out["notes"] = self.notes
         out["points"] = [p.to_dict() for p in sorted(self.points, key=lambda p: (p.cap_w, p.batch))]
+        if self.clock_points:
+            out["clock_points"] = [
+                p.to_dict() for p in sorted(self.clock_points, key=lambda p: (p.cap_w, -(p.clock_mhz or 0), p.batch))
+            ]
         return out
 
 
 def dumps_profile(profile: Profile) -> str:
     """Serialize a profile deterministically: header keys one per line, one point per line."""
     data = profile.to_dict()
-    points = data.pop("points")
+    lists = {key: data.pop(key) for key in ("points", "clock_points") if key in data}
     lines = ["{"]
     for key, value in data.items():
         lines.append(f"  {json.dumps(key)}: {json.dumps(value)},")
-    lines.append('  "points": [')
-    rows = [
-        "    " + json.dumps(p, separators=(", ", ": "), allow_nan=False)
-        for p in points  # fixed key order from to_dict
-    ]
-    lines.append(",\n".join(rows))
-    lines.append("  ]")
+    for n, (key, points) in enumerate(lists.items()):
+        lines.append(f"  {json.dumps(key)}: [")
+        rows = [
+            "    " + json.dumps(p, separators=(", ", ": "), allow_nan=False)
+            for p in points  # fixed key order from to_dict
+        ]
+        lines.append(",\n".join(rows))
+        lines.append("  ]," if n < len(lists) - 1 else "  ]")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -131,11 +152,12 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _parse_point(raw: object, where: str) -> ProfilePoint:
+def _parse_point(raw: object, where: str, clocked: bool = False) -> ProfilePoint:
     if not isinstance(raw, Mapping):
         raise ProfileError(f"{where}: a point must be an object, got {type(raw).__name__}")
-    missing = [k for k in _POINT_KEYS if k not in raw]
-    unknown = sorted(set(raw) - set(_POINT_KEYS) - set(_OPTIONAL_POINT_KEYS))
+    keys = (*_POINT_KEYS, "clock_mhz") if clocked else _POINT_KEYS
+    missing = [k for k in keys if k not in raw]
+    unknown = sorted(set(raw) - set(keys) - set(_OPTIONAL_POINT_KEYS))
     if missing or unknown:
         raise ProfileError(f"{where}: missing keys {missing}, unknown keys {unknown}")
     cap_w, batch, tps, power_w = (raw[k] for k in _POINT_KEYS)
@@ -158,6 +180,9 @@ def _parse_point(raw: object, where: str) -> ProfilePoint:
     modelled = raw.get("modelled", False)
     if not isinstance(modelled, bool):
         raise ProfileError(f"{where}: modelled must be true or false, got {modelled!r}")
+    clock = raw.get("clock_mhz")
+    if clocked and (not isinstance(clock, int) or isinstance(clock, bool) or not 1 <= clock <= _MAX_CLOCK_MHZ):
+        raise ProfileError(f"{where}: clock_mhz must be an integer in [1, {_MAX_CLOCK_MHZ}], got {clock!r}")
     return ProfilePoint(
         cap_w=float(cap_w),
         batch=batch,
@@ -166,6 +191,7 @@ def _parse_point(raw: object, where: str) -> ProfilePoint:
         tpot_ms=latency["tpot_ms"],
         ttft_ms=latency["ttft_ms"],
         modelled=modelled,
+        clock_mhz=clock if clocked else None,
     )
 
 
@@ -223,6 +249,9 @@ def profile_from_dict(data: object, origin: str = "<profile>") -> Profile:
     absent = [(c, b) for c in caps for b in batches if (c, b) not in seen]
     if absent:
         raise ProfileError(f"{origin}: points must form a full cap x batch grid; missing {absent[:5]}")
+    clock_points = _parse_clock_points(data.get("clock_points", []), origin, set(caps), batches)
+    if method == "measured" and any(p.modelled for p in clock_points):
+        raise ProfileError(f"{origin}: method 'measured' but some clock points are modelled (use method 'modelled')")
     return Profile(
         model=model,
         aliases=tuple(aliases),
@@ -233,7 +262,31 @@ def profile_from_dict(data: object, origin: str = "<profile>") -> Profile:
         method=method,
         points=points,
         notes=notes,
+        clock_points=clock_points,
     )
+
+
+def _parse_clock_points(
+    raw_points: object, origin: str, caps: set[float], batches: list[int]
+) -> tuple[ProfilePoint, ...]:
+    """The clock dimension: points with clock_mhz, a full clock x batch grid at each cap they name."""
+    if not isinstance(raw_points, list):
+        raise ProfileError(f"{origin}: 'clock_points' must be a list")
+    points = tuple(_parse_point(p, f"{origin}: clock_points[{i}]", clocked=True) for i, p in enumerate(raw_points))
+    seen: set[tuple[float, int | None, int]] = set()
+    for p in points:
+        if p.cap_w not in caps or p.batch not in batches:
+            raise ProfileError(f"{origin}: clock point cap_w={p.cap_w} batch={p.batch} is not on the cap x batch grid")
+        if (p.cap_w, p.clock_mhz, p.batch) in seen:
+            raise ProfileError(
+                f"{origin}: duplicate clock point cap_w={p.cap_w} clock_mhz={p.clock_mhz} batch={p.batch}"
+            )
+        seen.add((p.cap_w, p.clock_mhz, p.batch))
+    for cap, clock in {(p.cap_w, p.clock_mhz) for p in points}:
+        absent = [b for b in batches if (cap, clock, b) not in seen]
+        if absent:
+            raise ProfileError(f"{origin}: clock points at cap_w={cap} clock_mhz={clock} lack batches {absent[:5]}")
+    return points
 
 
 def load_profile(path: str | Path) -> Profile:

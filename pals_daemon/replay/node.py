@@ -20,14 +20,26 @@ from dataclasses import dataclass, replace
 
 from pals_daemon.config import DaemonConfig
 from pals_daemon.control.types import ControllerInput, Decision, EngineTargets
-from pals_daemon.gpu.backend import GpuIdentity, GpuReading, PowerConstraints
+from pals_daemon.gpu.backend import ClockInfo, GpuIdentity, GpuReading, PowerConstraints
 from pals_daemon.replay.scenario import Scenario
 from pals_daemon.server.engines import EngineRegistration, EngineRegistry, EngineSession
 from pals_daemon.sim.engine import Request, SimEngine
 from pals_daemon.sim.gpu import SimGpu, make_sim_gpus
 from pals_daemon.sim.link import expert_load_reports, step_report
 from pals_daemon.sim.truth import ModelTruth
-from pals_daemon.tick import POWER_LIMIT, SettingWrite, apply_plan, engine_directives, observe, plan_settings
+from pals_daemon.tick import (
+    LOCKED_CLOCK,
+    NO_CLOCK,
+    POWER_LIMIT,
+    ClockView,
+    GpuView,
+    Knob,
+    SettingWrite,
+    apply_plan,
+    engine_directives,
+    observe,
+    plan_settings,
+)
 
 # Directive ttl in the replay (simulated s): the daemon's default; a directive never expires in a replay anyway.
 DIRECTIVE_TTL_S = DaemonConfig.directive_ttl_s
@@ -43,12 +55,35 @@ class ReplayGpu:
     reading: GpuReading
     requested_limit_mw: int
     controlled: bool = True
+    # The locked-clock knob (tick.ClockKnobView): the supported clocks when the replay offers the knob, else
+    # None; the ceiling this node holds locked (None: unlocked).
+    clock_info: ClockInfo | None = None
+    locked_clock_mhz: int | None = None
 
     @classmethod
-    def of(cls, device: SimGpu) -> ReplayGpu:
-        """The view of a fresh SimGpu (its limit as found)."""
+    def of(cls, device: SimGpu, clocks: bool = False) -> ReplayGpu:
+        """The view of a fresh SimGpu (its limit as found; with ``clocks``, its clock knob on)."""
         reading = device.read()
-        return cls(device, device.identity, device.constraints(), reading, reading.requested_limit_mw)
+        info = device.clock_info() if clocks else None
+        return cls(device, device.identity, device.constraints(), reading, reading.requested_limit_mw, clock_info=info)
+
+    def clock_view(self) -> ClockView:
+        """The clock knob as the controller sees it (as the daemon's ``_clock_view`` reports it)."""
+        info = self.clock_info
+        if info is None:
+            return NO_CLOCK
+        return ClockView(True, info.min_mhz, info.max_mhz, self.locked_clock_mhz)
+
+    def write_locked_clock(self, write: SettingWrite) -> int:
+        """Lock [lowest supported, value] MHz, or unlock for 0 (as the daemon's actuator does); the clock after it."""
+        assert self.clock_info is not None
+        if write.value == 0:
+            in_force = self.device.reset_locked_clocks()
+            self.locked_clock_mhz = None
+        else:
+            in_force = self.device.set_locked_clocks_mhz(self.clock_info.min_mhz, write.value)
+            self.locked_clock_mhz = write.value
+        return in_force
 
     def read(self) -> None:
         """Take this tick's reading."""
@@ -89,7 +124,9 @@ class ReplayNode:
         truths: Mapping[str, ModelTruth],
         requests: Mapping[str, Sequence[Request]],
         clock: Callable[[], float],
+        clocks: bool = False,
     ) -> None:
+        """``clocks``: offer the controller the locked-clock knob on every GPU (as ``[clocks] enabled``)."""
         self.engines: list[SimEngine] = []
         self.engine_gpus: list[list[SimGpu]] = []
         self.registry = EngineRegistry()
@@ -117,8 +154,10 @@ class ReplayNode:
                 spec.max_num_batched_tokens,
             )
             self.sessions.append(self.registry.register(registration))
-        self.gpus = [ReplayGpu.of(g) for gs in self.engine_gpus for g in gs]
-        self._writers = {POWER_LIMIT.name: self._write_power_limit}
+        self.gpus = [ReplayGpu.of(g, clocks) for gs in self.engine_gpus for g in gs]
+        self.clocks = clocks
+        self._knobs: tuple[Knob, ...] = (POWER_LIMIT, LOCKED_CLOCK) if clocks else (POWER_LIMIT,)
+        self._writers = {POWER_LIMIT.name: self._write_power_limit, LOCKED_CLOCK.name: self._write_locked_clock}
         self._by_index = {g.identity.index: g for g in self.gpus}
         self._ticks = 0
 
@@ -131,11 +170,12 @@ class ReplayNode:
             report_window(engine, session, [g.identity.uuid for g in gpus])
         for g in self.gpus:
             g.read()
-        return observe(now_s, elapsed_s, budget_w, self.gpus, self.registry.sessions(), targets)
+        clocks = self._clock_view if self.clocks else None
+        return observe(now_s, elapsed_s, budget_w, self.gpus, self.registry.sessions(), targets, clocks)
 
     def actuate(self, decision: Decision, now_s: float) -> None:
-        """Write the decided limits (lowering first) and hand each engine its directive."""
-        apply_plan(plan_settings(self.gpus, decision, now_s, knobs=(POWER_LIMIT,)), self._writers)
+        """Write the decided limits and locks (lowering first) and hand each engine its directive."""
+        apply_plan(plan_settings(self.gpus, decision, now_s, knobs=self._knobs), self._writers)
         by_id = {e.engine_id: e for e in self.engines}
         for session, directive in engine_directives(decision, self.sessions, self._ticks, DIRECTIVE_TTL_S):
             by_id[session.registration.engine_id].apply_limits(directive.max_num_seqs, directive.max_num_batched_tokens)
@@ -147,3 +187,9 @@ class ReplayNode:
 
     def _write_power_limit(self, write: SettingWrite) -> int:
         return self._by_index[write.gpu_index].write_power_limit(write)
+
+    def _write_locked_clock(self, write: SettingWrite) -> int:
+        return self._by_index[write.gpu_index].write_locked_clock(write)
+
+    def _clock_view(self, g: GpuView) -> ClockView:
+        return self._by_index[g.identity.index].clock_view()

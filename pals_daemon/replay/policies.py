@@ -27,7 +27,9 @@ SLO_BLIND_POLICIES: frozenset[str] = frozenset({"tput-oracle"})
 RENAMED_POLICIES: Mapping[str, str] = {"oracle": "tput-oracle"}
 STATIC_PREFIX = "static:"
 # Accepted by make_policy beside POLICIES, not run by default (slower: see slo_oracle.py).
-EXTRA_POLICIES: tuple[str, ...] = ("slo-oracle", "slo-oracle-quick")
+# The clock knob's policies (issue 11): "pals-clock" is pals with the replay offering the locked-clock knob (clock,
+# cap and batch), "clock-only" the same with the cap pinned at the top; a static spec may add a CLOCK.
+EXTRA_POLICIES: tuple[str, ...] = ("slo-oracle", "slo-oracle-quick", "pals-clock", "clock-only")
 # The oracle's cap grid step (W): the controller's own grid (ControllerConfig.cap_step_w), so that the
 # oracle is not handicapped by a coarser choice.
 ORACLE_CAP_STEP_W = ControllerConfig().cap_step_w
@@ -95,25 +97,34 @@ class StaticCapPolicy:
 
 @dataclass(frozen=True)
 class StaticSpec:
-    """A parsed ``static:CAP[:BATCH]`` policy spec: a per-GPU cap in W and an optional batch limit."""
+    """A parsed ``static:CAP[:BATCH[:CLOCK]]`` policy spec: a per-GPU cap in W, an optional batch limit and an
+    optional locked SM clock ceiling in MHz (the replay then offers the clock knob)."""
 
     cap_w: float
     batch: int | None = None
+    clock_mhz: int | None = None
 
     @property
     def name(self) -> str:
-        """The canonical spec string (``static:225`` or ``static:225:16``)."""
+        """The canonical spec string (``static:225``, ``static:225:16`` or ``static:225:16:1230``)."""
         cap = f"{self.cap_w:g}"
-        return f"{STATIC_PREFIX}{cap}" if self.batch is None else f"{STATIC_PREFIX}{cap}:{self.batch}"
+        if self.batch is None:
+            return f"{STATIC_PREFIX}{cap}"
+        tail = "" if self.clock_mhz is None else f":{self.clock_mhz}"
+        return f"{STATIC_PREFIX}{cap}:{self.batch}{tail}"
 
 
 def parse_static_spec(spec: str) -> StaticSpec:
-    """Parse ``static:CAP[:BATCH]`` (CAP in W > 0, BATCH an integer >= 1); ValueError says what is wrong."""
+    """Parse ``static:CAP[:BATCH[:CLOCK]]`` (CAP in W > 0, BATCH an integer >= 1, CLOCK in MHz); ValueError says
+    what is wrong."""
     if not spec.startswith(STATIC_PREFIX):
         raise ValueError(f"not a static policy spec: {spec!r} (expected static:CAP[:BATCH])")
     parts = spec[len(STATIC_PREFIX) :].split(":")
-    if len(parts) not in (1, 2) or not parts[0]:
-        raise ValueError(f"bad static policy spec {spec!r}: expected static:CAP[:BATCH], e.g. static:225:32")
+    if len(parts) not in (1, 2, 3) or not parts[0]:
+        raise ValueError(
+            f"bad static policy spec {spec!r}: expected static:CAP[:BATCH[:CLOCK]], e.g. static:225:32 or "
+            "static:700:32:1230"
+        )
     try:
         cap = float(parts[0])
     except ValueError:
@@ -121,14 +132,22 @@ def parse_static_spec(spec: str) -> StaticSpec:
     if not (math.isfinite(cap) and cap > 0):
         raise ValueError(f"bad static policy spec {spec!r}: CAP must be a finite number of watts > 0")
     batch = None
-    if len(parts) == 2:
+    if len(parts) >= 2:
         try:
             batch = int(parts[1])
         except ValueError:
             raise ValueError(f"bad static policy spec {spec!r}: BATCH {parts[1]!r} is not an integer") from None
         if batch < 1:
             raise ValueError(f"bad static policy spec {spec!r}: BATCH must be >= 1")
-    return StaticSpec(cap, batch)
+    clock = None
+    if len(parts) == 3:
+        try:
+            clock = int(parts[2])
+        except ValueError:
+            raise ValueError(f"bad static policy spec {spec!r}: CLOCK {parts[2]!r} is not an integer of MHz") from None
+        if not 100 <= clock <= 10_000:
+            raise ValueError(f"bad static policy spec {spec!r}: CLOCK must be in [100, 10000] MHz")
+    return StaticSpec(cap, batch, clock)
 
 
 def validate_policy_spec(spec: str) -> str:
@@ -140,7 +159,7 @@ def validate_policy_spec(spec: str) -> str:
         return spec
     if spec in RENAMED_POLICIES:
         raise ValueError(f"policy {spec!r} was renamed {RENAMED_POLICIES[spec]!r} (a throughput oracle, SLO-blind)")
-    known = ", ".join((*POLICIES, *EXTRA_POLICIES, "static:CAP[:BATCH]"))
+    known = ", ".join((*POLICIES, *EXTRA_POLICIES, "static:CAP[:BATCH[:CLOCK]]"))
     raise ValueError(f"unknown policy {spec!r}; known: {known}")
 
 
@@ -154,6 +173,8 @@ class StaticPolicy:
     def __init__(self, spec: StaticSpec) -> None:
         self.spec = spec
         self.name = spec.name
+        # With a clock the replay offers the clock knob and this policy locks every GPU that has it.
+        self.clocks = spec.clock_mhz is not None
 
     def decide(self, inp: ControllerInput) -> Decision:
         """The fixed setting, within the GPUs' ranges and the budget share."""
@@ -163,20 +184,39 @@ class StaticPolicy:
         for e in inp.engines:
             batch = e.configured_max_num_seqs if self.spec.batch is None else self.spec.batch
             engines[e.engine_id] = _engine_decision(e, min(max(1, batch), max(1, e.configured_max_num_seqs)))
-        return Decision(limits, engines, changed=False, reason="static")
+        clock = self.spec.clock_mhz
+        locks = {g.index: clock for g in inp.gpus if g.clock_control} if clock is not None else {}
+        return Decision(limits, engines, changed=False, reason="static", gpu_locked_clocks_mhz=locks)
 
 
 class ControllerPolicy:
     """The controller core (the daemon's own), optionally restricted to one knob."""
 
-    def __init__(self, name: str, registry: ProfileRegistry, config: ControllerConfig, batch_only: bool = False):
+    def __init__(
+        self,
+        name: str,
+        registry: ProfileRegistry,
+        config: ControllerConfig,
+        batch_only: bool = False,
+        clocks: bool = False,
+        clock_only: bool = False,
+    ):
         self.name = name
         self.controller = Controller(registry, config)
         self._base = config
         self._batch_only = batch_only
+        # ``clocks``: the replay offers the clock knob (as ``[clocks] enabled``); ``clock_only``: and the cap range
+        # is collapsed to each GPU's top limit (or the budget's uniform share), so only the clock can save.
+        self.clocks = clocks or clock_only
+        self._clock_only = clock_only
 
     def decide(self, inp: ControllerInput) -> Decision:
         """The controller's decision; batch-only pins the cap at max, or at the uniform share when it binds."""
+        if self._clock_only:
+            shares = uniform_share_w(inp.gpus, inp.budget_w)
+            inp = replace(
+                inp, gpus=tuple(replace(g, min_limit_w=min(g.max_limit_w, shares[g.index])) for g in inp.gpus)
+            )
         if self._batch_only:
             shares = uniform_share_w(inp.gpus, inp.budget_w)
             cap = min(shares.values()) if shares else None
@@ -391,6 +431,12 @@ def make_policy(
         return ControllerPolicy("cap-only", registry, replace(cfg, fixed_batch=configured_max_num_seqs))
     if name == "batch-only":
         return ControllerPolicy("batch-only", registry, cfg, batch_only=True)
+    if name == "pals-clock":
+        return ControllerPolicy("pals-clock", registry, cfg, clocks=True)
+    if name == "clock-only":
+        return ControllerPolicy(
+            "clock-only", registry, replace(cfg, fixed_batch=configured_max_num_seqs), clock_only=True
+        )
     if truths is None or requests is None:
         raise ValueError(f"the {name} policy needs the truths and the request lists")
     if name == "tput-oracle":

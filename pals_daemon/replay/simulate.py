@@ -25,6 +25,8 @@ from pals_daemon.replay.node import ReplayNode
 from pals_daemon.replay.policies import POLICIES, Policy, make_policy
 from pals_daemon.replay.scenario import GPUS_PER_SERVER, SERVER_BASE_W_PER_SERVER, SERVER_POWER_SLOPE, Scenario
 from pals_daemon.sim.engine import FinishedRequest, Request
+from pals_daemon.sim.h100 import load_h100_truth
+from pals_daemon.sim.hardware import hardware_profile
 from pals_daemon.sim.truth import ModelTruth, load_a100_truth
 from pals_daemon.units import mw_to_w
 
@@ -168,8 +170,15 @@ class Prepared:
 
 
 def prepare(scenario: Scenario) -> Prepared:
-    """Load each engine's truth (with its perturbation) and its requests."""
-    truths = {e.engine_id: load_a100_truth(e.model, perturbation=e.perturbation) for e in scenario.engines}
+    """Load each engine's truth (with its perturbation) and its requests (H100 engines: the ML.ENERGY truth)."""
+    truths = {
+        e.engine_id: (
+            load_h100_truth(e.model, e.num_gpus, perturbation=e.perturbation)
+            if hardware_profile(e.gpu_kind).name == "H100-SXM5"
+            else load_a100_truth(e.model, perturbation=e.perturbation)
+        )
+        for e in scenario.engines
+    }
     requests = {e.engine_id: e.requests(scenario.duration_s) for e in scenario.engines}
     return Prepared(truths, requests)
 
@@ -212,10 +221,6 @@ def run_policy(
     def clock() -> float:
         return now[0]
 
-    node = ReplayNode(scenario, prep.truths, prep.requests, clock)
-    engines, engine_gpus, sessions = node.engines, node.engine_gpus, node.sessions
-    targets: dict[str, EngineTargets] = {s.engine_id: s.targets for s in scenario.engines}
-    gpu_idx = {e.engine_id: tuple(g.identity.index for g in gs) for e, gs in zip(engines, engine_gpus, strict=True)}
     policy = (
         policy
         if policy is not None
@@ -231,6 +236,11 @@ def run_policy(
             config=config,
         )
     )
+    # A policy that sets clocks (``clocks``) gets the locked-clock knob on every GPU, as ``[clocks] enabled``.
+    node = ReplayNode(scenario, prep.truths, prep.requests, clock, clocks=bool(getattr(policy, "clocks", False)))
+    engines, engine_gpus, sessions = node.engines, node.engine_gpus, node.sessions
+    targets: dict[str, EngineTargets] = {s.engine_id: s.targets for s in scenario.engines}
+    gpu_idx = {e.engine_id: tuple(g.identity.index for g in gs) for e, gs in zip(engines, engine_gpus, strict=True)}
     qos = {e.engine_id: QosWindows() for e in engines}
     tl = Timeline()
     for e in engines:

@@ -301,13 +301,14 @@ class SimEngine:
         the top limit under the same skew.
         """
         share = self.expert_load_share
+        lock = self._locked_clock_mhz()
         if share is None:
-            dec = self.truth.decode_step(cap, batch)
+            dec = self.truth.decode_step(cap, batch, lock)
             per = (dec.power_w_per_gpu, dec.sm_clock_mhz, dec.demand_power_w)
             return dec.step_time_s, [per] * len(self.gpus)
         caps = [g.effective_limit_w(t) for g in self.gpus]
-        sk = self.truth.decode_step_skewed(caps, batch, share)
-        top = self.truth.decode_step_skewed([self.truth.hardware.max_limit_w] * len(self.gpus), batch, share)
+        sk = self.truth.decode_step_skewed(caps, batch, share, lock)
+        top = self.truth.decode_step_skewed([self.truth.hardware.max_limit_w] * len(self.gpus), batch, share, lock)
         per_gpu = [
             (sk.power_w_per_gpu[i], sk.sm_clock_mhz_per_gpu[i], max(sk.power_w_per_gpu[i], top.power_w_per_gpu[i]))
             for i in range(len(self.gpus))
@@ -324,13 +325,14 @@ class SimEngine:
         """
         share = self.expert_load_share
         truth = self.truth
+        lock = self._locked_clock_mhz()
         if share is None:
-            pre = truth.prefill_step(cap, tokens)
+            pre = truth.prefill_step(cap, tokens, lock)
             return pre.time_s, [(pre.power_w_per_gpu, pre.sm_clock_mhz, pre.demand_power_w)] * len(self.gpus)
         n = len(self.gpus)
         x = _expert_flop_fraction(truth)
         steps = [
-            truth.prefill_step(g.effective_limit_w(t), max(1, round(tokens * (1 - x + x * n * s))))
+            truth.prefill_step(g.effective_limit_w(t), max(1, round(tokens * (1 - x + x * n * s))), lock)
             for g, s in zip(self.gpus, share, strict=True)
         ]
         dur = max(p.time_s for p in steps)
@@ -357,6 +359,15 @@ class SimEngine:
             n += 1
         self._w_arrived += n
         self.totals.requests_arrived += n
+
+    def _locked_clock_mhz(self) -> float | None:
+        """The lowest locked SM clock ceiling of the engine's GPUs (None: all unlocked).
+
+        Tensor-parallel GPUs step together, so one locked GPU paces the engine like the lowest cap does; with
+        expert-load skew every GPU is modelled at that one lock too (modelled: operators lock an engine's GPUs alike).
+        """
+        locks = [m for m in (g.locked_clock_max_mhz() for g in self.gpus) if m is not None]
+        return float(min(locks)) if locks else None
 
     def _cap_w(self, t_s: float) -> float:
         # All GPUs of a tensor-parallel engine step together: the lowest acting limit sets the pace.

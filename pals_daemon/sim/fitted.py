@@ -32,10 +32,19 @@ SCHEMA = 1
 # The DecodePhysics fields each file holds per entry: all but the cited ones (hardware profile, catalogue), and for
 # H100 also not those transferred from the A100 fits or modelled (see the module).
 _CITED = ("idle_w", "num_experts", "top_k")
+# Set per GPU kind where the physics is built, not fitted (see H100_CORE_MEM_SHARE).
+_NOT_FITTED = ("core_mem_share",)
 _H100_NOT_FITTED = ("alpha", "f_knee", "f_min")
-A100_FITTED_FIELDS = tuple(n for n in physics_fields() if n not in _CITED)
+A100_FITTED_FIELDS = tuple(n for n in physics_fields() if n not in _CITED + _NOT_FITTED)
 H100_FITTED_FIELDS = tuple(n for n in A100_FITTED_FIELDS if n not in _H100_NOT_FITTED)
 H100_F_MIN = 0.17  # modelled: about 345 of 1980 MHz
+# Modelled (no per-clock H100 sweep is public): the SMs' share of the memory-bound decode power, which a lower
+# clock cuts (DecodePhysics.core_mem_share). 0.5 makes the best decode energy saving a locked clock gives at
+# <= 10% longer steps, over the 18 H100 sweeps at batch 8-64, range from 4% to 34% (median 20%): the published
+# clock-locking results are "up to 32%" of decode energy on H200 (arXiv 2605.11999) and "up to 42% for 1-6%
+# latency" on A100/H100 (Maliakel et al., arXiv 2501.08219). The unlocked truth at the measured (700 W) points is
+# unchanged (the residual table reproduces them); only clocks below the top, by lock or by a binding cap, see it.
+H100_CORE_MEM_SHARE = 0.5
 
 
 class FittedDataError(ValueError):
@@ -125,5 +134,6 @@ def h100_physics(model_id: str, num_gpus: int) -> DecodePhysics | None:
         alpha=H100_ALPHA,
         f_knee=H100_F_KNEE,
         f_min=H100_F_MIN,
+        core_mem_share=H100_CORE_MEM_SHARE,
         **fitted,
     )

@@ -127,8 +127,9 @@ class SimGpu:
             else:
                 avg_w = self._state_before(t)[0]
             power_w, clock_mhz, reasons = self._state_before(t)
-            # The clock in force is the lower of the locked clock and the clock the cap leaves. How power then
-            # follows the locked clock is the truth's physics (pals_daemon/sim/truth.py), not modelled here yet.
+            # The clock in force is the lower of the locked clock and the clock the cap leaves. While busy, the
+            # engine records the clock and power the truth gives under the lock (ModelTruth.decode_step); idle
+            # segments keep the top clock, which the lock holds down here.
             if self._locked_mhz is not None and clock_mhz > self._locked_mhz[1]:
                 clock_mhz = self._locked_mhz[1]
                 reasons |= CLOCK_EVENT_APPLICATIONS_CLOCKS_SETTING

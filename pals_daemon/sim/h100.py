@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from pals_daemon.sim.catalogue import BYTES_PER_PARAM, ModelSpec, h100_arch
-from pals_daemon.sim.fitted import H100_ALPHA, H100_F_KNEE, H100_F_MIN, H100_FITTED_FIELDS, h100_physics
+from pals_daemon.sim.fitted import (
+    H100_ALPHA,
+    H100_CORE_MEM_SHARE,
+    H100_F_KNEE,
+    H100_F_MIN,
+    H100_FITTED_FIELDS,
+    h100_physics,
+)
 from pals_daemon.sim.fitting import DATA_DIR, best_fit, physics_bounds
 from pals_daemon.sim.hardware import H100_SXM5
 from pals_daemon.sim.model_truth import ModelTruth, Perturbation
@@ -137,7 +144,7 @@ def fit_h100_physics(model_id: str, num_gpus: int, csv_path: str | Path | None =
     slope = max(t[-1] - t[0], 1e-6) / max(1.0, b[-1] - b[0])
     base = DecodePhysics(
         H100_SXM5.idle_power_w, spec.num_experts, spec.top_k, 0.5 * t[0], 0.3 * t[0], 0.3 * slope, 0.1 * t[0],
-        0.3 * slope, 200.0, 300.0, H100_ALPHA, H100_F_KNEE, 1.0, H100_F_MIN,
+        0.3 * slope, 200.0, 300.0, H100_ALPHA, H100_F_KNEE, 1.0, H100_F_MIN, H100_CORE_MEM_SHARE,
     )  # fmt: skip
     return best_fit(base, b, c, t, p, _H100_STARTS, free=_H100_FREE, bounds=physics_bounds(H100_SXM5))
 

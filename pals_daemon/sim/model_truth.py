@@ -187,7 +187,8 @@ class ModelTruth:
         if self.kv_capacity_tokens < 1:
             raise ValueError(f"kv_capacity_tokens must be >= 1, got {self.kv_capacity_tokens!r}")
         self._decode_cache: dict[tuple[float, int], DecodeStep] = {}
-        self._skew_cache: dict[tuple[tuple[float, ...], int, tuple[float, ...]], SkewedDecodeStep] = {}
+        self._skew_cache: dict[tuple[tuple[float, ...], int, tuple[float, ...], float | None], SkewedDecodeStep] = {}
+        self._locked_cache: dict[tuple[float, int, float], DecodeStep] = {}
         if physics is not None:
             # Physics rows are tabulated per integer batch over a 1 W cap grid spanning the hardware's range
             # and the measured caps (computed lazily, one vectorised DVFS solve per batch).
@@ -254,8 +255,17 @@ class ModelTruth:
         """Modelled SM clock / max clock while decoding ``batch`` under ``cap_w``."""
         return self.decode_step(cap_w, max(1, round(batch))).sm_clock_mhz / self.hardware.max_sm_clock_mhz
 
-    def decode_step(self, cap_w: float, batch: int) -> DecodeStep:
-        """Duration, per-GPU power, per-GPU demand at the top cap, and SM clock of one decode step."""
+    def decode_step(self, cap_w: float, batch: int, locked_clock_mhz: float | None = None) -> DecodeStep:
+        """Duration, per-GPU power, per-GPU demand at the top cap, and SM clock of one decode step.
+
+        ``locked_clock_mhz``: a locked SM clock ceiling. The clock in force is the lower of it and the clock the
+        cap leaves; step time and power follow it through the physics at any load (at light load, where the cap
+        does not bind, a lock still lowers power and lengthens the clock-bound part of the step), with the same
+        residual correction as the unlocked step at that cap. None (or a lock at or above the cap's clock) is the
+        unlocked truth exactly. A grid-only truth has no clock model and ignores the lock.
+        """
+        if locked_clock_mhz is not None and self.physics is not None:
+            return self._decode_step_locked(cap_w, batch, float(locked_clock_mhz))
         key = (float(cap_w), int(batch))
         hit = self._decode_cache.get(key)
         if hit is not None:
@@ -273,8 +283,42 @@ class ModelTruth:
             self._decode_cache[key] = step
         return step
 
+    def _decode_step_locked(self, cap_w: float, batch: int, locked_clock_mhz: float) -> DecodeStep:
+        """:meth:`decode_step` under a locked clock (physics truths only)."""
+        ph = self.physics
+        assert ph is not None
+        base = self.decode_step(cap_w, batch)
+        max_clock = float(self.hardware.max_sm_clock_mhz)
+        f_lock = max(ph.f_min, locked_clock_mhz / max_clock)
+        if f_lock * max_clock >= base.sm_clock_mhz:
+            return base  # the cap already holds the clock at or below the lock
+        key = (float(cap_w), int(batch), f_lock)
+        hit = self._locked_cache.get(key)
+        if hit is not None:
+            return hit
+        b = max(1, int(batch))
+        pert = self.perturbation
+        t_mem, t_clk = ph.times_s(float(b))
+        t = float(ph.busy_time_s(t_mem, t_clk, f_lock)) / pert.throughput_factor
+        p = float(ph.busy_power_w(t_mem, t_clk, f_lock)) * pert.power_factor
+        step_s = t * math.exp(-self._interp(self._res_thr, cap_w, b))
+        power = min(base.power_w_per_gpu, self._corrected_power_w(self._clamp_cap(cap_w), b, p))
+        top = self.hardware.max_limit_w
+        if cap_w >= top:
+            demand = base.demand_power_w
+        else:
+            demand = self._decode_step_locked(top, b, locked_clock_mhz).power_w_per_gpu
+        out = DecodeStep(max(step_s, base.step_time_s), power, demand, f_lock * max_clock)
+        if len(self._locked_cache) < 100_000:
+            self._locked_cache[key] = out
+        return out
+
     def decode_step_skewed(
-        self, cap_w_per_gpu: Sequence[float], batch: int, expert_load_share: Sequence[float]
+        self,
+        cap_w_per_gpu: Sequence[float],
+        batch: int,
+        expert_load_share: Sequence[float],
+        locked_clock_mhz: float | None = None,
     ) -> SkewedDecodeStep:
         """One decode step with expert parallelism when GPU i receives ``expert_load_share[i]`` of the routing.
 
@@ -282,14 +326,16 @@ class ModelTruth:
         others finish early and wait at idle power, so a lower cap on a lightly loaded GPU saves energy without
         lengthening the step. Shares are normalised to sum to 1; uniform shares with equal caps give
         :meth:`decode_step` (its step time, power and clock on every GPU). The residual correction of the
-        measured sweep (measured under uniform routing) is applied at each GPU's cap.
+        measured sweep (measured under uniform routing) is applied at each GPU's cap. ``locked_clock_mhz``: a
+        locked SM clock ceiling on every GPU (the lower of it and each GPU's cap clock is in force).
         """
         ph = self.physics
         if ph is None:
             raise ValueError(f"{self.model}: a grid-only truth has no physics for routing skew")
         caps = [float(c) for c in cap_w_per_gpu]
         shares = [float(s) for s in expert_load_share]
-        key = (tuple(caps), int(batch), tuple(shares))
+        f_lock = None if locked_clock_mhz is None else float(locked_clock_mhz) / self.hardware.max_sm_clock_mhz
+        key = (tuple(caps), int(batch), tuple(shares), f_lock)
         hit = self._skew_cache.get(key)
         if hit is not None:
             return hit
@@ -298,7 +344,7 @@ class ModelTruth:
         b = max(1, int(batch))
         pert = self.perturbation
         clamped = [self._clamp_cap(c) for c in caps]
-        busy, p_busy, f = ph.per_gpu(b, [c / pert.power_factor for c in clamped], shares)
+        busy, p_busy, f = ph.per_gpu(b, [c / pert.power_factor for c in clamped], shares, f_lock)
         # Each GPU's busy time carries the residual correction at its cap; the slowest sets the step.
         times = [
             float(busy[i]) / pert.throughput_factor * math.exp(-self._interp(self._res_thr, clamped[i], b))
@@ -331,10 +377,11 @@ class ModelTruth:
         """Modelled per-GPU power prefill would draw uncapped."""
         return prefill_demand_power_w(self.hardware, self.perturbation.power_factor)
 
-    def prefill_step(self, cap_w: float, prompt_tokens: int) -> PrefillStep:
+    def prefill_step(self, cap_w: float, prompt_tokens: int, locked_clock_mhz: float | None = None) -> PrefillStep:
         """Duration, per-GPU power, demand and SM clock of prefilling ``prompt_tokens`` under ``cap_w``.
 
-        :func:`pals_daemon.sim.prior.prefill_step` (the physics prior) with this truth's perturbation.
+        :func:`pals_daemon.sim.prior.prefill_step` (the physics prior) with this truth's perturbation; under a
+        locked clock below the cap's, prefill runs at the lock and draws what the DVFS relation gives there.
         """
         pert = self.perturbation
         return prefill_step(
@@ -346,6 +393,7 @@ class ModelTruth:
             prompt_tokens,
             throughput_factor=pert.throughput_factor,
             power_factor=pert.power_factor,
+            locked_clock_mhz=locked_clock_mhz,
         )
 
     def prefill_time_s(self, cap_w: float, prompt_tokens: int) -> float:

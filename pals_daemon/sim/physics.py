@@ -61,6 +61,11 @@ class DecodePhysics:
     # distinct experts are touched at a given batch than uniform routing would touch
     routing_factor: float = 1.0
     f_min: float = 0.15  # modelled: lowest clock ratio a cap can force (A100: 210 of 1410 MHz)
+    # modelled: share of the memory-bound part's busy power drawn by the SMs themselves (clocked, waiting on HBM),
+    # which falls with the clock as f ** alpha; the rest (HBM, fabric) does not. 0 (the A100 fits, fitted under
+    # caps without it) keeps memory energy per step clock-independent; the H100 value is set where the physics is
+    # built (pals_daemon/sim/fitted.py, H100_CORE_MEM_SHARE) against the published clock-locking savings.
+    core_mem_share: float = 0.0
 
     # ---- scalar-or-array building blocks ---------------------------------------------------------------
 
@@ -96,7 +101,14 @@ class DecodePhysics:
 
     def dynamic_energy_j(self, t_mem: np.ndarray, t_clk: np.ndarray, f: np.ndarray) -> np.ndarray:
         """Energy above idle of one step's work at clock ``f`` (J)."""
-        return self.p_mem_w * t_mem + self.p_sm_w * np.power(f, self.alpha - 1.0) * t_clk
+        clk = self.p_sm_w * np.power(f, self.alpha - 1.0) * t_clk
+        s = self.core_mem_share
+        if s == 0.0:
+            return self.p_mem_w * t_mem + clk
+        # The SM share of the memory phase draws ~ f ** alpha for as long as the phase lasts (longer below f_knee).
+        f = np.asarray(f, dtype=float)
+        core = s * np.power(f, self.alpha) * np.maximum(1.0, self.f_knee / f)
+        return self.p_mem_w * t_mem * ((1.0 - s) + core) + clk
 
     def busy_power_w(self, t_mem: np.ndarray, t_clk: np.ndarray, f: np.ndarray) -> np.ndarray:
         """Average power while running the step's work at clock ``f`` (W)."""
@@ -121,16 +133,28 @@ class DecodePhysics:
 
     # ---- uniform decode ---------------------------------------------------------------------------------
 
-    def decode(self, batch: np.ndarray | float, cap_w: np.ndarray | float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(step time s, per-GPU power W, normalised clock) of a decode step under ``cap_w`` per GPU."""
+    def decode(
+        self, batch: np.ndarray | float, cap_w: np.ndarray | float, f_lock: np.ndarray | float | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(step time s, per-GPU power W, normalised clock) of a decode step under ``cap_w`` per GPU.
+
+        ``f_lock``: a locked SM clock ceiling (normalised); the clock in force is the lower of it and the clock
+        the cap leaves, so a lock lowers power and lengthens the step even where the cap does not bind.
+        """
         t_mem, t_clk = self.times_s(batch)
         f = self.clock_for_cap(t_mem, t_clk, cap_w)
+        if f_lock is not None:
+            f = np.minimum(f, f_lock)
         return self.busy_time_s(t_mem, t_clk, f), self.busy_power_w(t_mem, t_clk, f), f
 
     # ---- expert-parallel skew ---------------------------------------------------------------------------
 
     def per_gpu(
-        self, batch: float, cap_w_per_gpu: Sequence[float], expert_load_share: Sequence[float]
+        self,
+        batch: float,
+        cap_w_per_gpu: Sequence[float],
+        expert_load_share: Sequence[float],
+        f_lock: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(busy time s, busy power W, clock ratio) of each GPU's own work under routing skew.
 
@@ -146,6 +170,8 @@ class DecodePhysics:
         w = share / share.sum() * share.size
         t_mem, t_clk = self.times_s(np.full(share.shape, float(batch)), w)
         f = self.clock_for_cap(t_mem, t_clk, caps)
+        if f_lock is not None:
+            f = np.minimum(f, f_lock)
         return self.busy_time_s(t_mem, t_clk, f), self.busy_power_w(t_mem, t_clk, f), f
 
     def skewed(

@@ -66,6 +66,22 @@ def clock_mhz_under_cap(
     return max_clock * max(MIN_CLOCK_RATIO, share**CLOCK_POWER_EXPONENT)
 
 
+def locked_prefill_clock_power(
+    hardware: HardwareProfile, physics: DecodePhysics | None, locked_clock_mhz: float, demand_w: float
+) -> tuple[float, float]:
+    """(SM clock MHz, per-GPU power W) of prefill held at a locked clock below the one the cap leaves.
+
+    The same DVFS relation as under a cap, read the other way: all-compute work draws idle + (demand - idle) x
+    f ** alpha at clock ratio f (alpha: the fitted one, else the pre-physics rule's 1 / CLOCK_POWER_EXPONENT).
+    """
+    max_clock = float(hardware.max_sm_clock_mhz)
+    floor = physics.f_min if physics is not None else MIN_CLOCK_RATIO
+    ratio = min(1.0, max(floor, locked_clock_mhz / max_clock))
+    alpha = physics.alpha if physics is not None else 1.0 / CLOCK_POWER_EXPONENT
+    idle = hardware.idle_power_w
+    return max_clock * ratio, idle + max(0.0, demand_w - idle) * ratio**alpha
+
+
 def prefill_step(
     spec: ModelSpec,
     hardware: HardwareProfile,
@@ -76,6 +92,7 @@ def prefill_step(
     *,
     throughput_factor: float = 1.0,
     power_factor: float = 1.0,
+    locked_clock_mhz: float | None = None,
 ) -> PrefillStep:
     """Duration, per-GPU power, demand and SM clock of prefilling ``prompt_tokens`` under ``cap_w`` per GPU.
 
@@ -84,10 +101,13 @@ def prefill_step(
     MFU); attention's quadratic term is ignored (modelled). Under a cap the clock falls until the power,
     idle + (demand - idle) x clock ** alpha with the model's fitted alpha, meets the cap. The two factors are
     the simulated truth's mismatch (:class:`~pals_daemon.sim.model_truth.Perturbation`); a prior leaves them 1.
+    ``locked_clock_mhz``: a locked SM clock ceiling; the clock in force is the lower of it and the cap's clock.
     """
     demand = prefill_demand_power_w(hardware, power_factor)
     power = min(cap_w, demand)  # modelled: prefill runs at the cap when the cap binds
     clock = clock_mhz_under_cap(hardware, physics, cap_w, power, demand)
+    if locked_clock_mhz is not None and locked_clock_mhz < clock:
+        clock, power = locked_prefill_clock_power(hardware, physics, float(locked_clock_mhz), demand)
     flops = 2.0 * spec.active_params * max(0, prompt_tokens)
     rate = num_gpus * hardware.peak_bf16_tflop_s * 1e12 * PREFILL_MFU
     t_full_clock = flops / rate / throughput_factor

@@ -71,7 +71,8 @@ def test_static_spec_parses_cap_and_optional_batch() -> None:
         ("static:225:0", ">= 1"),
         ("static:225:x", "not an integer"),
         ("static:225:1.5", "not an integer"),
-        ("static:1:2:3", "expected static:CAP"),
+        ("static:1:2:3:4", "expected static:CAP"),
+        ("static:225:16:3", "CLOCK must be in"),  # no SM clock is below 100 MHz: a unit mix-up
     ],
 )
 def test_bad_static_specs_get_a_clear_error(spec: str, says: str) -> None:

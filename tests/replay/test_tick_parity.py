@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import replace
 from pathlib import Path
 
 import async_helpers
@@ -28,7 +27,7 @@ from pals_daemon.api import pals_pb2, pals_pb2_grpc
 from pals_daemon.config import DaemonConfig
 from pals_daemon.control.config import ControllerConfig
 from pals_daemon.control.types import ControllerInput, Decision, EngineTargets
-from pals_daemon.model.profile import load_profiles
+from pals_daemon.model.profile import ProfileRegistry, load_profile, load_profiles
 from pals_daemon.replay.scenario import Budget, BurstyLoad, EngineSpec, Scenario
 from pals_daemon.replay.simulate import Prepared, prepare, run_policy
 from pals_daemon.server.daemon import Daemon, default_profiles_dir
@@ -80,9 +79,15 @@ def _scenario() -> Scenario:
     return Scenario("parity", engines, duration_s=DURATION_S, budget=Budget.constant(BUDGET_W))
 
 
-def _replay(sc: Scenario, prep: Prepared) -> list[tuple[ControllerInput, Decision]]:
+def _replay(
+    sc: Scenario,
+    prep: Prepared,
+    policy: str = "pals",
+    registry: ProfileRegistry = REGISTRY,
+    config: ControllerConfig = CONFIG,
+) -> list[tuple[ControllerInput, Decision]]:
     ticks: list[tuple[ControllerInput, Decision]] = []
-    run_policy(sc, "pals", REGISTRY, prep, config=CONFIG, on_tick=lambda inp, d: ticks.append((inp, d)))
+    run_policy(sc, policy, registry, prep, config=config, on_tick=lambda inp, d: ticks.append((inp, d)))
     return ticks
 
 
@@ -132,7 +137,12 @@ async def _folded(session: EngineSession, window_s: float, expert_gpus: int) -> 
 
 
 async def _live_daemon(
-    sc: Scenario, prep: Prepared, tmp: Path, clocks_enabled: bool
+    sc: Scenario,
+    prep: Prepared,
+    tmp: Path,
+    clocks_enabled: bool,
+    registry: ProfileRegistry = REGISTRY,
+    controller_config: ControllerConfig = CONFIG,
 ) -> list[tuple[ControllerInput, Decision]]:
     clock = ManualClock()
     engines, engine_gpus = [], []
@@ -164,7 +174,7 @@ async def _live_daemon(
         clocks_enabled=clocks_enabled,
     )
     all_gpus = [g for gs in engine_gpus for g in gs]
-    daemon = Daemon(config, SimBackend(all_gpus), REGISTRY, clock, CONFIG)
+    daemon = Daemon(config, SimBackend(all_gpus), registry, clock, controller_config)
     await daemon.start()
     # A spy, not a stand-in: records what the controller is given, then runs it.
     inputs: list[ControllerInput] = []
@@ -217,7 +227,7 @@ def _lowers_and_raises(before: Mapping[int, float], after: Mapping[int, float]) 
 
 
 def test_daemon_and_replay_make_identical_decisions(short_tmp: Path) -> None:
-    # The locked-clock knob is off: pals-replay has no clock writer yet (see the next test).
+    # The locked-clock knob is off here (the next tests turn it on).
     sc = _scenario()
     prep = prepare(sc)
     replay = _replay(sc, prep)
@@ -236,22 +246,63 @@ def test_daemon_and_replay_make_identical_decisions(short_tmp: Path) -> None:
         _assert_same_decision(k, dec_d, dec_r)
 
 
-def test_the_clock_knob_is_the_one_known_difference(short_tmp: Path) -> None:
-    """With the clock knob on, the daemon offers the controller clock control on the simulated GPUs and the
-    replay (no clock writer yet) does not. Everything else is the same, and so are the decisions while the
-    controller does not choose clocks: when it starts to, this test fails and the replay needs the knob."""
+def test_with_the_clock_knob_on_both_offer_it_and_decide_the_same(short_tmp: Path) -> None:
+    """The A100 scenario with the knob on in both (the replay's "pals-clock"): the same inputs, clock fields
+    included, and the same decisions (no clock dimension in these profiles: every GPU stays unlocked)."""
     sc = _scenario()
     prep = prepare(sc)
-    replay = _replay(sc, prep)
+    replay = _replay(sc, prep, "pals-clock")
     live = async_helpers.drive(_live_daemon(sc, prep, short_tmp, clocks_enabled=True), 120.0)
-    no_clock = {"clock_control": False, "min_clock_mhz": 0, "max_clock_mhz": 0, "locked_clock_mhz": None}
     for k, ((inp_r, dec_r), (inp_d, dec_d)) in enumerate(zip(replay, live, strict=True)):
         assert all(g.clock_control and g.max_clock_mhz > g.min_clock_mhz > 0 for g in inp_d.gpus)
-        assert not any(g.clock_control for g in inp_r.gpus)
-        blanked = replace(inp_d, gpus=tuple(replace(g, **no_clock) for g in inp_d.gpus))
-        assert blanked == inp_r, f"tick {k}: the daemon observed something else than the replay"
+        assert inp_d == inp_r, f"tick {k}: the daemon observed something else than the replay"
         _assert_same_decision(k, dec_d, dec_r)
-        assert not dec_d.gpu_locked_clocks_mhz
+        assert all(v is None for v in dec_d.gpu_locked_clocks_mhz.values())
+
+
+H100_REGISTRY = ProfileRegistry(
+    [
+        load_profile(
+            Path(__file__).resolve().parents[2]
+            / "profiles"
+            / "h100"
+            / "qwen3-30b-a3b-instruct-2507.h100-80gb-hbm3.tp1.json"
+        )
+    ]
+)
+# A short forecast window, so that the planner starts locking within the test's 30 s.
+H100_CONFIG = ControllerConfig(gpu_kind="H100 80GB HBM3", slo_forecast_window_s=5.0)
+
+
+def test_the_clock_planner_locks_the_same_clocks_in_daemon_and_replay(short_tmp: Path) -> None:
+    """A light H100 engine under latency SLOs: the planner locks clocks, and the daemon (its clock actuator on the
+    simulated GPU) and the replay (tick.LockedClockKnob) observe and decide the same, locks included."""
+    sc = Scenario(
+        "parity-h100",
+        (
+            EngineSpec(
+                "qwen",
+                "Qwen/Qwen3-30B-A3B-Instruct-2507",
+                BurstyLoad(6.0, 2.0, on_s=5.0, off_s=5.0, prompt_tokens=512, output_tokens=128, seed=21),
+                targets=EngineTargets(ttft_ms=2000.0, tpot_ms=100.0),
+                gpu_kind="H100-SXM5",
+                num_gpus=1,
+                max_num_seqs=64,
+            ),
+        ),
+        duration_s=DURATION_S,
+        budget=Budget.constant(BUDGET_W),  # the live daemon's (it does not bind one H100)
+    )
+    prep = prepare(sc)
+    replay = _replay(sc, prep, "pals-clock", H100_REGISTRY, H100_CONFIG)
+    live = async_helpers.drive(_live_daemon(sc, prep, short_tmp, True, H100_REGISTRY, H100_CONFIG), 120.0)
+    locks = [d.gpu_locked_clocks_mhz.get(0) for _, d in replay]
+    assert any(lk is not None for lk in locks), "the planner never locked a clock"
+    # The lock in force reaches the next tick's input in both.
+    assert any(inp.gpus[0].locked_clock_mhz is not None for inp, _ in replay)
+    for k, ((inp_r, dec_r), (inp_d, dec_d)) in enumerate(zip(replay, live, strict=True)):
+        assert inp_d == inp_r, f"tick {k}: the daemon observed something else than the replay"
+        _assert_same_decision(k, dec_d, dec_r)
 
 
 def _assert_same_decision(k: int, dec_d: Decision, dec_r: Decision) -> None:
@@ -259,3 +310,5 @@ def _assert_same_decision(k: int, dec_d: Decision, dec_r: Decision) -> None:
     batches_d = {e: (d.max_num_seqs, d.max_num_batched_tokens) for e, d in dec_d.engines.items()}
     batches_r = {e: (d.max_num_seqs, d.max_num_batched_tokens) for e, d in dec_r.engines.items()}
     assert batches_d == batches_r, f"tick {k}: batch limits differ"
+    locks_d, locks_r = dict(dec_d.gpu_locked_clocks_mhz), dict(dec_r.gpu_locked_clocks_mhz)
+    assert locks_d == locks_r, f"tick {k}: locked clocks differ"
