@@ -288,7 +288,7 @@ class SloEngine:
         inc_col = configured if incumbent is None else incumbent[1]
         row = want
         recent_breach = self._clock_s - self._last_breach_s < cfg.slo_breach_hold_s
-        if want < inc and (recent_breach or self._clock_s < cfg.slo_forecast_window_s):
+        if want < inc and (recent_breach or self._clock_s < cfg.slo_startup_hold_s):
             # No descent within a forecast window of a measured breach (the load that caused it may recur), nor
             # before the engine has been watched for one forecast window (its bursts are not known yet).
             row, cause = inc, "hold"
