@@ -14,7 +14,7 @@ profile) gives the GPUs' power at that operating point; energy per output token 
   within 80% of the load it breached at (the model's error where it showed), one step less per regime window
   without a breach;
 - rate-limited descent: at most ``slo_step_down_w`` per tick, only for a predicted saving of at least
-  ``slo_min_saving``, none within ``slo_breach_hold_s`` of a breach or the first forecast window;
+  ``slo_min_saving``, none within ``slo_breach_hold_s`` of a breach or ``slo_startup_hold_s`` of start-up;
 - the margin adapts from measured slack: an integral on (measured p90 / SLO - 1) when it is above 1, with
   anti-windup (no growth while at the top cap, where a larger margin cannot help), decaying slowly with slack.
 The batch limit (and with it the step's token budget, scaled alike) is chosen with the cap among the configured
@@ -290,7 +290,7 @@ class SloEngine:
         recent_breach = self._clock_s - self._last_breach_s < cfg.slo_breach_hold_s
         if want < inc and (recent_breach or self._clock_s < cfg.slo_startup_hold_s):
             # No descent within a forecast window of a measured breach (the load that caused it may recur), nor
-            # before the engine has been watched for one forecast window (its bursts are not known yet).
+            # before the engine has been watched for slo_startup_hold_s (its load is not known yet).
             row, cause = inc, "hold"
         elif want < inc:
             floor_w = caps_w[inc] - cfg.slo_step_down_w
