@@ -289,7 +289,7 @@ class SloEngine:
         row = want
         recent_breach = self._clock_s - self._last_breach_s < cfg.slo_breach_hold_s
         if want < inc and (recent_breach or self._clock_s < cfg.slo_startup_hold_s):
-            # No descent within a forecast window of a measured breach (the load that caused it may recur), nor
+            # No descent within slo_breach_hold_s of a measured breach (the load that caused it may recur), nor
             # before the engine has been watched for slo_startup_hold_s (its load is not known yet).
             row, cause = inc, "hold"
         elif want < inc:
