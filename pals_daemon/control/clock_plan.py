@@ -192,6 +192,7 @@ class ClockPlanner:
         overload_rate: float,
         min_saving: float,
         forecast_window_s: float,
+        startup_hold_s: float | None = None,
     ) -> ClockChoice:
         """This tick's lock for the engine (call after ``slo.observe`` and ``slo.choose`` of the same tick)."""
         self._clock_s += max(0.0, window_s)
@@ -234,9 +235,11 @@ class ClockPlanner:
         if want >= current:
             return pick(want, "clock-energy" if want != current else "hold")
         # No descent for CLOCK_RELEASE_HOLD_S after a release (the burst that caused it may go on), nor before
-        # the engine has been watched for one forecast window; after that, down to the floor.
+        # the engine has been watched as long as the cap waits (startup_hold_s; default one forecast window);
+        # after that, down to the floor.
         recent = self._clock_s - self._last_breach_s < CLOCK_RELEASE_HOLD_S
-        if recent or self._clock_s < forecast_window_s:
+        startup = forecast_window_s if startup_hold_s is None else startup_hold_s
+        if recent or self._clock_s < startup:
             return pick(current, "hold")
         if not energy[row[want]] < energy[row[current]] * (1 - min_saving):
             return pick(current, "hold")

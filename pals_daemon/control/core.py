@@ -423,6 +423,7 @@ class Controller:
                 cfg.slo_infeasible_breach_rate,
                 cfg.slo_min_saving,
                 cfg.slo_forecast_window_s,
+                cfg.slo_startup_hold_s,
             )
             if ch.prediction is not None:
                 patch_prediction(p.slo, j, i, ch.prediction)
