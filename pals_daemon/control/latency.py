@@ -235,6 +235,10 @@ class LatencyModel:
                 self._ttft_ratios.append(ttft_ms / 1000.0 / mean_s)
             if column is not None and math.isfinite(tpot_ms) and math.isfinite(tau) and chunk > 0:
                 column.append((tpot_ms / 1000.0 - tau) / chunk)
+        if not finished_ms:
+            # Nothing new: the tails stand as they were (no percentiles recomputed on the tick's hot path).
+            ready = {"ttft": len(self._ttft_ratios), "tpot": sum(len(c) for c in self._tpot_excess_chunks.values())}
+            return frozenset(k for k, n in ready.items() if n >= MIN_REQUEST_SAMPLES)
         kinds = set()
         if len(self._ttft_ratios) >= MIN_REQUEST_SAMPLES:
             ratios = np.fromiter(self._ttft_ratios, dtype=np.float64)
