@@ -138,6 +138,11 @@ class LatencyModel:
         # a column not run yet uses the pooled samples of the others. At most MAX_COLUMNS keys (the plan has 3).
         self._tpot_excess_chunks: dict[int, deque[float]] = {}
         self.tpot_chunks_by_column: dict[int, dict[int, float]] = {}
+        # The same request-level samples, sorted (refreshed when requests finish): the predicted share of requests
+        # meeting the SLOs at any cap (attainment()) is read from them by bisection.
+        self._ttft_sorted: FloatArray = np.zeros(0)
+        self._tpot_sorted: dict[int, FloatArray] = {}
+        self._tpot_pooled_sorted: FloatArray = np.zeros(0)
         # Relative errors of the p90 predictions (EWMA over windows), reported.
         self.tpot_error = math.nan
         self.ttft_error = math.nan
@@ -240,18 +245,50 @@ class LatencyModel:
             ready = {"ttft": len(self._ttft_ratios), "tpot": sum(len(c) for c in self._tpot_excess_chunks.values())}
             return frozenset(k for k, n in ready.items() if n >= MIN_REQUEST_SAMPLES)
         kinds = set()
+        self._ttft_sorted = np.sort(np.fromiter(self._ttft_ratios, dtype=np.float64))
+        if column is not None:
+            self._tpot_sorted[key] = np.sort(np.fromiter(column, dtype=np.float64))
         if len(self._ttft_ratios) >= MIN_REQUEST_SAMPLES:
-            ratios = np.fromiter(self._ttft_ratios, dtype=np.float64)
+            ratios = self._ttft_sorted
             for q in CAL_PRIOR:
                 self.cal[("ttft", q)] = float(np.clip(np.percentile(ratios, q), *CAL_RANGE))
             kinds.add("ttft")
         if column is not None and len(column) >= MIN_REQUEST_SAMPLES:
             self.tpot_chunks_by_column[key] = _tails(np.fromiter(column, dtype=np.float64))
         pooled = [x for c in self._tpot_excess_chunks.values() for x in c]
+        self._tpot_pooled_sorted = np.sort(np.asarray(pooled, dtype=np.float64))
         if len(pooled) >= MIN_REQUEST_SAMPLES:
-            self.tpot_chunks = _tails(np.asarray(pooled, dtype=np.float64))
+            self.tpot_chunks = _tails(self._tpot_pooled_sorted)
             kinds.add("tpot")
         return frozenset(kinds)
+
+    def attainment(self, pred: Prediction, ttft_slo_ms: float | None, tpot_slo_ms: float | None) -> FloatArray | None:
+        """Predicted share of requests meeting both SLOs at each cap of ``pred``; None before MIN_REQUEST_SAMPLES
+        requests have finished.
+
+        The last REQUEST_SAMPLES requests' own deviations from the model (TTFT / predicted mean; TPOT excess in
+        prefill chunks, of this batch column where it has enough, else pooled) are carried to each cap's
+        predicted mean and chunk time: the whole distribution, not one percentile. TTFT and TPOT misses are
+        taken as independent.
+        """
+        n_ttft = self._ttft_sorted.size
+        tpot = self._tpot_sorted.get(int(pred.step_tokens), np.zeros(0))
+        if tpot.size < MIN_REQUEST_SAMPLES:
+            tpot = self._tpot_pooled_sorted
+        if n_ttft < MIN_REQUEST_SAMPLES or tpot.size < MIN_REQUEST_SAMPLES:
+            return None
+        meet = np.ones_like(pred.caps_w)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if ttft_slo_ms and ttft_slo_ms > 0:
+                # A request meets TTFT when its ratio <= SLO / predicted mean (an infinite mean: none does).
+                limit = np.nan_to_num(ttft_slo_ms / 1000.0 / pred.ttft_mean_s, nan=0.0, posinf=np.inf)
+                meet = meet * np.searchsorted(self._ttft_sorted, limit, side="right") / n_ttft
+            if tpot_slo_ms and tpot_slo_ms > 0:
+                spare_s = tpot_slo_ms / 1000.0 - pred.step_s
+                limit = np.where(pred.chunk_s > 0, spare_s / pred.chunk_s, np.where(spare_s >= 0, np.inf, -np.inf))
+                limit = np.nan_to_num(limit, nan=-np.inf)
+                meet = meet * np.searchsorted(tpot, limit, side="right") / tpot.size
+        return np.where(pred.overloaded, 0.0, meet)
 
     # ---- prediction ---------------------------------------------------------------------------------------
     def predict(

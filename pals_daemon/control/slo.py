@@ -5,8 +5,11 @@ Every tick, for each cap of the grid, the latency model (control/latency.py) pre
 batch, busy fraction and p90 TTFT/TPOT under the load forecast for the next seconds; the power model (the
 profile) gives the GPUs' power at that operating point; energy per output token follows. The choice:
 - feasible caps: not overloaded and both predicted p90s within ``SLO x (1 - margin)``;
-- the feasible cap with the least predicted energy per output token; none feasible: the top cap (the most
-  goodput; a lower cap only adds misses);
+- the feasible cap with the least predicted energy per output token; none feasible (or the SLO not being met
+  over the regime window) and nobody waiting: the most goodput, then the least energy: the settings whose
+  predicted share of requests meeting the SLOs (the latency model's attainment(), from the engine's own
+  finished requests) is within ``slo_attainment_tolerance`` of the best, and among them the least energy;
+  otherwise (requests waiting, or the attainment not learned yet) the top cap;
 - fast release: a cap above the one in force is taken at once; a measured SLO breach raises it by at least
   ``slo_release_w`` the next tick (the top cap by default), and a growing queue whose requests would miss TTFT
   raises it to the lowest cap at which they would not;
@@ -105,6 +108,9 @@ class SloEngine:
         self._recent_caps: deque[tuple[float, float]] = deque()
         # Per batch column of the last plan: its limit is below the requests present (running + waiting).
         self._too_small: NDArray[np.bool_] = np.zeros(0, dtype=bool)
+        # (caps x batch limits) of the last plan: the predicted share of requests meeting the SLOs (None until
+        # enough requests have finished to learn it).
+        self.attainment: FloatArray | None = None
 
     # ---- per-window learning ------------------------------------------------------------------------------
     def observe(
@@ -211,6 +217,8 @@ class SloEngine:
             columns.append(self._column(pred, eff_caps_w, n_gpus, max_limit_w, lam_d, power_ratio, target))
         self.predictions = [c[0] for c in columns]
         power, ok, energy, closeness = (np.stack([c[k] for c in columns], axis=1) for k in range(1, 5))
+        shares = [self.latency.attainment(c[0], target.ttft_ms, target.tpot_ms) for c in columns]
+        self.attainment = None if any(a is None for a in shares) else np.stack(shares, axis=1)  # type: ignore[arg-type]
         # A batch limit below the requests present now (running and waiting) would queue some of them for a
         # seat mid-burst (the forecast lags a burst's onset): never feasible while they are there.
         below = np.asarray(batch_limits) < num_running + num_waiting
@@ -268,9 +276,20 @@ class SloEngine:
         cfg = self.config
         top = caps_w.size - 1
         configured = energy.shape[1] - 1
+        regime = self.breach_rate > cfg.slo_infeasible_breach_rate
+        # The attainment is predicted for requests arriving from now on; requests already waiting are not in it,
+        # and their TTFT is protected by draining them (the top cap below), so the goodput choice waits for them.
+        goodput = self._most_goodput() if (regime or not feasible.any()) and self.last_waiting == 0 else None
         if self.floor_w > 0 and self.forecast()[0] >= FLOOR_LOAD_FRACTION * self._floor_load:
             feasible = feasible & (caps_w >= self.floor_w - 1e-9)[:, None]
-        if self.breach_rate > cfg.slo_infeasible_breach_rate:
+        if goodput is not None:
+            # The SLO is not being met (or not predicted met anywhere): the settings that serve the most goodput
+            # within slo_attainment_tolerance are equal; among them the least energy, as below.
+            feasible = goodput
+            best = float(np.min(np.where(feasible, energy, np.inf)))
+            near = feasible & (energy <= best * (1 + cfg.slo_min_saving))
+            want, cause = int(np.flatnonzero(near.any(axis=1))[-1]), "slo-goodput"
+        elif regime:
             # The SLO is not being met at the caps tried: serve the most goodput (the top cap, the configured
             # batch), and come back down only once breaches have become rare again.
             want, cause = top, "slo-overload"
@@ -344,6 +363,19 @@ class SloEngine:
         self.floor_w = max(self.floor_w, low + self.config.slo_step_down_w)
         self._floor_load = min(self._floor_load, self.forecast()[0])
         self._floor_set_s = self._clock_s
+
+    def _most_goodput(self) -> NDArray[np.bool_] | None:
+        """(caps x batch limits): the settings whose predicted attainment is within slo_attainment_tolerance of
+        the best one's, keeping up with arrivals and seating the requests present; None until the attainment is
+        learned (or where no setting keeps up)."""
+        att = self.attainment
+        if att is None or not self.predictions or att.shape[1] != len(self.predictions):
+            return None
+        att = np.where(self._too_small[None, :], 0.0, att)
+        best = float(att.max())
+        if best <= 0.0:
+            return None
+        return att >= best - self.config.slo_attainment_tolerance - 1e-12
 
     def _backlog_threatens(self, row: int, col: int) -> bool:
         """Whether a request arriving now, behind the requests waiting, would wait past the TTFT SLO (with the

@@ -248,3 +248,67 @@ def test_tails_are_learned_per_request_and_per_batch_column() -> None:
     assert lat.tpot_chunks_by_column[2048][99] == 0.0
     assert np.isclose(float(pred(2048.0).tpot_p99_ms[0]), 1000.0 * float(pred(2048.0).step_s[0]))
     assert lat.tpot_chunks_by_column[8192][99] > 1.0
+
+
+def test_attainment_carries_each_requests_deviation_to_every_cap() -> None:
+    """The predicted share of requests meeting the SLOs: the learned request-level deviations (TTFT / mean, TPOT
+    excess in chunks) at each cap's predicted mean; none before enough requests finished; lower at a lower cap."""
+    profile = REG.find(MODEL)
+    assert profile is not None
+    lat = LatencyModel(PerfModel(profile), tput_scale=1.0)
+    caps = np.array([150.0, 250.0, 400.0])
+
+    def pred() -> object:
+        return lat.predict(caps, 300.0, 6000.0, 64, 1000.0, 0.0, chunk_tokens=2000.0, step_tokens=8192.0)
+
+    p = pred()
+    assert lat.attainment(p, 2000.0, 100.0) is None, "no requests finished: nothing learned"
+    mean_ms, tau_ms, chunk_ms = (1000.0 * float(a[-1]) for a in (p.ttft_mean_s, p.step_s, p.chunk_s))
+    ratios = np.linspace(1.0, 4.0, 200)
+    finished = [(r * mean_ms, tau_ms + 0.5 * chunk_ms) for r in ratios]
+    lat.calibrate(p, 2, {}, finished)
+    p = pred()
+    ttft_slo = 3.0 * 1000.0 * float(p.ttft_mean_s[-1])  # at the top cap, ratios up to 3 meet it: 2/3 of them
+    att = lat.attainment(p, ttft_slo, None)
+    assert att is not None
+    assert abs(att[-1] - np.mean(ratios <= 3.0 + 1e-9)) < 1e-9
+    assert att[0] <= att[1] <= att[2] and att[0] < att[2], "a slower cap meets the same SLO for fewer requests"
+    # TPOT: every request's excess is half a chunk; an SLO below the step time + half a chunk misses them all.
+    tight = 1000.0 * float(p.step_s[-1] + 0.4 * p.chunk_s[-1])
+    loose = 1000.0 * float(p.step_s[-1] + 0.6 * p.chunk_s[-1])
+    assert lat.attainment(p, None, tight)[-1] == 0.0  # type: ignore[index]
+    assert lat.attainment(p, None, loose)[-1] == 1.0  # type: ignore[index]
+
+
+def test_where_no_setting_meets_the_slo_the_least_energy_of_equal_goodput_wins() -> None:
+    """Nothing predicted within the SLO: not the top cap by reflex, but the least energy among the settings whose
+    predicted attainment is within slo_attainment_tolerance of the best; with a tolerance of 1.0 any setting
+    that keeps up is equal, with 0 only the best."""
+    ctrl = Controller(REG)
+    _run(ctrl, [_window(requests=1) for _ in range(100)])
+    slo = ctrl._slo["e0"]
+    caps = np.array([200.0, 300.0, 400.0])
+    slo.plan(caps, 4, 400.0, [16, 32, 64], [2048, 4096, 8192], 0, 1.0, SLO, num_running=2)
+    slo.attainment = np.array([[0.90, 0.90, 0.90], [0.95, 0.96, 0.96], [0.97, 0.97, 0.97]])
+    slo._too_small = np.zeros(3, dtype=bool)
+    energy = np.array([[1.0, 1.1, 1.2], [2.0, 2.1, 2.2], [3.0, 3.1, 3.2]])
+    nothing = np.zeros((3, 3), dtype=bool)
+    slo._clock_s = 1000.0  # past the start-up hold
+    slo.breach = slo.queue_growing = False
+    slo.config = replace(slo.config, slo_attainment_tolerance=0.015, slo_step_down_w=1000.0)
+    ch = slo.choose(energy, nothing, caps, (2, 2))
+    # 0.96 is within 1.5 pp of 0.97, 0.95 and 0.90 are not: the cheapest of the rest.
+    assert (ch.row, ch.col, ch.cause) == (1, 1, "slo-goodput"), ch
+    slo.config = replace(slo.config, slo_attainment_tolerance=0.0)
+    ch = slo.choose(energy, nothing, caps, (2, 2))
+    assert (ch.row, ch.col) == (2, 0), ch  # only the top cap's attainment is the best: its cheapest batch
+    # A setting that cannot seat the requests present is never chosen, whatever its attainment.
+    slo.config = replace(slo.config, slo_attainment_tolerance=0.5)
+    slo._too_small = np.array([True, True, False])
+    ch = slo.choose(energy, nothing, caps, (2, 2))
+    assert (ch.row, ch.col) == (0, 2), ch
+    # Requests waiting are not in the prediction (it is for arrivals from now on): they are drained at the top cap.
+    slo.last_waiting = 3
+    ch = slo.choose(energy, nothing, caps, (2, 2))
+    assert ch.row == 2 and ch.cause != "slo-goodput", ch
+
