@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -49,6 +50,14 @@ CLOCK_MAX_LOAD = 0.7
 # Modelled choice: seconds without descent after a release; the floor (raised above the lock that breached)
 # keeps the planner from going straight back to it.
 CLOCK_RELEASE_HOLD_S = 10.0
+# Measured feasibility (ClockPlanner.observe; modelled choices): the tails of the requests finished under the
+# lock and batch limit in force, at least MEASURED_MIN_REQUESTS of them (the p99 of 20 is their worst), scaled by
+# the model's predicted ratio between a candidate setting and the one in force, judge a candidate the model alone
+# would not. The mean-value model's level is off by up to 2-3x on the H100 suite's traces (its p99 TPOT at the
+# top clock 55-80 ms where the requests measured 41 ms, bench/results/slo_suite_h100_quick_2026-12-06.md), but
+# its ratios follow the physics; the engine's own requests set the level.
+MEASURED_MIN_REQUESTS = 20
+MEASURED_MAX_REQUESTS = 512
 
 FloatArray = NDArray[np.float64]
 
@@ -65,6 +74,17 @@ class Setting:
     num_waiting: int
     power_ratio: float
     target: EngineTargets
+    # The batch-limit columns the SLO planner weighed (its plan's order) and their step token budgets; empty:
+    # only ``batch_limit``. Under a lock the clock planner picks the column with the clock (see ``choose``).
+    batch_limits: tuple[int, ...] = ()
+    tokens_limits: tuple[int, ...] = ()
+    num_running: int = 0
+
+    def columns(self) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+        """(batch limits, token budgets, the SLO planner's column) of the joint search."""
+        if not self.batch_limits:
+            return (self.batch_limit,), (self.tokens_limit,), 0
+        return self.batch_limits, self.tokens_limits, self.batch_limits.index(self.batch_limit)
 
 
 @dataclass(frozen=True)
@@ -75,6 +95,8 @@ class ClockChoice:
     cause: str
     energy_j_per_token: float = math.nan
     prediction: Prediction | None = None
+    # The batch-limit column (Setting.columns order) to run with the lock; unlocked: the SLO planner's own.
+    column: int = 0
 
 
 def clocked_latency(latency: LatencyModel, response: ClockResponse, clocks_mhz: object) -> LatencyModel:
@@ -144,6 +166,32 @@ class ClockPlanner:
         # forecast window without a breach (it learns the lowest clock the engine's bursts tolerate).
         self.floor_mhz = 0.0
         self._floor_s = 0.0
+        # (TTFT ms, TPOT ms) of the requests finished under the (lock, batch limit) in force (see observe).
+        self._measured: deque[tuple[float, float]] = deque(maxlen=MEASURED_MAX_REQUESTS)
+        self._measured_at: tuple[int | None, int] | None = None
+        self.column: int | None = None  # the batch column returned last (None: the SLO planner's)
+        # Whether the lock in force was entered on measured feasibility alone (kept while its samples come in).
+        self._probed = False
+
+    def observe(self, finished_ms: Sequence[tuple[float, float]], lock_mhz: int | None, batch_limit: int) -> None:
+        """Fold in the requests finished in the window under ``lock_mhz`` (None: unlocked) and ``batch_limit``;
+        a change of either starts the samples afresh (those tails belong to the old setting)."""
+        at = (lock_mhz, int(batch_limit))
+        if at != self._measured_at:
+            self._measured.clear()
+            self._measured_at = at
+        self._measured.extend((float(t), float(p)) for t, p in finished_ms)
+
+    def measured_tails(self, percentile: int) -> dict[str, float] | None:
+        """The ``percentile`` TTFT and TPOT (ms) of the requests under the setting in force, None with too few."""
+        if len(self._measured) < MEASURED_MIN_REQUESTS:
+            return None
+        arr = np.array(self._measured, dtype=float)
+        out = {}
+        for kind, col in (("ttft", 0), ("tpot", 1)):
+            v = arr[:, col][np.isfinite(arr[:, col])]
+            out[kind] = float(np.percentile(v, percentile)) if v.size else 0.0
+        return out
 
     def candidates(self, lo_mhz: int, hi_mhz: int) -> list[int]:
         """The profiled clocks within the engine's supported range, highest first (the top one: unlocked)."""
@@ -152,8 +200,9 @@ class ClockPlanner:
 
     def evaluate(
         self, slo: SloEngine, clocks_mhz: Sequence[int], at: Setting
-    ) -> tuple[NDArray[np.bool_], FloatArray, Prediction]:
-        """(feasible, energy per output token J, prediction), one row per clock, of the engine at ``cap_w``.
+    ) -> tuple[NDArray[np.bool_], FloatArray, list[Prediction]]:
+        """(feasible, energy per output token J), each (clocks x batch columns), and the prediction per column,
+        of the engine at ``cap_w``.
 
         The SLO planner's own plan, on a copy whose latency model sees the clocked performance model with one
         lock per row (one vectorised prediction for the whole grid). Prefill power there is the cap, up to
@@ -163,25 +212,29 @@ class ClockPlanner:
         """
         clocks = np.asarray(clocks_mhz, dtype=float)
         caps = np.full(clocks.shape, float(at.cap_w))
+        batches, tokens, _ = at.columns()
         view = copy.copy(slo)
         view.latency = clocked_latency(slo.latency, self.response, clocks)
         _, ok, energy = view.plan(
             caps,
             at.n_gpus,
             at.max_limit_w,
-            [at.batch_limit],
-            [at.tokens_limit],
+            list(batches),
+            list(tokens),
             at.num_waiting,
             at.power_ratio,
             at.target,
+            num_running=at.num_running,
         )
-        pred = view.predictions[0]
         _, r_p = self.response.ratios(clocks, float(self.response.batches[-1]))
         p_pre = np.minimum(caps, PREFILL_POWER_FRACTION * at.max_limit_w)
         lam_d, _ = slo.forecast()
-        # The prefill part of the busy power, as SloEngine._column weighs it: n x work x prefill share / lam_d.
-        saved = at.n_gpus * pred.work * pred.prefill_share * p_pre * (1.0 - r_p) / max(lam_d, 1e-6)
-        return ok[:, 0], energy[:, 0] - saved, pred
+        energy = energy.copy()
+        for col, pred in enumerate(view.predictions):
+            # The prefill part of the busy power, as SloEngine._column weighs it: n x work x prefill share / lam_d.
+            saved = at.n_gpus * pred.work * pred.prefill_share * p_pre * (1.0 - r_p) / max(lam_d, 1e-6)
+            energy[:, col] -= saved
+        return ok, energy, list(view.predictions)
 
     def choose(
         self,
@@ -194,7 +247,14 @@ class ClockPlanner:
         forecast_window_s: float,
         startup_hold_s: float | None = None,
     ) -> ClockChoice:
-        """This tick's lock for the engine (call after ``slo.observe`` and ``slo.choose`` of the same tick)."""
+        """This tick's lock and batch column for the engine (call after ``slo.observe`` and ``slo.choose`` of the
+        same tick).
+
+        Joint in (clock, batch limit) at the SLO planner's cap: the batch limit the SLO planner picked at the
+        top clock is the best there, not under a lock. A smaller limit (with its smaller token budget) cuts the
+        prompt chunk that stalls every decode, which is what a lock lengthens; a larger one serves prompts in
+        fewer steps, which is what a lock needs when it slows them. Unlocked, the SLO planner's column stands.
+        """
         self._clock_s += max(0.0, window_s)
         lo, hi = clock_range
         cands = self.candidates(lo, hi)
@@ -212,26 +272,51 @@ class ClockPlanner:
             self._floor_s = self._clock_s
         if current not in cands:
             cands = sorted(set(cands) | {current}, reverse=True)
-        ok, energy, pred = self.evaluate(slo, cands, at)
+        ok, energy, preds = self.evaluate(slo, cands, at)
+        _, _, col0 = at.columns()
         row = {c: k for k, c in enumerate(cands)}
-
-        def pick(clock: int, cause: str) -> ClockChoice:
-            return self._set(clock, cause, float(energy[row[clock]]), _row(pred, row[clock]))
+        in_force = self.column if self.column is not None and self.column < len(preds) else col0
+        model_ok = ok
+        ok = ok | self._measured_ok(slo, preds, row[current], in_force, at.target)
+        if self._probed and current < top and len(self._measured) < MEASURED_MIN_REQUESTS:
+            ok[row[current], in_force] = True  # entered on measurement: kept until its own requests judge it
 
         # Headroom (modelled): under a lock the forecast decode load may use at most CLOCK_MAX_LOAD of what the
-        # engine can serve at its batch limit (or no more than unlocked); near saturation the queueing tail, which
-        # the mean-value latency model does not see, would eat the slack.
+        # engine can serve at the batch limit (or no more than unlocked at the SLO planner's); near saturation the
+        # queueing tail, which the mean-value latency model does not see, would eat the slack.
         lam_d, _ = slo.forecast()
-        load = lam_d / np.maximum(pred.capacity_tokens_per_s, 1e-9)
-        ok = ok & (load <= max(CLOCK_MAX_LOAD, float(load[row[top]])))
+        capacity = np.stack([p.capacity_tokens_per_s for p in preds], axis=1)
+        load = lam_d / np.maximum(capacity, 1e-9)
+        ok = ok & (load <= max(CLOCK_MAX_LOAD, float(load[row[top], col0])))
+        clocks = np.array(cands)
+        ok = ok & ((clocks >= self.floor_mhz) | (clocks == top))[:, None]
+
+        def column(clock: int) -> int:
+            """The batch column to run with ``clock``: unlocked the SLO planner's; locked, the least energy among
+            those feasible there (the SLO planner's within ``min_saving`` of it, else the larger limit)."""
+            k = row[clock]
+            if clock == top or not ok[k].any():
+                return col0
+            e = np.where(ok[k], energy[k], np.inf)
+            near = np.flatnonzero(e <= float(e.min()) * (1 + min_saving))
+            return col0 if col0 in near else int(near[-1])
+
+        def cost(clock: int) -> float:
+            return float(energy[row[clock], column(clock)])
+
+        def pick(clock: int, cause: str) -> ClockChoice:
+            col = column(clock)
+            if clock != current:
+                self._probed = clock != top and not bool(model_ok[row[clock], col])
+            return self._set(clock, cause, cost(clock), _row(preds[col], row[clock]), col)
+
         if release:
             return pick(top, "clock-release")
-        ok = ok & ((np.array(cands) >= self.floor_mhz) | (np.array(cands) == top))
         if not ok.any():
             return pick(top, "clock-infeasible")
         best = float(np.min(np.where(ok, energy, np.inf)))
         # Highest feasible clock within min_saving of the least energy (ties: the faster, which absorbs bursts).
-        want = max(c for c in cands if ok[row[c]] and energy[row[c]] <= best * (1 + min_saving))
+        want = max(c for c in cands if ok[row[c]].any() and cost(c) <= best * (1 + min_saving))
         if want >= current:
             return pick(want, "clock-energy" if want != current else "hold")
         # No descent for CLOCK_RELEASE_HOLD_S after a release (the burst that caused it may go on), nor before
@@ -241,16 +326,40 @@ class ClockPlanner:
         startup = forecast_window_s if startup_hold_s is None else startup_hold_s
         if recent or self._clock_s < startup:
             return pick(current, "hold")
-        if not energy[row[want]] < energy[row[current]] * (1 - min_saving):
+        if not cost(want) < cost(current) * (1 - min_saving):
             return pick(current, "hold")
         floor = current - CLOCK_STEP_DOWN_MHZ
-        step = min((c for c in cands if c >= floor - 1e-9 and c >= want and ok[row[c]]), default=want)
+        step = min((c for c in cands if c >= floor - 1e-9 and c >= want and ok[row[c]].any()), default=want)
         return pick(step, "clock-energy")
 
-    def _set(self, clock_mhz: int, cause: str, energy: float, pred: Prediction) -> ClockChoice:
+    def _measured_ok(
+        self, slo: SloEngine, preds: Sequence[Prediction], cur_row: int, cur_col: int, target: EngineTargets
+    ) -> NDArray[np.bool_]:
+        """Per (clock, column): feasible by the measured tails at the setting in force times the model's ratio
+        of the candidate's predicted tail to the predicted tail in force (all False without enough requests)."""
+        q = slo.config.slo_percentile
+        ok = np.zeros((preds[0].caps_w.size if preds else 0, len(preds)), dtype=bool)
+        measured = self.measured_tails(q)
+        if measured is None or not preds:
+            return ok
+        ok[:] = True
+        for kind, slo_ms in (("ttft", target.ttft_ms), ("tpot", target.tpot_ms)):
+            if not slo_ms or slo_ms <= 0:
+                continue
+            ref = float(preds[cur_col].tail_ms(kind, q)[cur_row])
+            if not (math.isfinite(ref) and ref > 0):
+                return np.zeros_like(ok)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                est = np.stack([measured[kind] * p.tail_ms(kind, q) / ref for p in preds], axis=1)
+            ok &= np.nan_to_num(est, nan=np.inf) <= slo_ms * (1 - slo.margin)
+        overloaded = np.stack([p.overloaded for p in preds], axis=1)
+        return ok & ~overloaded
+
+    def _set(self, clock_mhz: int, cause: str, energy: float, pred: Prediction, column: int) -> ClockChoice:
         locked = None if clock_mhz >= self.response.top_clock_mhz else int(clock_mhz)
         self.clock_mhz = locked
-        return ClockChoice(locked, cause, energy, pred)
+        self.column = column
+        return ClockChoice(locked, cause, energy, pred, column)
 
 
 def _row(pred: Prediction, k: int) -> Prediction:

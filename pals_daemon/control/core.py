@@ -402,6 +402,7 @@ class Controller:
                 continue
             live.add(eid)
             planner = self._clocks.setdefault(eid, ClockPlanner(resp))
+            planner.observe(p.engine.finished_ms, lock_in_force(p.ctrl), p.engine.current_max_num_seqs)
             i, j = choice[eid]
             cfg = self.config
             batch = int(p.batches[j])
@@ -414,6 +415,9 @@ class Controller:
                 num_waiting=p.engine.num_waiting,
                 power_ratio=p.state.power_ratio,
                 target=inp.targets.get(eid, EngineTargets()),
+                batch_limits=tuple(int(b) for b in p.batches),
+                tokens_limits=tuple(_scaled_batched_tokens(p.engine, int(b)) for b in p.batches),
+                num_running=p.engine.num_running,
             )
             ch = planner.choose(
                 p.slo,
@@ -425,6 +429,8 @@ class Controller:
                 cfg.slo_forecast_window_s,
                 cfg.slo_startup_hold_s,
             )
+            if ch.column != j:
+                j = self._clock_batch(p, i, ch.column, engine_decisions)
             if ch.prediction is not None:
                 patch_prediction(p.slo, j, i, ch.prediction)
                 pred = p.slo.predictions[j]
@@ -438,6 +444,23 @@ class Controller:
         for eid in [e for e in self._clocks if e not in live]:
             del self._clocks[eid]
         return locks
+
+    @staticmethod
+    def _clock_batch(p: _Plan, row: int, col: int, engine_decisions: dict[str, EngineDecision]) -> int:
+        """Run the engine at batch column ``col`` (the clock planner's, chosen with the lock) instead of the SLO
+        planner's; the SLO planner's state follows, so next tick calibrates against it. Returns ``col``."""
+        eid = p.engine.engine_id
+        batch = int(p.batches[col])
+        p.state.batch = batch
+        if p.slo is not None:
+            p.slo.column = col
+        engine_decisions[eid] = replace(
+            engine_decisions[eid],
+            max_num_seqs=batch,
+            max_num_batched_tokens=_scaled_batched_tokens(p.engine, batch),
+            predicted_tokens_per_s=float(p.tput[row, col]),
+        )
+        return col
 
     def _allocate(
         self,
