@@ -50,14 +50,18 @@ CLOCK_MAX_LOAD = 0.7
 # Modelled choice: seconds without descent after a release; the floor (raised above the lock that breached)
 # keeps the planner from going straight back to it.
 CLOCK_RELEASE_HOLD_S = 10.0
-# Measured feasibility (ClockPlanner.observe; modelled choices): the tails of the requests finished under the
-# lock and batch limit in force, at least MEASURED_MIN_REQUESTS of them (the p99 of 20 is their worst), scaled by
-# the model's predicted ratio between a candidate setting and the one in force, judge a candidate the model alone
-# would not. The mean-value model's level is off by up to 2-3x on the H100 suite's traces (its p99 TPOT at the
-# top clock 55-80 ms where the requests measured 41 ms, bench/results/slo_suite_h100_quick_2026-12-06.md), but
-# its ratios follow the physics; the engine's own requests set the level.
+# Measured feasibility (ClockPlanner.observe; modelled choices): the engine's own finished requests, kept per
+# (lock, batch limit) they finished under for MEASURED_MEMORY_S (the load the planner plans for is a forecast
+# window's), judge the settings they ran at: with at least MEASURED_MIN_REQUESTS of them (the p99 of 20 is their
+# worst), their tails decide that setting's feasibility instead of the model's prediction. A setting without its
+# own requests one clock step below the one in force is judged by the requests in force scaled by the model's
+# ratio between the two (a probe). The mean-value model's level was off by 1.5-3x on the H100 suite's traces (its
+# p99 TPOT at the top clock 55-80 ms where the requests measured 41 ms, the week-shape trace at light load), but
+# its ratios follow the physics: the engine's own requests set the level, the model the direction.
 MEASURED_MIN_REQUESTS = 20
 MEASURED_MAX_REQUESTS = 512
+MEASURED_MEMORY_S = 60.0
+MEASURED_MAX_SETTINGS = 64
 
 FloatArray = NDArray[np.float64]
 
@@ -79,6 +83,9 @@ class Setting:
     batch_limits: tuple[int, ...] = ()
     tokens_limits: tuple[int, ...] = ()
     num_running: int = 0
+    # The engine's top cap where no budget holds its cap down (None: the cap is the budget's, and stays): a lock
+    # then runs at it, the SLO planner's cap stands only unlocked (see ClockPlanner.choose).
+    top_cap_w: float | None = None
 
     def columns(self) -> tuple[tuple[int, ...], tuple[int, ...], int]:
         """(batch limits, token budgets, the SLO planner's column) of the joint search."""
@@ -97,6 +104,8 @@ class ClockChoice:
     prediction: Prediction | None = None
     # The batch-limit column (Setting.columns order) to run with the lock; unlocked: the SLO planner's own.
     column: int = 0
+    # The cap to run with the lock instead of the SLO planner's (Setting.top_cap_w); None: the SLO planner's.
+    cap_w: float | None = None
 
 
 def clocked_latency(latency: LatencyModel, response: ClockResponse, clocks_mhz: object) -> LatencyModel:
@@ -167,28 +176,41 @@ class ClockPlanner:
         self.floor_mhz = 0.0
         self._floor_s = 0.0
         # (TTFT ms, TPOT ms) of the requests finished under the (lock, batch limit) in force (see observe).
-        self._measured: deque[tuple[float, float]] = deque(maxlen=MEASURED_MAX_REQUESTS)
-        self._measured_at: tuple[int | None, int] | None = None
+        # Per (lock, batch limit): (time s, TTFT ms, TPOT ms) of the requests finished under it (see observe).
+        self._samples: dict[tuple[int | None, int], deque[tuple[float, float, float]]] = {}
+        self._in_force: tuple[int | None, int] | None = None
         self.column: int | None = None  # the batch column returned last (None: the SLO planner's)
         # Whether the lock in force was entered on measured feasibility alone (kept while its samples come in).
         self._probed = False
 
     def observe(self, finished_ms: Sequence[tuple[float, float]], lock_mhz: int | None, batch_limit: int) -> None:
-        """Fold in the requests finished in the window under ``lock_mhz`` (None: unlocked) and ``batch_limit``;
-        a change of either starts the samples afresh (those tails belong to the old setting)."""
-        at = (lock_mhz, int(batch_limit))
-        if at != self._measured_at:
-            self._measured.clear()
-            self._measured_at = at
-        self._measured.extend((float(t), float(p)) for t, p in finished_ms)
+        """Fold in the requests finished in the window under ``lock_mhz`` (None: unlocked) and ``batch_limit``
+        (the setting in force from now on); samples older than MEASURED_MEMORY_S are dropped."""
+        key = (lock_mhz, int(batch_limit))
+        self._in_force = key
+        if key not in self._samples and len(self._samples) >= MEASURED_MAX_SETTINGS:
+            return
+        samples = self._samples.setdefault(key, deque(maxlen=MEASURED_MAX_REQUESTS))
+        samples.extend((self._clock_s, float(t), float(p)) for t, p in finished_ms)
+        for k in list(self._samples):
+            d = self._samples[k]
+            while d and d[0][0] < self._clock_s - MEASURED_MEMORY_S:
+                d.popleft()
+            if not d and k != key:
+                del self._samples[k]
 
-    def measured_tails(self, percentile: int) -> dict[str, float] | None:
-        """The ``percentile`` TTFT and TPOT (ms) of the requests under the setting in force, None with too few."""
-        if len(self._measured) < MEASURED_MIN_REQUESTS:
+    def measured_tails(
+        self, percentile: int, lock_mhz: int | None = None, batch_limit: int | None = None
+    ) -> dict[str, float] | None:
+        """The ``percentile`` TTFT and TPOT (ms) of the recent requests under (``lock_mhz``, ``batch_limit``), by
+        default the setting in force; None with fewer than MEASURED_MIN_REQUESTS."""
+        key = self._in_force if batch_limit is None else (lock_mhz, int(batch_limit))
+        samples = self._samples.get(key) if key is not None else None
+        if samples is None or len(samples) < MEASURED_MIN_REQUESTS:
             return None
-        arr = np.array(self._measured, dtype=float)
+        arr = np.array(samples, dtype=float)
         out = {}
-        for kind, col in (("ttft", 0), ("tpot", 1)):
+        for kind, col in (("ttft", 1), ("tpot", 2)):
             v = arr[:, col][np.isfinite(arr[:, col])]
             out[kind] = float(np.percentile(v, percentile)) if v.size else 0.0
         return out
@@ -272,13 +294,15 @@ class ClockPlanner:
             self._floor_s = self._clock_s
         if current not in cands:
             cands = sorted(set(cands) | {current}, reverse=True)
-        ok, energy, preds = self.evaluate(slo, cands, at)
+        ok, energy, preds = self._grid(slo, cands, at)
         _, _, col0 = at.columns()
         row = {c: k for k, c in enumerate(cands)}
         in_force = self.column if self.column is not None and self.column < len(preds) else col0
         model_ok = ok
-        ok = ok | self._measured_ok(slo, preds, row[current], in_force, at.target)
-        if self._probed and current < top and len(self._measured) < MEASURED_MIN_REQUESTS:
+        ok = self._measured_ok(slo, ok, preds, cands, row[current], in_force, at)
+        batches, _, _ = at.columns()
+        lock_now = None if current >= top else current
+        if self._probed and current < top and self.measured_tails(90, lock_now, batches[in_force]) is None:
             ok[row[current], in_force] = True  # entered on measurement: kept until its own requests judge it
 
         # Headroom (modelled): under a lock the forecast decode load may use at most CLOCK_MAX_LOAD of what the
@@ -308,7 +332,10 @@ class ClockPlanner:
             col = column(clock)
             if clock != current:
                 self._probed = clock != top and not bool(model_ok[row[clock], col])
-            return self._set(clock, cause, cost(clock), _row(preds[col], row[clock]), col)
+            choice = self._set(clock, cause, cost(clock), _row(preds[col], row[clock]), col)
+            if clock != top and at.top_cap_w is not None and at.top_cap_w > at.cap_w:
+                choice = replace(choice, cap_w=at.top_cap_w)
+            return choice
 
         if release:
             return pick(top, "clock-release")
@@ -332,28 +359,65 @@ class ClockPlanner:
         step = min((c for c in cands if c >= floor - 1e-9 and c >= want and ok[row[c]].any()), default=want)
         return pick(step, "clock-energy")
 
+    def _grid(
+        self, slo: SloEngine, cands: Sequence[int], at: Setting
+    ) -> tuple[NDArray[np.bool_], FloatArray, list[Prediction]]:
+        """``evaluate`` over the candidates: the locks at the cap they would run at (the top cap where no budget
+        holds the cap down: a lock, not a binding cap, is what cuts decode power on Hopper, and a cap the SLO
+        planner chose at the top clock would spend the slack a lock needs), unlocked at the SLO planner's cap."""
+        if at.top_cap_w is None or at.top_cap_w <= at.cap_w:
+            return self.evaluate(slo, cands, at)
+        ok, energy, preds = self.evaluate(slo, cands, replace(at, cap_w=at.top_cap_w))
+        ok0, energy0, preds0 = self.evaluate(slo, [cands[0]], at)
+        ok[0], energy[0] = ok0[0], energy0[0]
+        return ok, energy, [_splice(p, 0, p0) for p, p0 in zip(preds, preds0, strict=True)]
+
     def _measured_ok(
-        self, slo: SloEngine, preds: Sequence[Prediction], cur_row: int, cur_col: int, target: EngineTargets
+        self,
+        slo: SloEngine,
+        model_ok: NDArray[np.bool_],
+        preds: Sequence[Prediction],
+        cands: Sequence[int],
+        cur_row: int,
+        cur_col: int,
+        at: Setting,
     ) -> NDArray[np.bool_]:
-        """Per (clock, column): feasible by the measured tails at the setting in force times the model's ratio
-        of the candidate's predicted tail to the predicted tail in force (all False without enough requests)."""
+        """Per (clock, column): feasible by the setting's own recent requests where it has enough, else by the
+        model; one clock step below the clock in force, also by the requests in force scaled by the model's
+        ratio of the candidate's predicted tail to the one in force (see MEASURED_MIN_REQUESTS)."""
         q = slo.config.slo_percentile
-        ok = np.zeros((preds[0].caps_w.size if preds else 0, len(preds)), dtype=bool)
-        measured = self.measured_tails(q)
-        if measured is None or not preds:
-            return ok
-        ok[:] = True
-        for kind, slo_ms in (("ttft", target.ttft_ms), ("tpot", target.tpot_ms)):
-            if not slo_ms or slo_ms <= 0:
-                continue
-            ref = float(preds[cur_col].tail_ms(kind, q)[cur_row])
-            if not (math.isfinite(ref) and ref > 0):
-                return np.zeros_like(ok)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                est = np.stack([measured[kind] * p.tail_ms(kind, q) / ref for p in preds], axis=1)
-            ok &= np.nan_to_num(est, nan=np.inf) <= slo_ms * (1 - slo.margin)
+        batches, _, _ = at.columns()
+        top = cands[0]
+        kinds = [(k, ms) for k, ms in (("ttft", at.target.ttft_ms), ("tpot", at.target.tpot_ms)) if ms and ms > 0]
         overloaded = np.stack([p.overloaded for p in preds], axis=1)
-        return ok & ~overloaded
+
+        def within(tails: dict[str, float], scale: dict[str, float] | None = None) -> bool:
+            return all(tails[k] * (1.0 if scale is None else scale[k]) <= ms * (1 - slo.margin) for k, ms in kinds)
+
+        ok = model_ok.copy()
+        for r, clock in enumerate(cands):
+            for c, batch in enumerate(batches):
+                own = self.measured_tails(q, None if clock >= top else clock, batch)
+                if own is not None:
+                    ok[r, c] = within(own) and not overloaded[r, c]
+        in_force = self.measured_tails(q)
+        if in_force is None:
+            return ok
+        below = [r for r, clock in enumerate(cands) if clock < cands[cur_row]]
+        if not below:
+            return ok
+        r = min(below, key=lambda k: cands[cur_row] - cands[k])  # the next clock down
+        if self.measured_tails(q, cands[r], batches[cur_col]) is not None:
+            return ok  # judged by its own requests above
+        ratio = {}
+        for kind, _ in kinds:
+            ref = float(preds[cur_col].tail_ms(kind, q)[cur_row])
+            new = float(preds[cur_col].tail_ms(kind, q)[r])
+            if not (math.isfinite(ref) and ref > 0 and math.isfinite(new)):
+                return ok
+            ratio[kind] = new / ref
+        ok[r, cur_col] |= within(in_force, ratio) and not overloaded[r, cur_col]
+        return ok
 
     def _set(self, clock_mhz: int, cause: str, energy: float, pred: Prediction, column: int) -> ClockChoice:
         locked = None if clock_mhz >= self.response.top_clock_mhz else int(clock_mhz)
@@ -368,6 +432,18 @@ def _row(pred: Prediction, k: int) -> Prediction:
     for f in fields(Prediction):
         v = np.asarray(getattr(pred, f.name))
         changes[f.name] = v[k : k + 1] if v.ndim else v
+    return replace(pred, **changes)
+
+
+def _splice(pred: Prediction, k: int, other: Prediction) -> Prediction:
+    """``pred`` with its row ``k`` taken from the one-row prediction ``other`` (caps included)."""
+    changes = {}
+    for f in fields(Prediction):
+        arr = np.array(getattr(pred, f.name), copy=True)
+        if arr.ndim == 0 or arr.size <= k:
+            continue
+        arr[k] = np.asarray(getattr(other, f.name)).reshape(-1)[0]
+        changes[f.name] = arr
     return replace(pred, **changes)
 
 
