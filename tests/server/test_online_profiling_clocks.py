@@ -75,32 +75,36 @@ class Node:
 
 
 @contextlib.asynccontextmanager
-async def h100_node(dirs: tuple[Path, Path], mode: str = "enforce", clocks: bool = True) -> AsyncIterator[Node]:
+async def h100_node(
+    dirs: tuple[Path, Path], mode: str = "enforce", clocks: bool = True, nvml: bool = False
+) -> AsyncIterator[Node]:
+    """A running daemon with one engine connected. ``nvml``: the daemon drives a fake H100 through pynvml's real
+    ctypes path (the ``fake_pynvml`` fixture must be active) in real time, and the engine is simulated on a GPU
+    model of its own (its speed is then not the fake's); else simulated H100s at SPEED."""
     runtime, state = dirs
-    clock = ScaledClock(SPEED)
+    clock = ScaledClock(1.0 if nvml else SPEED)
     gpus = make_sim_gpus("H100-SXM5", 1, clock.now)
     config = DaemonConfig(
-        backend="sim",
+        backend="nvml" if nvml else "sim",
         mode=mode,
-        period_s=PERIOD_S,
+        period_s=0.1 if nvml else PERIOD_S,
         runtime_dir=str(runtime),
         state_dir=str(state),
         engine_socket_group="",
         metrics_port=0,
         sim_gpu_kind="H100-SXM5",
         sim_gpu_count=1,
-        sim_speed=SPEED,
+        sim_speed=1.0 if nvml else SPEED,
         clocks_enabled=clocks,
         directive_ttl_s=20.0,
     )
-    runner = Runner(config, SimBackend(gpus), PROFILES, clock)
+    runner = Runner(config, NvmlBackend() if nvml else SimBackend(gpus), PROFILES, clock)
     await runner.start()
     control = asyncio.create_task(runner.run())
     requests = poisson_requests(RATE_PER_S, 3600.0, 32, 64, seed=1)
     engine = SimEngine(ENGINE, load_h100_truth(MODEL, 1), gpus, requests, MAX_NUM_SEQS, 8192, start_s=clock.now())
-    link = SimEngineLink(
-        engine, MODEL, [g.identity.uuid for g in gpus], str(config.engine_socket_path), clock, PERIOD_S / 2
-    )
+    uuids = [fake_uuid(0)] if nvml else [g.identity.uuid for g in gpus]
+    link = SimEngineLink(engine, MODEL, uuids, str(config.engine_socket_path), clock, PERIOD_S / 2)
     stop = asyncio.Event()
     link_task = asyncio.create_task(link.run(stop))
     try:
@@ -252,72 +256,35 @@ def test_palsctl_profile_clocks_reaches_the_daemon(
 # ------------------------------------------------------------------------------------------ fake NVML
 
 
-def test_a_clock_sweep_through_real_pynvml_locks_then_resets(
-    fake_pynvml: FakeNvmlEnv, short_tmp: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_clock_sweep_through_real_pynvml_locks_then_resets(fake_pynvml: FakeNvmlEnv, dirs: tuple[Path, Path]) -> None:
     """The same sweep on a fake H100 through pynvml's real ctypes path (tests/fake_nvml): the lock is written as
     nvmlDeviceSetGpuLockedClocks at the point's clock, recorded first, and reset once the controller has the GPU
-    back; the engine is simulated on its own GPU model (its speed is not what is checked here: the NVML calls are).
-    """
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    back (the NVML calls are what is checked here, not the engine's speed)."""
     state = FakeNvmlState.of("H100-SXM5")
     state.gpus[0].energy_step_mj = 50_000  # the energy counter advances per read: each hold measures a power
     fake_pynvml.write_state(state)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    clock = ScaledClock(1.0)  # from 0, as the simulated engine's request times
-    config = DaemonConfig(
-        backend="nvml",
-        period_s=0.1,
-        runtime_dir=str(short_tmp / "run"),
-        state_dir=str(tmp_path / "state"),
-        engine_socket_group="",
-        metrics_port=0,
-        directive_ttl_s=20.0,
-    )
+    state_json = dirs[1] / "state.json"
     seen_records: list[set[str]] = []
 
+    def locked() -> bool:
+        if fake_pynvml.read_state().gpus[0].locked_max_mhz != 1230:
+            return False
+        seen_records.append(set(json.loads(state_json.read_text())["original_clocks"]))
+        return True
+
     async def body() -> pals_pb2.ProfileJob:
-        runner = Runner(config, NvmlBackend(), PROFILES, clock)
-        await runner.start()
-        control = asyncio.create_task(runner.run())
-        sim = make_sim_gpus("H100-SXM5", 1, clock.now)
-        requests = poisson_requests(RATE_PER_S, 600.0, 32, 64, seed=2)
-        engine = SimEngine(ENGINE, load_h100_truth(MODEL, 1), sim, requests, MAX_NUM_SEQS, 8192, start_s=clock.now())
-        link = SimEngineLink(engine, MODEL, [fake_uuid(0)], str(config.engine_socket_path), clock, 0.25)
-        stop = asyncio.Event()
-        link_task = asyncio.create_task(link.run(stop))
-        try:
-            await async_helpers.eventually(lambda: runner.daemon.engines.get(ENGINE) is not None, 10.0)
-            async with grpc.aio.insecure_channel(f"unix:{config.admin_socket_path}") as channel:
-                admin = pals_pb2_grpc.PowerAdminStub(channel)
-                await admin.StartProfile(sweep(caps_w=[600.0, 700.0], batches=[8, 16], hold_s=0.5, settle_s=0.0))
-
-                def locked() -> bool:
-                    if fake_pynvml.read_state().gpus[0].locked_max_mhz == 1230:
-                        doc = json.loads((tmp_path / "state" / "state.json").read_text())
-                        seen_records.append(set(doc["original_clocks"]))
-                        return True
-                    return False
-
-                await async_helpers.eventually(locked, 20.0)
-                node = Node(runner, sim[0], admin)
-                job = await wait_job(node, DONE, FAILED, CANCELLED, timeout_s=30.0)
-                await async_helpers.eventually(lambda: fake_pynvml.read_state().gpus[0].locked_max_mhz is None, 10.0)
-                return job
-        finally:
-            stop.set()
-            runner.daemon.request_stop()
-            await asyncio.wait_for(control, 10.0)
-            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
-                await asyncio.wait_for(link_task, 5.0)
-            os.umask(umask)
+        async with h100_node(dirs, nvml=True) as node:
+            await node.admin.StartProfile(sweep(caps_w=[600.0, 700.0], batches=[8, 16], hold_s=0.5, settle_s=0.0))
+            await async_helpers.eventually(locked, 20.0)
+            job = await wait_job(node, DONE, FAILED, CANCELLED, timeout_s=30.0)
+            await async_helpers.eventually(lambda: fake_pynvml.read_state().gpus[0].locked_max_mhz is None, 10.0)
+            return job
 
     job = async_helpers.drive(body(), TEST_TIMEOUT_S)
     assert job.state == DONE, job.error
     # Recorded before the lock was written; nothing left to restore after the daemon stopped.
     assert seen_records and seen_records[0] == {fake_uuid(0)}
-    assert json.loads((tmp_path / "state" / "state.json").read_text())["original_clocks"] == {}
+    assert json.loads(state_json.read_text())["original_clocks"] == {}
     calls = [c for c in fake_pynvml.clock_calls() if c[1] == 0]
     assert calls[0][0] == "nvmlDeviceSetGpuLockedClocks" and calls[0][2][1] == 1230
     assert calls[-1][0] == "nvmlDeviceResetGpuLockedClocks"
