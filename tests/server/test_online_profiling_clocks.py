@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import async_helpers
 import grpc
 import pytest
 from async_helpers import expect_rpc_error
+from daemon_harness import Dirs
 from fake_nvml import FakeNvmlEnv, FakeNvmlState
 from fake_nvml.state import fake_uuid
 
@@ -53,17 +53,6 @@ CANCELLED = pals_pb2.PROFILE_STATE_CANCELLED
 RUNNING = pals_pb2.PROFILE_STATE_RUNNING
 
 
-@pytest.fixture
-def dirs(short_tmp: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
-    """(runtime dir for the sockets, state dir); no systemd; the process umask put back afterwards."""
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    yield short_tmp / "run", tmp_path / "state"
-    os.umask(umask)
-
-
 @dataclass
 class Node:
     runner: Runner
@@ -75,13 +64,11 @@ class Node:
 
 
 @contextlib.asynccontextmanager
-async def h100_node(
-    dirs: tuple[Path, Path], mode: str = "enforce", clocks: bool = True, nvml: bool = False
-) -> AsyncIterator[Node]:
+async def h100_node(dirs: Dirs, mode: str = "enforce", clocks: bool = True, nvml: bool = False) -> AsyncIterator[Node]:
     """A running daemon with one engine connected. ``nvml``: the daemon drives a fake H100 through pynvml's real
     ctypes path (the ``fake_pynvml`` fixture must be active) in real time, and the engine is simulated on a GPU
     model of its own (its speed is then not the fake's); else simulated H100s at SPEED."""
-    runtime, state = dirs
+    runtime, state = dirs.runtime, dirs.state
     clock = ScaledClock(1.0 if nvml else SPEED)
     gpus = make_sim_gpus("H100-SXM5", 1, clock.now)
     config = DaemonConfig(
@@ -143,7 +130,7 @@ async def wait_job(node: Node, *states: int, timeout_s: float = 60.0) -> pals_pb
     return job[0]
 
 
-def test_a_clock_sweep_writes_clock_points_and_unlocks_afterwards(dirs: tuple[Path, Path]) -> None:
+def test_a_clock_sweep_writes_clock_points_and_unlocks_afterwards(dirs: Dirs) -> None:
     async def body() -> Path:
         async with h100_node(dirs) as node:
             started = await node.admin.StartProfile(sweep())
@@ -182,7 +169,7 @@ def test_a_clock_sweep_writes_clock_points_and_unlocks_afterwards(dirs: tuple[Pa
     assert 0.7 < float(r_t) < 1.0 and float(r_p) < 1.0
 
 
-def test_stop_during_a_clock_point_resets_the_clock(dirs: tuple[Path, Path]) -> None:
+def test_stop_during_a_clock_point_resets_the_clock(dirs: Dirs) -> None:
     async def body() -> Node:
         async with h100_node(dirs) as node:
             await node.admin.StartProfile(sweep(caps_w=[650.0, 700.0], batches=[8, 16], clocks_mhz=[930]))
@@ -201,7 +188,7 @@ def test_stop_during_a_clock_point_resets_the_clock(dirs: tuple[Path, Path]) -> 
     ("clocks", "match"),
     [([100], "outside GPU 0's lockable range"), ([1980], "outside GPU 0's lockable range"), ([1230, 1231], "repeats")],
 )
-def test_bad_clocks_are_refused_and_set_nothing(dirs: tuple[Path, Path], clocks: list[int], match: str) -> None:
+def test_bad_clocks_are_refused_and_set_nothing(dirs: Dirs, clocks: list[int], match: str) -> None:
     async def body() -> None:
         async with h100_node(dirs) as node:
             await expect_rpc_error(
@@ -213,7 +200,7 @@ def test_bad_clocks_are_refused_and_set_nothing(dirs: tuple[Path, Path], clocks:
     async_helpers.drive(body(), TEST_TIMEOUT_S)
 
 
-def test_without_the_clock_knob_a_clock_sweep_is_refused(dirs: tuple[Path, Path]) -> None:
+def test_without_the_clock_knob_a_clock_sweep_is_refused(dirs: Dirs) -> None:
     async def body() -> None:
         async with h100_node(dirs, clocks=False) as node:
             await expect_rpc_error(
@@ -224,7 +211,7 @@ def test_without_the_clock_knob_a_clock_sweep_is_refused(dirs: tuple[Path, Path]
     async_helpers.drive(body(), TEST_TIMEOUT_S)
 
 
-def test_advise_mode_refuses_a_clock_sweep_and_writes_nothing(dirs: tuple[Path, Path]) -> None:
+def test_advise_mode_refuses_a_clock_sweep_and_writes_nothing(dirs: Dirs) -> None:
     async def body() -> None:
         async with h100_node(dirs, mode="advise") as node:
             await expect_rpc_error(node.admin.StartProfile(sweep()), grpc.StatusCode.FAILED_PRECONDITION, "advise")
@@ -235,7 +222,7 @@ def test_advise_mode_refuses_a_clock_sweep_and_writes_nothing(dirs: tuple[Path, 
 
 
 def test_palsctl_profile_clocks_reaches_the_daemon(
-    dirs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    dirs: Dirs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out_path = tmp_path / "qwen.json"
 
@@ -256,14 +243,14 @@ def test_palsctl_profile_clocks_reaches_the_daemon(
 # ------------------------------------------------------------------------------------------ fake NVML
 
 
-def test_a_clock_sweep_through_real_pynvml_locks_then_resets(fake_pynvml: FakeNvmlEnv, dirs: tuple[Path, Path]) -> None:
+def test_a_clock_sweep_through_real_pynvml_locks_then_resets(fake_pynvml: FakeNvmlEnv, dirs: Dirs) -> None:
     """The same sweep on a fake H100 through pynvml's real ctypes path (tests/fake_nvml): the lock is written as
     nvmlDeviceSetGpuLockedClocks at the point's clock, recorded first, and reset once the controller has the GPU
     back (the NVML calls are what is checked here, not the engine's speed)."""
     state = FakeNvmlState.of("H100-SXM5")
     state.gpus[0].energy_step_mj = 50_000  # the energy counter advances per read: each hold measures a power
     fake_pynvml.write_state(state)
-    state_json = dirs[1] / "state.json"
+    state_json = dirs.state / "state.json"
     seen_records: list[set[str]] = []
 
     def locked() -> bool:
