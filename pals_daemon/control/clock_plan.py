@@ -18,9 +18,17 @@ force is the lower of the lock and the clock the cap leaves), and picks:
   breached; each forecast window without a breach lowers it one step (the bursts a lock must absorb are the
   engine's own, which the mean-value latency model does not see).
 
-Coordinate-wise, not a full 3-D search: the cap and batch are chosen at the top clock first (so cap-only
-behaviour is unchanged where there is no clock knob, and the budget split's caps still bound power: a lock only
-lowers the clock further), then the clock at them. Pure: no I/O, no clock reads.
+- joint with the batch limit: every batch column of the SLO planner's plan is weighed under each lock, and the
+  lock runs with the column of least predicted energy that meets the SLO (unlocked: the SLO planner's column);
+- measured feasibility: the engine's own finished requests, kept per (lock, batch limit) for MEASURED_MEMORY_S,
+  decide the feasibility of the settings they ran at; one clock step below the lock in force, the requests in
+  force scaled by the model's ratio between the two (a probe);
+- without a budget (``Setting.top_cap_w``), locks are judged at the engine's top cap and a locked engine runs
+  there; unlocked, at the SLO planner's cap.
+
+The SLO planner chooses the cap and batch at the top clock first (so cap-only behaviour is unchanged where there
+is no clock knob, and under a budget its caps still bound power: a lock only lowers the clock further), then this
+planner the clock with the batch (and, without a budget, the top cap under a lock). Pure: no I/O, no clock reads.
 """
 
 from __future__ import annotations
