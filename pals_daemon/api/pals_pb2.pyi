@@ -223,7 +223,7 @@ class WatchStatusRequest(_message.Message):
     def __init__(self, interval_s: _Optional[float] = ...) -> None: ...
 
 class StartProfileRequest(_message.Message):
-    __slots__ = ("engine_id", "caps_w", "batches", "hold_s", "settle_s", "output_path", "parallelism")
+    __slots__ = ("engine_id", "caps_w", "batches", "hold_s", "settle_s", "output_path", "parallelism", "clocks_mhz")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     CAPS_W_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +231,7 @@ class StartProfileRequest(_message.Message):
     SETTLE_S_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_PATH_FIELD_NUMBER: _ClassVar[int]
     PARALLELISM_FIELD_NUMBER: _ClassVar[int]
+    CLOCKS_MHZ_FIELD_NUMBER: _ClassVar[int]
     engine_id: str
     caps_w: _containers.RepeatedScalarFieldContainer[float]
     batches: _containers.RepeatedScalarFieldContainer[int]
@@ -238,7 +239,8 @@ class StartProfileRequest(_message.Message):
     settle_s: float
     output_path: str
     parallelism: str
-    def __init__(self, engine_id: _Optional[str] = ..., caps_w: _Optional[_Iterable[float]] = ..., batches: _Optional[_Iterable[int]] = ..., hold_s: _Optional[float] = ..., settle_s: _Optional[float] = ..., output_path: _Optional[str] = ..., parallelism: _Optional[str] = ...) -> None: ...
+    clocks_mhz: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, engine_id: _Optional[str] = ..., caps_w: _Optional[_Iterable[float]] = ..., batches: _Optional[_Iterable[int]] = ..., hold_s: _Optional[float] = ..., settle_s: _Optional[float] = ..., output_path: _Optional[str] = ..., parallelism: _Optional[str] = ..., clocks_mhz: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetProfileRequest(_message.Message):
     __slots__ = ("engine_id",)
@@ -253,16 +255,18 @@ class CancelProfileRequest(_message.Message):
     def __init__(self, engine_id: _Optional[str] = ...) -> None: ...
 
 class ProfilePointResult(_message.Message):
-    __slots__ = ("cap_w", "batch", "tokens_per_s", "gpu_power_w")
+    __slots__ = ("cap_w", "batch", "tokens_per_s", "gpu_power_w", "clock_mhz")
     CAP_W_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     GPU_POWER_W_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_MHZ_FIELD_NUMBER: _ClassVar[int]
     cap_w: float
     batch: int
     tokens_per_s: float
     gpu_power_w: float
-    def __init__(self, cap_w: _Optional[float] = ..., batch: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., gpu_power_w: _Optional[float] = ...) -> None: ...
+    clock_mhz: int
+    def __init__(self, cap_w: _Optional[float] = ..., batch: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., gpu_power_w: _Optional[float] = ..., clock_mhz: _Optional[int] = ...) -> None: ...
 
 class ProfileJob(_message.Message):
     __slots__ = ("engine_id", "state", "points_done", "points_total", "current", "phase", "error", "output_path", "points", "elapsed_s", "estimated_remaining_s", "warnings")

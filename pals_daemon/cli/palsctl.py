@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument(
         "--batches", type=_list_of(_positive_int, "batch sizes"), metavar="N,N,...", help="max_num_seqs values"
     )
+    profile.add_argument(
+        "--clocks",
+        type=_list_of(_positive_int, "clocks"),
+        metavar="MHZ,MHZ,...",
+        help="locked SM clocks to sweep too, at the highest cap (the clock_points of the profile)",
+    )
     profile.add_argument("--hold", type=_finite_float, metavar="S", help="seconds each point is measured")
     profile.add_argument("--settle", type=_finite_float, metavar="S", help="seconds before measuring (default 2)")
     profile.add_argument("--output", metavar="PATH", help="profile file (default <state_dir>/profiles/...)")
@@ -305,7 +311,8 @@ def format_job(job: pals_pb2.ProfileJob) -> str:
     if job.state == pals_pb2.PROFILE_STATE_RUNNING:
         where = ""
         if job.HasField("current"):
-            where = f" ({job.current.cap_w:g} W, batch {job.current.batch}, {job.phase})"
+            lock = f", {job.current.clock_mhz} MHz" if job.current.HasField("clock_mhz") else ""
+            where = f" ({job.current.cap_w:g} W, batch {job.current.batch}{lock}, {job.phase})"
         return (
             f"{job.engine_id}: running, point {job.points_done + 1}/{job.points_total}{where}, "
             f"elapsed {job.elapsed_s:.0f} s, ~{job.estimated_remaining_s:.0f} s left"
@@ -320,9 +327,10 @@ def format_job(job: pals_pb2.ProfileJob) -> str:
 
 def format_job_points(job: pals_pb2.ProfileJob) -> str:
     """The measured points as a table."""
-    lines = [f"{'cap W':>7} {'batch':>5} {'tokens/s':>9} {'W/GPU':>7}"]
+    lines = [f"{'cap W':>7} {'batch':>5} {'clock':>8} {'tokens/s':>9} {'W/GPU':>7}"]
     for p in job.points:
-        lines.append(f"{p.cap_w:>7g} {p.batch:>5} {p.tokens_per_s:>9.1f} {p.gpu_power_w:>7.1f}")
+        clock = f"{p.clock_mhz} MHz" if p.HasField("clock_mhz") else "unlocked"
+        lines.append(f"{p.cap_w:>7g} {p.batch:>5} {clock:>8} {p.tokens_per_s:>9.1f} {p.gpu_power_w:>7.1f}")
     return "\n".join(lines)
 
 
@@ -348,6 +356,7 @@ def _run_profile(stub: pals_pb2_grpc.PowerAdminStub, args: argparse.Namespace) -
         hold_s=args.hold,
         output_path=os.path.abspath(args.output) if args.output else "",
         parallelism=args.parallelism or "",
+        clocks_mhz=args.clocks or [],
     )
     if args.settle is not None:
         request.settle_s = args.settle

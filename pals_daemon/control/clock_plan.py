@@ -18,15 +18,24 @@ force is the lower of the lock and the clock the cap leaves), and picks:
   breached; each forecast window without a breach lowers it one step (the bursts a lock must absorb are the
   engine's own, which the mean-value latency model does not see).
 
-Coordinate-wise, not a full 3-D search: the cap and batch are chosen at the top clock first (so cap-only
-behaviour is unchanged where there is no clock knob, and the budget split's caps still bound power: a lock only
-lowers the clock further), then the clock at them. Pure: no I/O, no clock reads.
+- joint with the batch limit: every batch column of the SLO planner's plan is weighed under each lock, and the
+  lock runs with the column of least predicted energy that meets the SLO (unlocked: the SLO planner's column);
+- measured feasibility: the engine's own finished requests, kept per (lock, batch limit) for MEASURED_MEMORY_S,
+  decide the feasibility of the settings they ran at; one clock step below the lock in force, the requests in
+  force scaled by the model's ratio between the two (a probe);
+- without a budget (``Setting.top_cap_w``), locks are judged at the engine's top cap and a locked engine runs
+  there; unlocked, at the SLO planner's cap.
+
+The SLO planner chooses the cap and batch at the top clock first (so cap-only behaviour is unchanged where there
+is no clock knob, and under a budget its caps still bound power: a lock only lowers the clock further), then this
+planner the clock with the batch (and, without a budget, the top cap under a lock). Pure: no I/O, no clock reads.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -49,6 +58,18 @@ CLOCK_MAX_LOAD = 0.7
 # Modelled choice: seconds without descent after a release; the floor (raised above the lock that breached)
 # keeps the planner from going straight back to it.
 CLOCK_RELEASE_HOLD_S = 10.0
+# Measured feasibility (ClockPlanner.observe; modelled choices): the engine's own finished requests, kept per
+# (lock, batch limit) they finished under for MEASURED_MEMORY_S (the load the planner plans for is a forecast
+# window's), judge the settings they ran at: with at least MEASURED_MIN_REQUESTS of them (the p99 of 20 is their
+# worst), their tails decide that setting's feasibility instead of the model's prediction. A setting without its
+# own requests one clock step below the one in force is judged by the requests in force scaled by the model's
+# ratio between the two (a probe). The mean-value model's level was off by 1.5-3x on the H100 suite's traces (its
+# p99 TPOT at the top clock 55-80 ms where the requests measured 41 ms, the week-shape trace at light load), but
+# its ratios follow the physics: the engine's own requests set the level, the model the direction.
+MEASURED_MIN_REQUESTS = 20
+MEASURED_MAX_REQUESTS = 512
+MEASURED_MEMORY_S = 60.0
+MEASURED_MAX_SETTINGS = 64
 
 FloatArray = NDArray[np.float64]
 
@@ -65,6 +86,20 @@ class Setting:
     num_waiting: int
     power_ratio: float
     target: EngineTargets
+    # The batch-limit columns the SLO planner weighed (its plan's order) and their step token budgets; empty:
+    # only ``batch_limit``. Under a lock the clock planner picks the column with the clock (see ``choose``).
+    batch_limits: tuple[int, ...] = ()
+    tokens_limits: tuple[int, ...] = ()
+    num_running: int = 0
+    # The engine's top cap where no budget holds its cap down (None: the cap is the budget's, and stays): a lock
+    # then runs at it, the SLO planner's cap stands only unlocked (see ClockPlanner.choose).
+    top_cap_w: float | None = None
+
+    def columns(self) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+        """(batch limits, token budgets, the SLO planner's column) of the joint search."""
+        if not self.batch_limits:
+            return (self.batch_limit,), (self.tokens_limit,), 0
+        return self.batch_limits, self.tokens_limits, self.batch_limits.index(self.batch_limit)
 
 
 @dataclass(frozen=True)
@@ -75,6 +110,10 @@ class ClockChoice:
     cause: str
     energy_j_per_token: float = math.nan
     prediction: Prediction | None = None
+    # The batch-limit column (Setting.columns order) to run with the lock; unlocked: the SLO planner's own.
+    column: int = 0
+    # The cap to run with the lock instead of the SLO planner's (Setting.top_cap_w); None: the SLO planner's.
+    cap_w: float | None = None
 
 
 def clocked_latency(latency: LatencyModel, response: ClockResponse, clocks_mhz: object) -> LatencyModel:
@@ -144,6 +183,45 @@ class ClockPlanner:
         # forecast window without a breach (it learns the lowest clock the engine's bursts tolerate).
         self.floor_mhz = 0.0
         self._floor_s = 0.0
+        # (TTFT ms, TPOT ms) of the requests finished under the (lock, batch limit) in force (see observe).
+        # Per (lock, batch limit): (time s, TTFT ms, TPOT ms) of the requests finished under it (see observe).
+        self._samples: dict[tuple[int | None, int], deque[tuple[float, float, float]]] = {}
+        self._in_force: tuple[int | None, int] | None = None
+        self.column: int | None = None  # the batch column returned last (None: the SLO planner's)
+        # Whether the lock in force was entered on measured feasibility alone (kept while its samples come in).
+        self._probed = False
+
+    def observe(self, finished_ms: Sequence[tuple[float, float]], lock_mhz: int | None, batch_limit: int) -> None:
+        """Fold in the requests finished in the window under ``lock_mhz`` (None: unlocked) and ``batch_limit``
+        (the setting in force from now on); samples older than MEASURED_MEMORY_S are dropped."""
+        key = (lock_mhz, int(batch_limit))
+        self._in_force = key
+        if key not in self._samples and len(self._samples) >= MEASURED_MAX_SETTINGS:
+            return
+        samples = self._samples.setdefault(key, deque(maxlen=MEASURED_MAX_REQUESTS))
+        samples.extend((self._clock_s, float(t), float(p)) for t, p in finished_ms)
+        for k in list(self._samples):
+            d = self._samples[k]
+            while d and d[0][0] < self._clock_s - MEASURED_MEMORY_S:
+                d.popleft()
+            if not d and k != key:
+                del self._samples[k]
+
+    def measured_tails(
+        self, percentile: int, lock_mhz: int | None = None, batch_limit: int | None = None
+    ) -> dict[str, float] | None:
+        """The ``percentile`` TTFT and TPOT (ms) of the recent requests under (``lock_mhz``, ``batch_limit``), by
+        default the setting in force; None with fewer than MEASURED_MIN_REQUESTS."""
+        key = self._in_force if batch_limit is None else (lock_mhz, int(batch_limit))
+        samples = self._samples.get(key) if key is not None else None
+        if samples is None or len(samples) < MEASURED_MIN_REQUESTS:
+            return None
+        arr = np.array(samples, dtype=float)
+        out = {}
+        for kind, col in (("ttft", 1), ("tpot", 2)):
+            v = arr[:, col][np.isfinite(arr[:, col])]
+            out[kind] = float(np.percentile(v, percentile)) if v.size else 0.0
+        return out
 
     def candidates(self, lo_mhz: int, hi_mhz: int) -> list[int]:
         """The profiled clocks within the engine's supported range, highest first (the top one: unlocked)."""
@@ -152,8 +230,9 @@ class ClockPlanner:
 
     def evaluate(
         self, slo: SloEngine, clocks_mhz: Sequence[int], at: Setting
-    ) -> tuple[NDArray[np.bool_], FloatArray, Prediction]:
-        """(feasible, energy per output token J, prediction), one row per clock, of the engine at ``cap_w``.
+    ) -> tuple[NDArray[np.bool_], FloatArray, list[Prediction]]:
+        """(feasible, energy per output token J), each (clocks x batch columns), and the prediction per column,
+        of the engine at ``cap_w``.
 
         The SLO planner's own plan, on a copy whose latency model sees the clocked performance model with one
         lock per row (one vectorised prediction for the whole grid). Prefill power there is the cap, up to
@@ -163,25 +242,29 @@ class ClockPlanner:
         """
         clocks = np.asarray(clocks_mhz, dtype=float)
         caps = np.full(clocks.shape, float(at.cap_w))
+        batches, tokens, _ = at.columns()
         view = copy.copy(slo)
         view.latency = clocked_latency(slo.latency, self.response, clocks)
         _, ok, energy = view.plan(
             caps,
             at.n_gpus,
             at.max_limit_w,
-            [at.batch_limit],
-            [at.tokens_limit],
+            list(batches),
+            list(tokens),
             at.num_waiting,
             at.power_ratio,
             at.target,
+            num_running=at.num_running,
         )
-        pred = view.predictions[0]
         _, r_p = self.response.ratios(clocks, float(self.response.batches[-1]))
         p_pre = np.minimum(caps, PREFILL_POWER_FRACTION * at.max_limit_w)
         lam_d, _ = slo.forecast()
-        # The prefill part of the busy power, as SloEngine._column weighs it: n x work x prefill share / lam_d.
-        saved = at.n_gpus * pred.work * pred.prefill_share * p_pre * (1.0 - r_p) / max(lam_d, 1e-6)
-        return ok[:, 0], energy[:, 0] - saved, pred
+        energy = energy.copy()
+        for col, pred in enumerate(view.predictions):
+            # The prefill part of the busy power, as SloEngine._column weighs it: n x work x prefill share / lam_d.
+            saved = at.n_gpus * pred.work * pred.prefill_share * p_pre * (1.0 - r_p) / max(lam_d, 1e-6)
+            energy[:, col] -= saved
+        return ok, energy, list(view.predictions)
 
     def choose(
         self,
@@ -194,7 +277,14 @@ class ClockPlanner:
         forecast_window_s: float,
         startup_hold_s: float | None = None,
     ) -> ClockChoice:
-        """This tick's lock for the engine (call after ``slo.observe`` and ``slo.choose`` of the same tick)."""
+        """This tick's lock and batch column for the engine (call after ``slo.observe`` and ``slo.choose`` of the
+        same tick).
+
+        Joint in (clock, batch limit) at the SLO planner's cap: the batch limit the SLO planner picked at the
+        top clock is the best there, not under a lock. A smaller limit (with its smaller token budget) cuts the
+        prompt chunk that stalls every decode, which is what a lock lengthens; a larger one serves prompts in
+        fewer steps, which is what a lock needs when it slows them. Unlocked, the SLO planner's column stands.
+        """
         self._clock_s += max(0.0, window_s)
         lo, hi = clock_range
         cands = self.candidates(lo, hi)
@@ -212,26 +302,56 @@ class ClockPlanner:
             self._floor_s = self._clock_s
         if current not in cands:
             cands = sorted(set(cands) | {current}, reverse=True)
-        ok, energy, pred = self.evaluate(slo, cands, at)
+        ok, energy, preds = self._grid(slo, cands, at)
+        _, _, col0 = at.columns()
         row = {c: k for k, c in enumerate(cands)}
-
-        def pick(clock: int, cause: str) -> ClockChoice:
-            return self._set(clock, cause, float(energy[row[clock]]), _row(pred, row[clock]))
+        in_force = self.column if self.column is not None and self.column < len(preds) else col0
+        model_ok = ok
+        ok = self._measured_ok(slo, ok, preds, cands, row[current], in_force, at)
+        batches, _, _ = at.columns()
+        lock_now = None if current >= top else current
+        if self._probed and current < top and self.measured_tails(90, lock_now, batches[in_force]) is None:
+            ok[row[current], in_force] = True  # entered on measurement: kept until its own requests judge it
 
         # Headroom (modelled): under a lock the forecast decode load may use at most CLOCK_MAX_LOAD of what the
-        # engine can serve at its batch limit (or no more than unlocked); near saturation the queueing tail, which
-        # the mean-value latency model does not see, would eat the slack.
+        # engine can serve at the batch limit (or no more than unlocked at the SLO planner's); near saturation the
+        # queueing tail, which the mean-value latency model does not see, would eat the slack.
         lam_d, _ = slo.forecast()
-        load = lam_d / np.maximum(pred.capacity_tokens_per_s, 1e-9)
-        ok = ok & (load <= max(CLOCK_MAX_LOAD, float(load[row[top]])))
+        capacity = np.stack([p.capacity_tokens_per_s for p in preds], axis=1)
+        load = lam_d / np.maximum(capacity, 1e-9)
+        ok = ok & (load <= max(CLOCK_MAX_LOAD, float(load[row[top], col0])))
+        clocks = np.array(cands)
+        ok = ok & ((clocks >= self.floor_mhz) | (clocks == top))[:, None]
+
+        def column(clock: int) -> int:
+            """The batch column to run with ``clock``: unlocked the SLO planner's; locked, the least energy among
+            those feasible there (the SLO planner's within ``min_saving`` of it, else the larger limit)."""
+            k = row[clock]
+            if clock == top or not ok[k].any():
+                return col0
+            e = np.where(ok[k], energy[k], np.inf)
+            near = np.flatnonzero(e <= float(e.min()) * (1 + min_saving))
+            return col0 if col0 in near else int(near[-1])
+
+        def cost(clock: int) -> float:
+            return float(energy[row[clock], column(clock)])
+
+        def pick(clock: int, cause: str) -> ClockChoice:
+            col = column(clock)
+            if clock != current:
+                self._probed = clock != top and not bool(model_ok[row[clock], col])
+            choice = self._set(clock, cause, cost(clock), _row(preds[col], row[clock]), col)
+            if clock != top and at.top_cap_w is not None and at.top_cap_w > at.cap_w:
+                choice = replace(choice, cap_w=at.top_cap_w)
+            return choice
+
         if release:
             return pick(top, "clock-release")
-        ok = ok & ((np.array(cands) >= self.floor_mhz) | (np.array(cands) == top))
         if not ok.any():
             return pick(top, "clock-infeasible")
         best = float(np.min(np.where(ok, energy, np.inf)))
         # Highest feasible clock within min_saving of the least energy (ties: the faster, which absorbs bursts).
-        want = max(c for c in cands if ok[row[c]] and energy[row[c]] <= best * (1 + min_saving))
+        want = max(c for c in cands if ok[row[c]].any() and cost(c) <= best * (1 + min_saving))
         if want >= current:
             return pick(want, "clock-energy" if want != current else "hold")
         # No descent for CLOCK_RELEASE_HOLD_S after a release (the burst that caused it may go on), nor before
@@ -241,16 +361,77 @@ class ClockPlanner:
         startup = forecast_window_s if startup_hold_s is None else startup_hold_s
         if recent or self._clock_s < startup:
             return pick(current, "hold")
-        if not energy[row[want]] < energy[row[current]] * (1 - min_saving):
+        if not cost(want) < cost(current) * (1 - min_saving):
             return pick(current, "hold")
         floor = current - CLOCK_STEP_DOWN_MHZ
-        step = min((c for c in cands if c >= floor - 1e-9 and c >= want and ok[row[c]]), default=want)
+        step = min((c for c in cands if c >= floor - 1e-9 and c >= want and ok[row[c]].any()), default=want)
         return pick(step, "clock-energy")
 
-    def _set(self, clock_mhz: int, cause: str, energy: float, pred: Prediction) -> ClockChoice:
+    def _grid(
+        self, slo: SloEngine, cands: Sequence[int], at: Setting
+    ) -> tuple[NDArray[np.bool_], FloatArray, list[Prediction]]:
+        """``evaluate`` over the candidates: the locks at the cap they would run at (the top cap where no budget
+        holds the cap down: a lock, not a binding cap, is what cuts decode power on Hopper, and a cap the SLO
+        planner chose at the top clock would spend the slack a lock needs), unlocked at the SLO planner's cap."""
+        if at.top_cap_w is None or at.top_cap_w <= at.cap_w:
+            return self.evaluate(slo, cands, at)
+        ok, energy, preds = self.evaluate(slo, cands, replace(at, cap_w=at.top_cap_w))
+        ok0, energy0, preds0 = self.evaluate(slo, [cands[0]], at)
+        ok[0], energy[0] = ok0[0], energy0[0]
+        return ok, energy, [_splice(p, 0, p0) for p, p0 in zip(preds, preds0, strict=True)]
+
+    def _measured_ok(
+        self,
+        slo: SloEngine,
+        model_ok: NDArray[np.bool_],
+        preds: Sequence[Prediction],
+        cands: Sequence[int],
+        cur_row: int,
+        cur_col: int,
+        at: Setting,
+    ) -> NDArray[np.bool_]:
+        """Per (clock, column): feasible by the setting's own recent requests where it has enough, else by the
+        model; one clock step below the clock in force, also by the requests in force scaled by the model's
+        ratio of the candidate's predicted tail to the one in force (see MEASURED_MIN_REQUESTS)."""
+        q = slo.config.slo_percentile
+        batches, _, _ = at.columns()
+        top = cands[0]
+        kinds = [(k, ms) for k, ms in (("ttft", at.target.ttft_ms), ("tpot", at.target.tpot_ms)) if ms and ms > 0]
+        overloaded = np.stack([p.overloaded for p in preds], axis=1)
+
+        def within(tails: dict[str, float], scale: dict[str, float] | None = None) -> bool:
+            return all(tails[k] * (1.0 if scale is None else scale[k]) <= ms * (1 - slo.margin) for k, ms in kinds)
+
+        ok = model_ok.copy()
+        for r, clock in enumerate(cands):
+            for c, batch in enumerate(batches):
+                own = self.measured_tails(q, None if clock >= top else clock, batch)
+                if own is not None:
+                    ok[r, c] = within(own) and not overloaded[r, c]
+        in_force = self.measured_tails(q)
+        if in_force is None:
+            return ok
+        below = [r for r, clock in enumerate(cands) if clock < cands[cur_row]]
+        if not below:
+            return ok
+        r = min(below, key=lambda k: cands[cur_row] - cands[k])  # the next clock down
+        if self.measured_tails(q, cands[r], batches[cur_col]) is not None:
+            return ok  # judged by its own requests above
+        ratio = {}
+        for kind, _ in kinds:
+            ref = float(preds[cur_col].tail_ms(kind, q)[cur_row])
+            new = float(preds[cur_col].tail_ms(kind, q)[r])
+            if not (math.isfinite(ref) and ref > 0 and math.isfinite(new)):
+                return ok
+            ratio[kind] = new / ref
+        ok[r, cur_col] |= within(in_force, ratio) and not overloaded[r, cur_col]
+        return ok
+
+    def _set(self, clock_mhz: int, cause: str, energy: float, pred: Prediction, column: int) -> ClockChoice:
         locked = None if clock_mhz >= self.response.top_clock_mhz else int(clock_mhz)
         self.clock_mhz = locked
-        return ClockChoice(locked, cause, energy, pred)
+        self.column = column
+        return ClockChoice(locked, cause, energy, pred, column)
 
 
 def _row(pred: Prediction, k: int) -> Prediction:
@@ -259,6 +440,18 @@ def _row(pred: Prediction, k: int) -> Prediction:
     for f in fields(Prediction):
         v = np.asarray(getattr(pred, f.name))
         changes[f.name] = v[k : k + 1] if v.ndim else v
+    return replace(pred, **changes)
+
+
+def _splice(pred: Prediction, k: int, other: Prediction) -> Prediction:
+    """``pred`` with its row ``k`` taken from the one-row prediction ``other`` (caps included)."""
+    changes = {}
+    for f in fields(Prediction):
+        arr = np.array(getattr(pred, f.name), copy=True)
+        if arr.ndim == 0 or arr.size <= k:
+            continue
+        arr[k] = np.asarray(getattr(other, f.name)).reshape(-1)[0]
+        changes[f.name] = arr
     return replace(pred, **changes)
 
 

@@ -356,7 +356,7 @@ class Controller:
             )
         if budget is not None and feasible:
             self._enforce_budget(limits, gpus, budget - fixed_w, notes)
-        locks = self._clock_decisions(plans, choice, inp, engine_decisions)
+        locks = self._clock_decisions(plans, choice, inp, engine_decisions, limits if budget is None else None)
         # Keep engine decisions in the input's order.
         engine_decisions = {e.engine_id: engine_decisions[e.engine_id] for e in inp.engines}
 
@@ -386,11 +386,15 @@ class Controller:
         choice: Mapping[str, tuple[int, int]],
         inp: ControllerInput,
         engine_decisions: dict[str, EngineDecision],
+        free_limits: dict[int, float] | None = None,
     ) -> dict[int, int | None]:
-        """Each clock-controlled GPU's lock (None: unlocked), chosen at its engine's (cap, batch): clock_plan.py.
+        """Each clock-controlled GPU's lock (None: unlocked), chosen with its engine's batch at its cap:
+        clock_plan.py.
 
         Only engines under latency SLOs whose every GPU has the clock knob and whose profile has a clock
-        dimension get a lock; every other GPU with the knob is left unlocked. The caps are untouched.
+        dimension get a lock; every other GPU with the knob is left unlocked. With a budget the caps are
+        untouched (the cap is the hard bound; a lock only lowers the clock further). Without one
+        (``free_limits``: the tick's limits), a locked engine runs at its top cap (ClockPlanner._grid).
         """
         locks: dict[int, int | None] = {g.index: None for g in inp.gpus if g.clock_control and g.controlled}
         live = set()
@@ -402,6 +406,7 @@ class Controller:
                 continue
             live.add(eid)
             planner = self._clocks.setdefault(eid, ClockPlanner(resp))
+            planner.observe(p.engine.finished_ms, lock_in_force(p.ctrl), p.engine.current_max_num_seqs)
             i, j = choice[eid]
             cfg = self.config
             batch = int(p.batches[j])
@@ -414,6 +419,10 @@ class Controller:
                 num_waiting=p.engine.num_waiting,
                 power_ratio=p.state.power_ratio,
                 target=inp.targets.get(eid, EngineTargets()),
+                top_cap_w=float(p.slo.predictions[j].caps_w[-1]) if free_limits is not None else None,
+                batch_limits=tuple(int(b) for b in p.batches),
+                tokens_limits=tuple(_scaled_batched_tokens(p.engine, int(b)) for b in p.batches),
+                num_running=p.engine.num_running,
             )
             ch = planner.choose(
                 p.slo,
@@ -425,6 +434,13 @@ class Controller:
                 cfg.slo_forecast_window_s,
                 cfg.slo_startup_hold_s,
             )
+            if ch.column != j:
+                j = self._clock_batch(p, i, ch.column, engine_decisions)
+            if ch.cap_w is not None and free_limits is not None:
+                i = len(p.caps_w) - 1
+                for g, lim in zip(p.ctrl, self._per_gpu_limits(p, i, j), strict=True):
+                    free_limits[g.index] = float(lim)
+                p.state.cap_w = float(p.caps_w[i])
             if ch.prediction is not None:
                 patch_prediction(p.slo, j, i, ch.prediction)
                 pred = p.slo.predictions[j]
@@ -438,6 +454,23 @@ class Controller:
         for eid in [e for e in self._clocks if e not in live]:
             del self._clocks[eid]
         return locks
+
+    @staticmethod
+    def _clock_batch(p: _Plan, row: int, col: int, engine_decisions: dict[str, EngineDecision]) -> int:
+        """Run the engine at batch column ``col`` (the clock planner's, chosen with the lock) instead of the SLO
+        planner's; the SLO planner's state follows, so next tick calibrates against it. Returns ``col``."""
+        eid = p.engine.engine_id
+        batch = int(p.batches[col])
+        p.state.batch = batch
+        if p.slo is not None:
+            p.slo.column = col
+        engine_decisions[eid] = replace(
+            engine_decisions[eid],
+            max_num_seqs=batch,
+            max_num_batched_tokens=_scaled_batched_tokens(p.engine, batch),
+            predicted_tokens_per_s=float(p.tput[row, col]),
+        )
+        return col
 
     def _allocate(
         self,

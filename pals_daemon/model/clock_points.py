@@ -7,8 +7,8 @@ h100_physics.json, fitted to the same ML.ENERGY sweep; the clock response itself
 is clock-insensitive above f_knee, clock-bound time scales with 1 / clock, SM power with clock ** alpha; see
 pals_daemon/sim/fitted.py H100_CORE_MEM_SHARE for what it is calibrated against). The simulator uses the same
 physics, so in simulation the planner's clock prior is off only by the truth's residual table and workload mix;
-on a real GPU, measured clock points should replace them (``palsctl profile`` sweeps caps and batches only so
-far: a clock sweep is not built yet).
+on a real GPU, measured clock points should replace them (``palsctl profile ENGINE ... --clocks MHZ,...`` measures
+them on the live engine: pals_daemon/server/profiler.py).
 """
 
 from __future__ import annotations

@@ -23,9 +23,16 @@ from pals_daemon.control.types import ControllerInput, Decision, EngineTargets
 from pals_daemon.model.profile import ProfileRegistry
 from pals_daemon.replay.node import ReplayNode
 from pals_daemon.replay.policies import POLICIES, Policy, make_policy
-from pals_daemon.replay.scenario import GPUS_PER_SERVER, SERVER_BASE_W_PER_SERVER, SERVER_POWER_SLOPE, Scenario
+from pals_daemon.replay.scenario import (
+    GPUS_PER_SERVER,
+    SERVER_BASE_W_PER_SERVER,
+    SERVER_POWER_SLOPE,
+    EngineSpec,
+    Scenario,
+)
 from pals_daemon.sim.engine import FinishedRequest, Request
 from pals_daemon.sim.h100 import load_h100_truth
+from pals_daemon.sim.h200 import load_h200_truth
 from pals_daemon.sim.hardware import hardware_profile
 from pals_daemon.sim.truth import ModelTruth, load_a100_truth
 from pals_daemon.units import mw_to_w
@@ -169,16 +176,19 @@ class Prepared:
     requests: dict[str, list[Request]]
 
 
+def _truth(e: EngineSpec) -> ModelTruth:
+    """The engine's truth by GPU kind: ML.ENERGY (H100), modelled from it (H200, sim/h200.py), else the A100's."""
+    kind = hardware_profile(e.gpu_kind).name
+    if kind == "H100-SXM5":
+        return load_h100_truth(e.model, e.num_gpus, perturbation=e.perturbation)
+    if kind == "H200-SXM":
+        return load_h200_truth(e.model, e.num_gpus, perturbation=e.perturbation)
+    return load_a100_truth(e.model, perturbation=e.perturbation)
+
+
 def prepare(scenario: Scenario) -> Prepared:
     """Load each engine's truth (with its perturbation) and its requests (H100 engines: the ML.ENERGY truth)."""
-    truths = {
-        e.engine_id: (
-            load_h100_truth(e.model, e.num_gpus, perturbation=e.perturbation)
-            if hardware_profile(e.gpu_kind).name == "H100-SXM5"
-            else load_a100_truth(e.model, perturbation=e.perturbation)
-        )
-        for e in scenario.engines
-    }
+    truths = {e.engine_id: _truth(e) for e in scenario.engines}
     requests = {e.engine_id: e.requests(scenario.duration_s) for e in scenario.engines}
     return Prepared(truths, requests)
 

@@ -55,6 +55,7 @@ from pals_daemon.control.types import ControllerInput, Decision, EngineDecision,
 from pals_daemon.errors import InvalidRequestError, PalsError
 from pals_daemon.model.profile import SCHEMA, ProfileError, dumps_profile, profile_from_dict
 from pals_daemon.server import validate
+from pals_daemon.tick import locked_clock_target
 from pals_daemon.units import mj_to_j, mw_to_w, w_to_mw
 
 if TYPE_CHECKING:
@@ -113,6 +114,7 @@ class PointResult:
     batch: int
     tokens_per_s: float
     gpu_power_w: float
+    clock_mhz: int | None = None  # the locked SM clock ceiling; None: unlocked
 
 
 @dataclass(frozen=True)
@@ -126,11 +128,19 @@ class ProfileSpec:
     settle_s: float
     output_path: Path
     parallelism: str
+    # Locked SM clock ceilings swept at the highest cap (snapped to supported clocks, highest first); () none.
+    clocks_mhz: tuple[int, ...] = ()
 
     @property
-    def points(self) -> tuple[tuple[float, int], ...]:
-        """(cap W, batch) in sweep order: batch ascending outside, caps as given inside."""
-        return tuple((cap, batch) for batch in sorted(self.batches) for cap in self.caps_w)
+    def points(self) -> tuple[tuple[float, int, int | None], ...]:
+        """(cap W, batch, lock MHz or None) in sweep order: batch ascending outside; inside, the caps as given
+        unlocked, then the clocks at the highest cap (one drain per batch; the clock points' unlocked reference
+        at that cap is the batch's own unlocked point)."""
+        out: list[tuple[float, int, int | None]] = []
+        for batch in sorted(self.batches):
+            out += [(cap, batch, None) for cap in self.caps_w]
+            out += [(max(self.caps_w), batch, clock) for clock in self.clocks_mhz]
+        return tuple(out)
 
 
 @dataclass
@@ -173,7 +183,13 @@ class ProfileJob:
     @property
     def point(self) -> tuple[float, int]:
         """The (cap W, batch) being applied or measured."""
-        return self.spec.points[min(self.index, len(self.spec.points) - 1)]
+        cap_w, batch, _ = self.spec.points[min(self.index, len(self.spec.points) - 1)]
+        return cap_w, batch
+
+    @property
+    def clock_mhz(self) -> int | None:
+        """The locked SM clock ceiling of the point being applied or measured (None: unlocked)."""
+        return self.spec.points[min(self.index, len(self.spec.points) - 1)][2]
 
     def finish(self, state: JobState, now_s: float, error: str = "") -> None:
         """Leave RUNNING (the engine is the controller's again from the next tick)."""
@@ -243,9 +259,12 @@ class Profiler:
                 )
         _distinct(caps, "caps_w", "W")
         _distinct(batches, "batches", "")
-        if len(caps) * len(batches) > MAX_POINTS:
+        clocks = self._clocks(request.clocks_mhz, engine_slots)
+        n_points = (len(caps) + len(clocks)) * len(batches)
+        if n_points > MAX_POINTS:
             raise InvalidRequestError(
-                f"{len(caps)} caps x {len(batches)} batches = {len(caps) * len(batches)} points; at most {MAX_POINTS}"
+                f"({len(caps)} caps + {len(clocks)} clocks) x {len(batches)} batches = {n_points} points; "
+                f"at most {MAX_POINTS}"
             )
         hold_s = validate.finite(request.hold_s, "hold_s", MIN_HOLD_S, MAX_HOLD_S)
         settle_s = (
@@ -258,7 +277,7 @@ class Profiler:
             raise InvalidRequestError("parallelism must be at most 64 printable characters")
         gpu_name = engine_slots[0].identity.name or "unknown-gpu"
         output = self._output_path(request.output_path, engine_id, gpu_name)
-        spec = ProfileSpec(engine_id, caps, batches, hold_s, settle_s, output, parallelism)
+        spec = ProfileSpec(engine_id, caps, batches, hold_s, settle_s, output, parallelism, clocks)
 
         # The node's state: after the request itself is known to be well formed.
         if not d.enforcing:
@@ -278,6 +297,11 @@ class Profiler:
         faulty = [g.identity.index for g in engine_slots if not g.controlled]
         if faulty:
             raise ProfileConflictError(f"GPU(s) {faulty} of engine {engine_id!r} are no longer controlled")
+        if clocks:
+            off = [(g.identity.index, d.clocks.of(g.identity.index)) for g in engine_slots]
+            notes = [f"GPU {i}: {st.note or 'no supported clocks'}" for i, st in off if not st.controllable]
+            if notes:
+                raise ProfileConflictError(f"a clock sweep needs the clock knob on every GPU; {'; '.join(notes)}")
         self._check_budget(spec, reg.gpu_indices)
 
         now = d.clock.now()
@@ -293,6 +317,29 @@ class Profiler:
             output,
         )
         return job
+
+    def _clocks(self, requested: Sequence[int], engine_slots: Sequence[GpuSlot]) -> tuple[int, ...]:
+        """The requested clocks snapped down to a clock every GPU supports, highest first; InvalidRequestError
+        for one outside a GPU's range, at or above its top clock (unlocked points measure that), or a repeat."""
+        if not requested:
+            return ()
+        infos = [(g.identity.index, self.daemon.clocks.of(g.identity.index).info) for g in engine_slots]
+        out = []
+        for k, mhz in enumerate(requested):
+            snapped = int(mhz)
+            for i, info in infos:
+                if info is None:
+                    continue  # no clock list: refused below as a GPU without the clock knob
+                if not info.min_mhz <= mhz < info.max_mhz:
+                    raise InvalidRequestError(
+                        f"clocks_mhz[{k}] = {mhz} MHz is outside GPU {i}'s lockable range [{info.min_mhz}, "
+                        f"{info.max_mhz}) MHz (the top clock is what the unlocked points measure)"
+                    )
+                snapped = min(snapped, locked_clock_target(info, int(mhz)) or info.max_mhz)
+            out.append(snapped)
+        if len(set(out)) != len(out):
+            raise InvalidRequestError(f"clocks_mhz repeats a clock once snapped to supported clocks: {out}")
+        return tuple(sorted(out, reverse=True))
 
     def get(self, engine_id: str) -> ProfileJob:
         """The engine's running or last job (ProfileNotFoundError if none)."""
@@ -395,10 +442,13 @@ class Profiler:
                 changed = True
                 notes.append("profile abandoned: budget")
         reason = "; ".join([*notes, decision.reason]) if decision.reason else "; ".join(notes)
-        # A profile is measured at the driver's default clocks: the profiled GPUs are unlocked, the others keep
-        # the controller's clock ceilings.
+        # The profiled GPUs run at the point's lock (unlocked points: the driver's default clocks); the others
+        # keep the controller's clock ceilings.
         pinned = {i for job in jobs for i in job.gpu_indices}
         clocks = {i: mhz for i, mhz in decision.gpu_locked_clocks_mhz.items() if i not in pinned}
+        for job in jobs:
+            if job.running and job.clock_mhz is not None:
+                clocks.update({i: job.clock_mhz for i in job.gpu_indices})
         return Decision(
             gpu_limits_w=limits, engines=engines, changed=changed, reason=reason, gpu_locked_clocks_mhz=clocks
         )
@@ -440,7 +490,7 @@ class Profiler:
             enforced = all(
                 slots[i].requested_limit_mw == mw and slots[i].reading.enforced_limit_mw == mw
                 for i, mw in zip(job.gpu_indices, wanted, strict=True)
-            )
+            ) and all(d.clocks.of(i).requested_max_mhz == job.clock_mhz for i in job.gpu_indices)
             drained = job.session.num_running <= batch
             timeout_s = max(MIN_DRAIN_TIMEOUT_S, 10 * job.spec.settle_s)
             if not (enforced and drained) and now_s - job.phase_start_s >= timeout_s:
@@ -495,7 +545,7 @@ class Profiler:
                 job.finish(JobState.FAILED, now_s, f"GPU {i}'s energy counter did not advance during the hold")
                 return
             powers.append(mj_to_j(delta_mj) / held_s)
-        result = PointResult(cap_w, batch, hold.decode_tokens / hold.window_s, sum(powers) / len(powers))
+        result = PointResult(cap_w, batch, hold.decode_tokens / hold.window_s, sum(powers) / len(powers), job.clock_mhz)
         job.results.append(result)
         if hold.ticks and hold.unsaturated_ticks / hold.ticks > UNSATURATED_WARN_FRACTION:
             job.warnings.append(
@@ -503,12 +553,13 @@ class Profiler:
                 f"{hold.unsaturated_ticks}/{hold.ticks} ticks (load not saturating)"
             )
         log.info(
-            "profile %s point %d/%d: %g W, batch %d -> %.1f tokens/s, %.1f W per GPU",
+            "profile %s point %d/%d: %g W, batch %d, clock %s -> %.1f tokens/s, %.1f W per GPU",
             engine_id,
             job.index + 1,
             len(job.spec.points),
             cap_w,
             batch,
+            "unlocked" if job.clock_mhz is None else f"{job.clock_mhz} MHz",
             result.tokens_per_s,
             result.gpu_power_w,
         )
@@ -539,6 +590,7 @@ class Profiler:
     def _write(self, job: ProfileJob, now_s: float) -> None:
         """Build the profile, validate it with the loader's rules, write it atomically."""
         spec = job.spec
+        d = self.daemon
         reg = job.session.registration
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         node = f"{socket.gethostname()} ({self.daemon.backend.name} backend)"
@@ -559,16 +611,19 @@ class Profiler:
                 "engine decode tokens / reported window time; power = mean per-GPU energy-counter delta / hold"
                 + (f"; warnings: {' | '.join(job.warnings)}" if job.warnings else "")
             ),
-            "points": [
-                {
-                    "cap_w": int(p.cap_w) if float(p.cap_w).is_integer() else p.cap_w,
-                    "batch": p.batch,
-                    "tokens_per_s": round(p.tokens_per_s, 3),
-                    "gpu_power_w": round(p.gpu_power_w, 3),
-                }
-                for p in job.results
-            ],
+            "points": [_point_dict(p) for p in job.results if p.clock_mhz is None],
         }
+        locked = [p for p in job.results if p.clock_mhz is not None]
+        if locked:
+            # The top clock's points are the unlocked ones at the clocks' cap (an unlocked GPU runs there).
+            top_mhz = min(info.max_mhz for info in (d.clocks.of(i).info for i in job.gpu_indices) if info)
+            cap_w = max(spec.caps_w)
+            top = [replace(p, clock_mhz=top_mhz) for p in job.results if p.clock_mhz is None and p.cap_w == cap_w]
+            data["clock_points"] = [_point_dict(p) for p in top + locked]
+            data["notes"] += (
+                f"; clock_points: the SM clock locked at {list(spec.clocks_mhz)} MHz at {cap_w:g} W; those at "
+                f"{top_mhz} MHz (the top clock) repeat the unlocked points at that cap"
+            )
         profile = profile_from_dict(data, origin=f"profile of {spec.engine_id}")
         _write_atomic(spec.output_path, dumps_profile(profile))
         log.info("profile of %s written to %s", spec.engine_id, spec.output_path)
@@ -616,11 +671,26 @@ class Profiler:
         )
         if job.running:
             cap_w, batch = job.point
-            out.current.CopyFrom(pals_pb2.ProfilePointResult(cap_w=cap_w, batch=batch))
+            out.current.CopyFrom(pals_pb2.ProfilePointResult(cap_w=cap_w, batch=batch, clock_mhz=job.clock_mhz))
             out.phase = job.phase.value
         for p in job.results:
-            out.points.add(cap_w=p.cap_w, batch=p.batch, tokens_per_s=p.tokens_per_s, gpu_power_w=p.gpu_power_w)
+            out.points.add(
+                cap_w=p.cap_w,
+                batch=p.batch,
+                tokens_per_s=p.tokens_per_s,
+                gpu_power_w=p.gpu_power_w,
+                clock_mhz=p.clock_mhz,
+            )
         return out
+
+
+def _point_dict(p: PointResult) -> dict[str, object]:
+    """A measured point as the profile's JSON object."""
+    out: dict[str, object] = {"cap_w": int(p.cap_w) if float(p.cap_w).is_integer() else p.cap_w, "batch": p.batch}
+    if p.clock_mhz is not None:
+        out["clock_mhz"] = p.clock_mhz
+    out |= {"tokens_per_s": round(p.tokens_per_s, 3), "gpu_power_w": round(p.gpu_power_w, 3)}
+    return out
 
 
 def _distinct(values: Sequence[float], name: str, unit: str) -> None:

@@ -46,7 +46,7 @@ _DEVICE_METHODS = ("constraints", "read", SET_POWER_LIMIT, "clock_info", SET_LOC
 # Modelled (no cited dump): the lowest supported SM clock per profile and the 15 MHz step, the shape of an
 # nvidia-smi -q -d SUPPORTED_CLOCKS listing; the top clock is the profile's max_sm_clock_mhz (cited there).
 # bench/device_clock_check.py records the real list on a lent GPU.
-MIN_SM_CLOCK_MHZ = {"A100-SXM4": 210, "H100-SXM5": 345}
+MIN_SM_CLOCK_MHZ = {"A100-SXM4": 210, "H100-SXM5": 345, "H200-SXM": 345}  # H200: the H100's (same die)
 SM_CLOCK_STEP_MHZ = 15
 # Segments kept before folding old ones into the energy counter (bounds memory in long runs).
 _FOLD_THRESHOLD = 512

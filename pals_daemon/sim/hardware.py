@@ -56,9 +56,26 @@ H100_SXM5 = HardwareProfile(
     peak_bf16_tflop_s=989.0,
 )
 
-_PROFILES: dict[str, HardwareProfile] = {p.name.lower(): p for p in (A100_SXM4, H100_SXM5)}
+# data/gpu_power_limits.csv, row "H200-SXM-141GB,,700,700,,1980,4.8": default and max limit 700 W, max SM clock
+# 1980 MHz, 4.8 TB/s, 141 GB HBM3e (NVIDIA H200 datasheet). The row has no minimum limit nor idle power: 200 W is
+# the minimum arXiv 2605.11999 reports for its H200s ("no cap at or above the 200 W minimum binds"); idle 73.5 W
+# is MODELLED as the H100 SXM5's (same GH100 die). BF16 peak as the H100 SXM5 (same die and clock).
+H200_SXM = HardwareProfile(
+    name="H200-SXM",
+    min_limit_w=200.0,
+    max_limit_w=700.0,
+    default_limit_w=700.0,
+    idle_power_w=H100_SXM5.idle_power_w,
+    max_sm_clock_mhz=1980,
+    memory_bandwidth_tb_s=4.8,
+    nvml_name="NVIDIA H200",
+    memory_gb=141.0,
+    peak_bf16_tflop_s=989.0,
+)
+
+_PROFILES: dict[str, HardwareProfile] = {p.name.lower(): p for p in (A100_SXM4, H100_SXM5, H200_SXM)}
 # The CSV's full row names are accepted too.
-_ALIASES: dict[str, str] = {"a100-sxm4-80gb": "a100-sxm4", "h100-sxm5-80gb": "h100-sxm5"}
+_ALIASES: dict[str, str] = {"a100-sxm4-80gb": "a100-sxm4", "h100-sxm5-80gb": "h100-sxm5", "h200-sxm-141gb": "h200-sxm"}
 
 
 def known_hardware() -> list[str]:

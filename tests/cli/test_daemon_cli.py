@@ -70,7 +70,7 @@ def test_config_problems_in_one_pass_exit_2_without_traceback(tmp_path: Path) ->
         "  directive_ttl_s: 0.6 s is less than two control periods (2 x period_s 0.5 s = 1 s): "
         "directives would expire between ticks",
         f"  profiles_dir: '{missing}' is not a directory",
-        "  sim_gpu_kind: 'B200' is not one of A100-SXM4, H100-SXM5",
+        "  sim_gpu_kind: 'B200' is not one of A100-SXM4, H100-SXM5, H200-SXM",
     ]
 
 

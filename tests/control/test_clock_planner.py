@@ -11,9 +11,19 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from pals_daemon.control.clock_plan import CLOCK_RELEASE_HOLD_S, CLOCK_STEP_DOWN_MHZ
+import pytest
+
+from pals_daemon.control.clock_plan import (
+    CLOCK_RELEASE_HOLD_S,
+    CLOCK_STEP_DOWN_MHZ,
+    MEASURED_MEMORY_S,
+    MEASURED_MIN_REQUESTS,
+    ClockPlanner,
+    Setting,
+)
 from pals_daemon.control.config import ControllerConfig
 from pals_daemon.control.core import Controller
+from pals_daemon.control.slo import SloEngine
 from pals_daemon.control.types import Decision, EngineObservation, EngineTargets, GpuObservation
 from pals_daemon.model.profile import ProfileRegistry, load_profile
 from tests.control.test_controller_core import engine, gpu, inp
@@ -87,13 +97,15 @@ def test_light_load_with_slack_locks_a_lower_clock_after_the_start_up_hold() -> 
     assert any(d.changed for d in ds[hold_ticks - 2 :])
 
 
-def test_where_caps_bind_the_lock_leads_while_the_cap_descends() -> None:
-    # With the whole H100 range (200-700 W) the profile predicts that a binding cap saves about as much as a
-    # lock: the lock comes first (a clock step is 300 MHz a tick, a cap step 25 W) and the cap follows it down.
+def test_without_a_budget_a_locked_engine_runs_at_its_top_cap() -> None:
+    # With the whole H100 range (200-700 W) the SLO planner alone brings the cap down (it binds in prefill);
+    # with the clock knob and no budget, the lock is the knob: a locked engine runs at the top cap (a cap chosen
+    # at the top clock would spend the slack the lock needs), unlocked it runs at the SLO planner's cap.
+    no_clock = _run(Controller(ProfileRegistry([replace(PROFILE, clock_points=())])), [_window() for _ in range(200)])
+    assert no_clock[-1].gpu_limits_w[0] < 300.0
     ds = _run(Controller(REG), [_window() for _ in range(200)])
-    first = next(k for k, d in enumerate(ds) if d.gpu_locked_clocks_mhz[0] is not None)
-    assert ds[first].gpu_limits_w[0] > 600.0
-    assert ds[-1].gpu_limits_w[0] < 300.0
+    assert ds[-1].gpu_locked_clocks_mhz[0] is not None
+    assert all(d.gpu_limits_w[0] == 700.0 for d in ds if d.gpu_locked_clocks_mhz[0] is not None)
 
 
 def test_a_breach_unlocks_the_next_tick() -> None:
@@ -141,3 +153,85 @@ def test_under_a_budget_the_cap_still_bounds_power() -> None:
     assert all(d.gpu_limits_w[0] <= 300.0 + 1e-6 for d in ds)
     # The lock comes on top of the cap, never instead of it.
     assert any(d.gpu_locked_clocks_mhz[0] is not None for d in ds)
+
+
+# ---- measured feasibility and the joint (clock, batch) choice (clock_plan.py) ------------------------------
+
+
+def _planner_and_slo() -> tuple[ClockPlanner, SloEngine]:
+    """A fresh clock planner and the SLO planner of an engine the controller has watched for 30 s (its learned
+    latency model; taken from the controller's per-engine state, the only place it lives)."""
+    ctrl = Controller(REG)
+    _run(ctrl, [_window() for _ in range(60)], lo=700.0)
+    slo = ctrl._slo["e0"]
+    return ClockPlanner(ctrl._clocks["e0"].response), slo
+
+
+def _setting(tpot_ms: float) -> Setting:
+    return Setting(
+        cap_w=700.0,
+        n_gpus=1,
+        max_limit_w=700.0,
+        batch_limit=64,
+        tokens_limit=8192,
+        num_waiting=0,
+        power_ratio=1.0,
+        target=EngineTargets(ttft_ms=2000.0, tpot_ms=tpot_ms),
+        batch_limits=(16, 32, 64),
+        tokens_limits=(2048, 4096, 8192),
+    )
+
+
+def _locks(planner: ClockPlanner, slo: SloEngine, at: Setting, ticks: int = 60) -> list[int | None]:
+    cfg = ControllerConfig()
+    out = []
+    for _ in range(ticks):
+        ch = planner.choose(slo, 0.5, (345, 1980), at, 0.5, cfg.slo_min_saving, 60.0, cfg.slo_startup_hold_s)
+        out.append(ch.clock_mhz)
+        # Unlocked, the batch limit is the SLO planner's (its last column, the configured 64).
+        assert ch.clock_mhz is not None or ch.column == 2
+    return out
+
+
+def test_measured_tails_with_slack_admit_a_lock_the_model_alone_refuses() -> None:
+    planner, slo = _planner_and_slo()
+    # A TPOT SLO the model's p99 at the top clock only just meets: no lock is feasible by the model alone.
+    top_p99 = float(planner.evaluate(slo, [1980], _setting(100.0))[2][2].tpot_p99_ms[0])
+    at = _setting(top_p99 / (1 - slo.margin) + 1e-6)
+    assert all(lk is None for lk in _locks(planner, slo, at))
+    # The engine's own requests at the setting in force (unlocked, batch 64) measured well under it: their
+    # tail, scaled by the model's ratio between a lock and the setting in force, admits locks.
+    planner, slo = _planner_and_slo()
+    planner.observe([(100.0, 0.5 * top_p99)] * MEASURED_MIN_REQUESTS, None, 64)
+    locks = _locks(planner, slo, at)
+    assert min(lk or 1980 for lk in locks) < 1980
+    # ...while a measured tail as high as the model's admits none.
+    planner, slo = _planner_and_slo()
+    planner.observe([(100.0, top_p99)] * MEASURED_MIN_REQUESTS, None, 64)
+    assert all(lk is None for lk in _locks(planner, slo, at))
+
+
+def test_measured_tails_are_kept_per_setting_and_need_enough_requests() -> None:
+    planner, _ = _planner_and_slo()
+    planner.observe([(100.0, 5.0)] * (MEASURED_MIN_REQUESTS - 1), None, 64)
+    assert planner.measured_tails(99) is None
+    planner.observe([(300.0, 9.0)], None, 64)
+    # The 99th percentile of 20 requests (linear between order statistics: 0.81 of the way to the worst).
+    assert planner.measured_tails(99) == {"ttft": pytest.approx(262.0), "tpot": pytest.approx(8.24)}
+    # A new lock: the setting in force has too few of its own requests; the unlocked ones are kept for their own.
+    planner.observe([(100.0, 5.0)] * 5, 1530, 64)
+    assert planner.measured_tails(99) is None
+    assert planner.measured_tails(99, None, 64) is not None
+    planner.observe([(100.0, 6.0)] * MEASURED_MIN_REQUESTS, 1530, 32)
+    assert planner.measured_tails(99) == {"ttft": 100.0, "tpot": 6.0}
+    assert planner.measured_tails(99, 1530, 64) is None
+
+
+def test_measured_tails_are_forgotten_after_the_memory() -> None:
+    planner, slo = _planner_and_slo()
+    planner.observe([(100.0, 5.0)] * MEASURED_MIN_REQUESTS, None, 64)
+    assert planner.measured_tails(99) is not None
+    # Ticks advance the planner's clock; a window with no requests drops those older than the memory.
+    _locks(planner, slo, _setting(100.0), ticks=int(MEASURED_MEMORY_S / 0.5) + 2)
+    planner.observe([], None, 64)
+    assert planner.measured_tails(99, None, 64) is None

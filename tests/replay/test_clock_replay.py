@@ -89,3 +89,24 @@ def test_a_light_h100_load_gets_a_lower_clock_and_less_energy_per_token_within_i
     # ...and the planner stays within its SLO while doing so (the light load leaves wide slack).
     att_default, att_clock = node_slo_attainment(default), node_slo_attainment(clock_only)
     assert att_default is not None and att_clock is not None and att_clock >= att_default - 0.01
+
+
+def test_on_a_simulated_h200_no_cap_saves_but_the_planners_lock_does() -> None:
+    # The modelled H200 (pals_daemon/sim/h200.py): decode draws 197-300 W of 700 W, so cap-only pals finds
+    # little to save at light load (arXiv 2605.11999's "illusion of power capping"); the clock does.
+    reg = load_profiles(Path(__file__).resolve().parents[2] / "profiles" / "h200")
+    cfg = ControllerConfig(gpu_kind="NVIDIA H200", slo_forecast_window_s=20.0)
+    sc = replace(_scenario(2.0), name="h200-light")
+    sc = replace(sc, engines=(replace(sc.engines[0], gpu_kind="H200-SXM"),))
+    prep = prepare(sc)
+    default = run_policy(sc, "default", reg, prep, config=cfg)
+    cap_only = run_policy(sc, "pals", reg, prep, config=cfg)
+    locks: list[int | None] = []
+    clock = run_policy(
+        sc, "pals-clock", reg, prep, config=cfg, on_tick=lambda _, d: locks.append(d.gpu_locked_clocks_mhz.get(0))
+    )
+    assert any(v is not None for v in locks)
+    assert clock.tokens_per_j > 1.1 * default.tokens_per_j
+    assert clock.tokens_per_j > cap_only.tokens_per_j
+    att_default, att_clock = node_slo_attainment(default), node_slo_attainment(clock)
+    assert att_default is not None and att_clock is not None and att_clock >= att_default - 0.01

@@ -35,7 +35,7 @@ def test_hardware_profiles_from_csv() -> None:
     assert (H100_SXM5.min_limit_w, H100_SXM5.max_limit_w, H100_SXM5.idle_power_w) == (200, 700, 73.5)
     with pytest.raises(ValueError, match="A100-SXM4.*H100-SXM5"):
         hardware_profile("V100")
-    assert known_hardware() == ["A100-SXM4", "H100-SXM5"]
+    assert known_hardware() == ["A100-SXM4", "H100-SXM5", "H200-SXM"]
 
 
 def test_make_sim_gpus_identities_and_backend() -> None:
