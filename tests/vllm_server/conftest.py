@@ -17,6 +17,18 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under a failed test of this stage, the tails of the daemon and vLLM logs it ran with."""
+    outcome = yield
+    report = outcome.get_result()
+    harness = sys.modules.get("harness")  # imported only where vllm is (the stage's own venv)
+    if not report.failed or harness is None:
+        return
+    for name, path in harness.PROCESS_LOGS.items():
+        report.sections.append((f"{name} (tail)", harness.log_tail(path)))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The random-weight tiny Mixtral, made once per session (see harness.TINY_MIXTRAL)."""

@@ -89,7 +89,7 @@ def server(
 def test_daemon_absent_at_start_serves_at_configured_limits(server: VllmServer, daemon: Daemon, trace: Path) -> None:
     assert not daemon.running()
     with GaugeSampler(server) as gauges, background_load(server, OVERLOAD_CLIENTS, seed=1) as load:
-        wait_until(lambda: len(queued_samples(gauges)) >= QUEUED_SAMPLES, 120, "a queue in vLLM")
+        load.until(lambda: len(queued_samples(gauges)) >= QUEUED_SAMPLES, 120, "a queue in vLLM")
     assert_served(load)
     # vLLM's own ceiling, reached and never exceeded: nothing of the plugin got in the way.
     assert gauges.max_running() == MAX_NUM_SEQS
@@ -172,7 +172,7 @@ def test_registers_and_reports_what_the_client_measured(server: VllmServer, daem
         StatusSampler(daemon, engine.engine_id, interval_s=0.05) as busy,
         background_load(server, clients, seed=3) as load,
     ):
-        wait_until(lambda: sum(s[2] > 0 for s in busy.samples) >= QUEUED_SAMPLES, 60, "the daemon to see the load")
+        load.until(lambda: sum(s[2] > 0 for s in busy.samples) >= QUEUED_SAMPLES, 60, "the daemon to see the load")
     served = len(assert_served(load))
     # Each of them reached the daemon as finished (and nothing of this load is left for the next test).
     wait_until(lambda: sum(len(r["finished"]) for r in daemon.tap()[before:]) == served, 10, "every request reported")
