@@ -46,3 +46,20 @@ def test_suite_one_budget_case_end_to_end(tmp_path, capsys) -> None:
     assert v["verdict"] in ("PASS", "FAIL") and isinstance(v["default_meets_90pct"], bool)
     assert (out / "plots" / f"{case['case']}.png").stat().st_size > 10_000
     assert (out / "slo_suite.md").read_text().startswith("| case |")
+    # bench/slo_suite_pals.py rebuilds the same case from the JSON and replays pals alone: with the same code it
+    # must reproduce the saved pals row and verdict exactly (a drifted rebuild would judge pals on other inputs).
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_slo_suite_pals", BENCH / "slo_suite_pals.py")
+        assert spec is not None and spec.loader is not None
+        pals_only = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(pals_only)
+        again = tmp_path / "pals.json"
+        ref = out / "slo_suite.json"
+        assert pals_only.main(["--ref", str(ref), "--out", str(again), "--workers", "1"]) == 0
+    finally:
+        sys.path.remove(str(BENCH))
+    (row,) = json.loads(again.read_text())["cases"]
+    assert row["pals"]["j_per_output_token"] == case["policies"]["pals"]["j_per_output_token"]
+    assert row["pals"]["slo_attainment"] == case["policies"]["pals"]["slo_attainment"]
+    assert row["passed"] == v["pass"] and row["ratio"] == row["saved_pals_ratio"]
