@@ -113,8 +113,9 @@ class ControllerConfig:
     # the median 1.000 against 1.010 where default meets the SLO, SLO attainment within -0.24 pp at the median.
     slo_startup_hold_s: float = 15.0
     # Overload regime: when more than this fraction of the windows with finished requests breached the SLO
-    # percentile (averaged over slo_regime_window_s), the SLO is not being met and the planner holds the top cap
-    # (most goodput; a lower cap would only add misses). Modelled choices: at the 99th percentile a met SLO
+    # percentile (averaged over slo_regime_window_s), the SLO is not being met: the planner serves the most
+    # goodput (slo_attainment_tolerance below; the top cap while requests wait or before the attainment is
+    # learned). Modelled choices: at the 99th percentile a met SLO
     # breaches in ~1% of windows (0.3% for OLMoE on the Azure code trace), an overloaded engine in 14-33%.
     slo_infeasible_breach_rate: float = 0.05
     slo_regime_window_s: float = 300.0
