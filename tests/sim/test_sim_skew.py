@@ -185,5 +185,8 @@ def test_daemon_over_real_socket_lowers_the_cold_gpus(tmp_path) -> None:
         return decided
 
     decided = uvloop.run(scenario())
-    skewed = [lim for lim in decided if lim[0] > lim[1] == lim[2] == lim[3]]
-    assert decided and len(skewed) >= len(decided) / 2, decided[-5:]
+    # The hot GPU above every cold one. The cold GPUs need not match to the watt: under load a tick's window can
+    # hold one GPU's expert-load report and not the next one's, so the measured shares differ a little (CI, on
+    # a loaded 2-core machine, saw 155/155/150 W and failed the old `lim[1] == lim[2] == lim[3]`).
+    skewed = [lim for lim in decided if lim[0] > max(lim[1], lim[2], lim[3])]
+    assert decided and len(skewed) >= len(decided) / 2, (len(skewed), len(decided), decided[-5:])
