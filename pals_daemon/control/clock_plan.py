@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -44,6 +43,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pals_daemon.control.latency import LatencyModel, Prediction
+from pals_daemon.control.measured import MeasuredTails
 from pals_daemon.control.slo import PREFILL_POWER_FRACTION, SloEngine
 from pals_daemon.control.types import EngineTargets, GpuObservation
 from pals_daemon.model.clock_model import ClockedPerfModel, ClockResponse
@@ -58,18 +58,11 @@ CLOCK_MAX_LOAD = 0.7
 # Modelled choice: seconds without descent after a release; the floor (raised above the lock that breached)
 # keeps the planner from going straight back to it.
 CLOCK_RELEASE_HOLD_S = 10.0
-# Measured feasibility (ClockPlanner.observe; modelled choices): the engine's own finished requests, kept per
-# (lock, batch limit) they finished under for MEASURED_MEMORY_S (the load the planner plans for is a forecast
-# window's), judge the settings they ran at: with at least MEASURED_MIN_REQUESTS of them (the p99 of 20 is their
-# worst), their tails decide that setting's feasibility instead of the model's prediction. A setting without its
+# Measured feasibility (ClockPlanner.observe): the engine's own finished requests, kept per (lock, batch limit)
+# they finished under (control/measured.py, its constants and why), judge the settings they ran at: with enough of
+# them, their tails decide that setting's feasibility instead of the model's prediction. A setting without its
 # own requests one clock step below the one in force is judged by the requests in force scaled by the model's
-# ratio between the two (a probe). The mean-value model's level was off by 1.5-3x on the H100 suite's traces (its
-# p99 TPOT at the top clock 55-80 ms where the requests measured 41 ms, the week-shape trace at light load), but
-# its ratios follow the physics: the engine's own requests set the level, the model the direction.
-MEASURED_MIN_REQUESTS = 20
-MEASURED_MAX_REQUESTS = 512
-MEASURED_MEMORY_S = 60.0
-MEASURED_MAX_SETTINGS = 64
+# ratio between the two (a probe): the engine's own requests set the level, the model the direction.
 
 FloatArray = NDArray[np.float64]
 
@@ -183,9 +176,8 @@ class ClockPlanner:
         # forecast window without a breach (it learns the lowest clock the engine's bursts tolerate).
         self.floor_mhz = 0.0
         self._floor_s = 0.0
-        # (TTFT ms, TPOT ms) of the requests finished under the (lock, batch limit) in force (see observe).
-        # Per (lock, batch limit): (time s, TTFT ms, TPOT ms) of the requests finished under it (see observe).
-        self._samples: dict[tuple[int | None, int], deque[tuple[float, float, float]]] = {}
+        # Per (lock, batch limit): the requests finished under it (see observe).
+        self._measured = MeasuredTails()
         self._in_force: tuple[int | None, int] | None = None
         self.column: int | None = None  # the batch column returned last (None: the SLO planner's)
         # Whether the lock in force was entered on measured feasibility alone (kept while its samples come in).
@@ -196,16 +188,7 @@ class ClockPlanner:
         (the setting in force from now on); samples older than MEASURED_MEMORY_S are dropped."""
         key = (lock_mhz, int(batch_limit))
         self._in_force = key
-        if key not in self._samples and len(self._samples) >= MEASURED_MAX_SETTINGS:
-            return
-        samples = self._samples.setdefault(key, deque(maxlen=MEASURED_MAX_REQUESTS))
-        samples.extend((self._clock_s, float(t), float(p)) for t, p in finished_ms)
-        for k in list(self._samples):
-            d = self._samples[k]
-            while d and d[0][0] < self._clock_s - MEASURED_MEMORY_S:
-                d.popleft()
-            if not d and k != key:
-                del self._samples[k]
+        self._measured.observe(key, finished_ms, self._clock_s)
 
     def measured_tails(
         self, percentile: int, lock_mhz: int | None = None, batch_limit: int | None = None
@@ -213,15 +196,7 @@ class ClockPlanner:
         """The ``percentile`` TTFT and TPOT (ms) of the recent requests under (``lock_mhz``, ``batch_limit``), by
         default the setting in force; None with fewer than MEASURED_MIN_REQUESTS."""
         key = self._in_force if batch_limit is None else (lock_mhz, int(batch_limit))
-        samples = self._samples.get(key) if key is not None else None
-        if samples is None or len(samples) < MEASURED_MIN_REQUESTS:
-            return None
-        arr = np.array(samples, dtype=float)
-        out = {}
-        for kind, col in (("ttft", 1), ("tpot", 2)):
-            v = arr[:, col][np.isfinite(arr[:, col])]
-            out[kind] = float(np.percentile(v, percentile)) if v.size else 0.0
-        return out
+        return self._measured.tails(key, percentile)
 
     def candidates(self, lo_mhz: int, hi_mhz: int) -> list[int]:
         """The profiled clocks within the engine's supported range, highest first (the top one: unlocked)."""
@@ -244,6 +219,7 @@ class ClockPlanner:
         caps = np.full(clocks.shape, float(at.cap_w))
         batches, tokens, _ = at.columns()
         view = copy.copy(slo)
+        view.use_measured = False  # its rows share one cap, not one clock: the clock's own samples judge them
         view.latency = clocked_latency(slo.latency, self.response, clocks)
         _, ok, energy = view.plan(
             caps,
@@ -392,7 +368,7 @@ class ClockPlanner:
     ) -> NDArray[np.bool_]:
         """Per (clock, column): feasible by the setting's own recent requests where it has enough, else by the
         model; one clock step below the clock in force, also by the requests in force scaled by the model's
-        ratio of the candidate's predicted tail to the one in force (see MEASURED_MIN_REQUESTS)."""
+        ratio of the candidate's predicted tail to the one in force (control/measured.py)."""
         q = slo.config.slo_percentile
         batches, _, _ = at.columns()
         top = cands[0]

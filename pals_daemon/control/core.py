@@ -775,7 +775,7 @@ class Controller:
         at_top = cap_in_force >= float(grid.eff_cap_w.max()) - 1.0
         # A window run under a lock is folded in through the clocked model (the lock's slowdown is not an error).
         with locked_view(slo, self._clock_response(model.profile), lock_in_force(own)):
-            slo.observe(eng, cap_in_force, at_top, target, gpu_power_w)
+            slo.observe(eng, cap_in_force, at_top, target, gpu_power_w, lock_in_force(own))
         n_gpus = len(eng.gpu_indices) or model.num_gpus
         max_limit_w = max((g.max_limit_w for g in own), default=model.max_cap_w)
         configured = max(1, eng.configured_max_num_seqs)

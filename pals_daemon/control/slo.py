@@ -4,7 +4,10 @@ TTFT and TPOT stay within the SLOs with a margin (pure; one ``SloEngine`` per en
 Every tick, for each cap of the grid, the latency model (control/latency.py) predicts the step time, running
 batch, busy fraction and p90 TTFT/TPOT under the load forecast for the next seconds; the power model (the
 profile) gives the GPUs' power at that operating point; energy per output token follows. The choice:
-- feasible caps: not overloaded and both predicted p90s within ``SLO x (1 - margin)``;
+- feasible caps: not overloaded and both predicted p90s within ``SLO x (1 - margin)``; where a (cap, batch limit)
+  has enough finished requests of its own (control/measured.py), their tails decide instead of the prediction,
+  both ways, and one cap step below the setting in force the requests in force scaled by the model's ratio of the
+  two settings' predicted tails (a probe): the engine's own requests set the level, the model the direction;
 - the feasible cap with the least predicted energy per output token; none feasible (or the SLO not being met
   over the regime window) and nobody waiting: the most goodput, then the least energy: the settings whose
   predicted share of requests meeting the SLOs (the latency model's attainment(), from the engine's own
@@ -40,6 +43,7 @@ from numpy.typing import NDArray
 
 from pals_daemon.control.config import ControllerConfig
 from pals_daemon.control.latency import LatencyModel, Prediction
+from pals_daemon.control.measured import MeasuredTails
 from pals_daemon.control.types import EngineObservation, EngineTargets
 
 FloatArray = NDArray[np.float64]
@@ -111,12 +115,25 @@ class SloEngine:
         # (caps x batch limits) of the last plan: the predicted share of requests meeting the SLOs (None until
         # enough requests have finished to learn it).
         self.attainment: FloatArray | None = None
+        # The engine's own finished requests per (cap W, batch limit, lock MHz) they finished under: where a
+        # setting has enough of them, they judge its feasibility instead of the model (control/measured.py).
+        # Off on the clock planner's view of this engine (its rows share one cap but not one clock).
+        self.measured = MeasuredTails()
+        self.use_measured = True
+        self._in_force: tuple[int, int, int | None] | None = None
 
     # ---- per-window learning ------------------------------------------------------------------------------
     def observe(
-        self, eng: EngineObservation, cap_in_force_w: float, at_top: bool, target: EngineTargets, gpu_power_w: float
+        self,
+        eng: EngineObservation,
+        cap_in_force_w: float,
+        at_top: bool,
+        target: EngineTargets,
+        gpu_power_w: float,
+        lock_mhz: int | None = None,
     ) -> None:
-        """Fold the window into the forecast, the step-time model, the p90 calibration and the margin."""
+        """Fold the window into the forecast, the step-time model, the p90 calibration, the margin and the
+        measured tails of the setting in force (``lock_mhz``: the clock locked on its GPUs, None: unlocked)."""
         self.queue_growing = eng.num_waiting > self.last_waiting and eng.num_waiting > 0
         self.last_waiting = eng.num_waiting
         self.breach = False
@@ -131,6 +148,8 @@ class SloEngine:
             self.prompt_tokens = self._sum_prefill / self._sum_arrived
             self.output_tokens = self._sum_decode / self._sum_arrived
         self._clock_s += span
+        self._in_force = (round(cap_in_force_w), int(eng.current_max_num_seqs), lock_mhz)
+        self.measured.observe(self._in_force, eng.finished_ms, self._clock_s)
         caps = self._recent_caps
         caps.append((self._clock_s, cap_in_force_w))
         while caps and caps[0][0] < self._clock_s - FLOOR_LOOKBACK_S:
@@ -217,6 +236,8 @@ class SloEngine:
             columns.append(self._column(pred, eff_caps_w, n_gpus, max_limit_w, lam_d, power_ratio, target))
         self.predictions = [c[0] for c in columns]
         power, ok, energy, closeness = (np.stack([c[k] for c in columns], axis=1) for k in range(1, 5))
+        if self.use_measured:
+            ok = self._measured_ok(ok, eff_caps_w, batch_limits, target)
         shares = [self.latency.attainment(c[0], target.ttft_ms, target.tpot_ms) for c in columns]
         self.attainment = None if any(a is None for a in shares) else np.stack(shares, axis=1)  # type: ignore[arg-type]
         # A batch limit below the requests present now (running and waiting) would queue some of them for a
@@ -351,6 +372,46 @@ class SloEngine:
         self.column = col
         self.choice = (row, col)
         return SloChoice(row, col, "first" if first else cause)
+
+    def _measured_ok(
+        self, model_ok: NDArray[np.bool_], caps_w: FloatArray, batch_limits: Sequence[int], target: EngineTargets
+    ) -> NDArray[np.bool_]:
+        """(caps x batch limits): feasible by the setting's own recent requests where it has enough of them (both
+        ways: the model's level can be off either way), else by the model; one cap step below the setting in
+        force, also by the requests in force scaled by the model's ratio of the two settings' predicted tails (a
+        probe: the engine's own requests set the level, the model the direction)."""
+        q = self.config.slo_percentile
+        kinds = [(k, ms) for k, ms in (("ttft", target.ttft_ms), ("tpot", target.tpot_ms)) if ms and ms > 0]
+        if not kinds:
+            return model_ok
+        limit = 1.0 - self.margin
+
+        def within(tails: dict[str, float], scale: dict[str, float] | None = None) -> bool:
+            return all(tails[k] * (1.0 if scale is None else scale[k]) <= ms * limit for k, ms in kinds)
+
+        ok = model_ok.copy()
+        rows = {round(float(c)): r for r, c in enumerate(caps_w)}
+        for r, cap in enumerate(caps_w):
+            for c, batch in enumerate(batch_limits):
+                own = self.measured.tails((round(float(cap)), int(batch), None), q)
+                if own is not None:
+                    ok[r, c] = within(own) and not bool(self.predictions[c].overloaded[r])
+        key = self._in_force
+        in_force = self.measured.tails(key, q) if key is not None and key[2] is None else None
+        if in_force is None or key is None or key[0] not in rows or key[1] not in batch_limits:
+            return ok
+        r0, c0 = rows[key[0]], list(batch_limits).index(key[1])
+        if r0 == 0 or self.measured.tails((round(float(caps_w[r0 - 1])), key[1], None), q) is not None:
+            return ok
+        pred = self.predictions[c0]
+        ratio = {}
+        for kind, _ in kinds:
+            ref, new = float(pred.tail_ms(kind, q)[r0]), float(pred.tail_ms(kind, q)[r0 - 1])
+            if not (math.isfinite(ref) and ref > 0 and math.isfinite(new)):
+                return ok
+            ratio[kind] = new / ref
+        ok[r0 - 1, c0] |= within(in_force, ratio) and not bool(pred.overloaded[r0 - 1])
+        return ok
 
     def _raise_floor(self, at_top: bool) -> None:
         """A measured breach: the lowest cap in force over the last FLOOR_LOOKBACK_S (what the requests finishing

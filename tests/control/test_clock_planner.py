@@ -16,13 +16,12 @@ import pytest
 from pals_daemon.control.clock_plan import (
     CLOCK_RELEASE_HOLD_S,
     CLOCK_STEP_DOWN_MHZ,
-    MEASURED_MEMORY_S,
-    MEASURED_MIN_REQUESTS,
     ClockPlanner,
     Setting,
 )
 from pals_daemon.control.config import ControllerConfig
 from pals_daemon.control.core import Controller
+from pals_daemon.control.measured import MEASURED_MEMORY_S, MEASURED_MIN_REQUESTS
 from pals_daemon.control.slo import SloEngine
 from pals_daemon.control.types import Decision, EngineObservation, EngineTargets, GpuObservation
 from pals_daemon.model.profile import ProfileRegistry, load_profile

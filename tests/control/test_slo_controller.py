@@ -312,3 +312,62 @@ def test_where_no_setting_meets_the_slo_the_least_energy_of_equal_goodput_wins()
     ch = slo.choose(energy, nothing, caps, (2, 2))
     assert ch.row == 2 and ch.cause != "slo-goodput", ch
 
+
+
+def test_a_settings_own_requests_judge_it_both_ways_and_probe_one_cap_below() -> None:
+    """Where a (cap, batch) setting has enough finished requests of its own, their tails decide its feasibility
+    instead of the model, whichever way the model errs; one cap step below the setting in force, the requests in
+    force scaled by the model's ratio of the two (a probe). Fewer than the minimum: the model stands."""
+    from pals_daemon.control.measured import MEASURED_MIN_REQUESTS
+
+    ctrl = Controller(REG)
+    _run(ctrl, [_window(requests=1) for _ in range(100)])
+    slo = ctrl._slo["e0"]
+    lat = slo.latency
+    caps = np.array([200.0, 250.0, 300.0, 400.0])
+    batches, tokens = [16, 32, 64], [2048, 4096, 8192]
+
+    def plan(measured: bool = True) -> np.ndarray:
+        slo.use_measured = measured
+        _, ok, _ = slo.plan(caps, 4, 400.0, batches, tokens, 0, 1.0, SLO, num_running=2)
+        slo.use_measured = True
+        return ok
+
+    def fed(cap_w: float, batch: int, ttft_ms: float, tpot_ms: float, n: int) -> None:
+        w = replace(_window(requests=1), current_max_num_seqs=batch, finished_ms=((ttft_ms, tpot_ms),) * n)
+        slo.observe(w, cap_w, cap_w >= 400.0, SLO, 100.0)
+
+    def model(tail: float) -> None:
+        """Set the model's tails (a request's learning moved them): x ``tail`` the mean, no TPOT excess."""
+        slo.margin = 0.1
+        lat.cal = {("ttft", 90): tail, ("ttft", 99): tail}
+        lat.tpot_chunks = {90: 0.0, 99: 0.0}
+        lat.tpot_chunks_by_column = {}
+
+    # The top cap's own requests missed TPOT: infeasible there, though the model has it feasible.
+    fed(400.0, 64, 100.0, 2.0 * SLO.tpot_ms, MEASURED_MIN_REQUESTS)
+    model(1.0)
+    assert plan(measured=False)[3, 2] and not plan()[3, 2]
+    # Too few requests at a setting: the model's verdict stands.
+    fed(300.0, 64, 100.0, 2.0 * SLO.tpot_ms, MEASURED_MIN_REQUESTS - 1)
+    model(1.0)
+    assert plan(measured=False)[2, 2] and plan()[2, 2]
+    # A setting the model rejects (its TTFT tail 1e4 x the mean) is feasible on its own requests' evidence ...
+    fed(250.0, 32, 100.0, 10.0, MEASURED_MIN_REQUESTS)
+    model(1e4)
+    assert not plan(measured=False).any()
+    ok = plan()
+    assert ok[1, 1], "its own requests met the SLO with room"
+    # ... and so is the next cap down at the same batch, by the probe (the model's ratio of the two is modest),
+    # and nothing else.
+    assert ok[0, 1]
+    assert ok.sum() == 2
+    # The requests in force came close to the SLO: scaled to the cap below by the model's ratio, they cross it.
+    pred = slo.predictions[1]
+    ratio = float(pred.ttft_p99_ms[0] / pred.ttft_p99_ms[1])
+    assert ratio > 1.01, "the lower cap is predicted slower"
+    allowed = (1 - slo.margin) * SLO.ttft_ms
+    fed(250.0, 32, allowed / ratio**0.5, 10.0, 4 * MEASURED_MIN_REQUESTS)
+    model(1e4)
+    ok = plan()
+    assert ok[1, 1] and not ok[0, 1]
