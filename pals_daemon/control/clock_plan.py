@@ -20,8 +20,9 @@ force is the lower of the lock and the clock the cap leaves), and picks:
 
 - joint with the batch limit: every batch column of the SLO planner's plan is weighed under each lock, and the
   lock runs with the column of least predicted energy that meets the SLO (unlocked: the SLO planner's column);
-- measured feasibility: the engine's own finished requests, kept per (lock, batch limit) for MEASURED_MEMORY_S,
-  decide the feasibility of the settings they ran at; one clock step below the lock in force, the requests in
+- measured feasibility: the engine's own finished requests, kept per (lock, batch limit) for MEASURED_MEMORY_S
+  (control/measured.py, the store the SLO planner uses per (cap, batch limit) too), decide the feasibility of
+  the settings they ran at; one clock step below the lock in force, the requests in
   force scaled by the model's ratio between the two (a probe);
 - without a budget (``Setting.top_cap_w``), locks are judged at the engine's top cap and a locked engine runs
   there; unlocked, at the SLO planner's cap.
