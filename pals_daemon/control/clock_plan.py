@@ -44,7 +44,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pals_daemon.control.latency import LatencyModel, Prediction
-from pals_daemon.control.measured import MeasuredTails
+from pals_daemon.control.measured import MeasuredTails, allowances, probe_ok, within
 from pals_daemon.control.slo import PREFILL_POWER_FRACTION, SloEngine
 from pals_daemon.control.types import EngineTargets, GpuObservation
 from pals_daemon.model.clock_model import ClockedPerfModel, ClockResponse
@@ -373,35 +373,21 @@ class ClockPlanner:
         q = slo.config.slo_percentile
         batches, _, _ = at.columns()
         top = cands[0]
-        kinds = [(k, ms) for k, ms in (("ttft", at.target.ttft_ms), ("tpot", at.target.tpot_ms)) if ms and ms > 0]
+        allowed = allowances(at.target, slo.margin)
         overloaded = np.stack([p.overloaded for p in preds], axis=1)
-
-        def within(tails: dict[str, float], scale: dict[str, float] | None = None) -> bool:
-            return all(tails[k] * (1.0 if scale is None else scale[k]) <= ms * (1 - slo.margin) for k, ms in kinds)
-
         ok = model_ok.copy()
         for r, clock in enumerate(cands):
             for c, batch in enumerate(batches):
                 own = self.measured_tails(q, None if clock >= top else clock, batch)
                 if own is not None:
-                    ok[r, c] = within(own) and not overloaded[r, c]
+                    ok[r, c] = within(own, allowed) and not overloaded[r, c]
         in_force = self.measured_tails(q)
-        if in_force is None:
-            return ok
         below = [r for r, clock in enumerate(cands) if clock < cands[cur_row]]
-        if not below:
+        if in_force is None or not below:
             return ok
         r = min(below, key=lambda k: cands[cur_row] - cands[k])  # the next clock down
-        if self.measured_tails(q, cands[r], batches[cur_col]) is not None:
-            return ok  # judged by its own requests above
-        ratio = {}
-        for kind, _ in kinds:
-            ref = float(preds[cur_col].tail_ms(kind, q)[cur_row])
-            new = float(preds[cur_col].tail_ms(kind, q)[r])
-            if not (math.isfinite(ref) and ref > 0 and math.isfinite(new)):
-                return ok
-            ratio[kind] = new / ref
-        ok[r, cur_col] |= within(in_force, ratio) and not overloaded[r, cur_col]
+        if self.measured_tails(q, cands[r], batches[cur_col]) is None:  # else judged by its own requests above
+            ok[r, cur_col] |= probe_ok(in_force, preds[cur_col], cur_row, r, allowed, q)
         return ok
 
     def _set(self, clock_mhz: int, cause: str, energy: float, pred: Prediction, column: int) -> ClockChoice:

@@ -14,10 +14,14 @@ settings (memory stays bounded whatever an engine reports).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Hashable, Sequence
 
 import numpy as np
+
+from pals_daemon.control.latency import Prediction
+from pals_daemon.control.types import EngineTargets
 
 MEASURED_MIN_REQUESTS = 20
 MEASURED_MAX_REQUESTS = 512
@@ -57,3 +61,36 @@ class MeasuredTails:
             v = arr[:, col][np.isfinite(arr[:, col])]
             out[kind] = float(np.percentile(v, percentile)) if v.size else 0.0
         return out
+
+
+def allowances(target: EngineTargets, margin: float) -> list[tuple[str, float]]:
+    """(kind, allowed ms) for each SLO the target sets ("ttft", "tpot"): the SLO x (1 - margin)."""
+    pairs = (("ttft", target.ttft_ms), ("tpot", target.tpot_ms))
+    return [(kind, ms * (1.0 - margin)) for kind, ms in pairs if ms and ms > 0]
+
+
+def within(
+    tails: dict[str, float], allowed: Sequence[tuple[str, float]], scale: dict[str, float] | None = None
+) -> bool:
+    """Whether every measured tail (x its ``scale``, if given) is within its allowance."""
+    return all(tails[k] * (1.0 if scale is None else scale[k]) <= ms for k, ms in allowed)
+
+
+def probe_ok(
+    in_force: dict[str, float],
+    pred: Prediction,
+    ref_row: int,
+    row: int,
+    allowed: Sequence[tuple[str, float]],
+    percentile: int,
+) -> bool:
+    """A probe: the tails measured at ``pred``'s ``ref_row`` (the setting in force), scaled by the model's ratio of
+    the predicted tails at ``row`` to those at ``ref_row``, are within the allowances and ``row`` is not overloaded
+    (False where a predicted tail is not finite: nothing to scale by)."""
+    ratio = {}
+    for kind, _ in allowed:
+        ref, new = float(pred.tail_ms(kind, percentile)[ref_row]), float(pred.tail_ms(kind, percentile)[row])
+        if not (math.isfinite(ref) and ref > 0 and math.isfinite(new)):
+            return False
+        ratio[kind] = new / ref
+    return within(in_force, allowed, ratio) and not bool(pred.overloaded[row])

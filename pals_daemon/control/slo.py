@@ -43,7 +43,7 @@ from numpy.typing import NDArray
 
 from pals_daemon.control.config import ControllerConfig
 from pals_daemon.control.latency import LatencyModel, Prediction
-from pals_daemon.control.measured import MeasuredTails
+from pals_daemon.control.measured import MeasuredTails, allowances, probe_ok, within
 from pals_daemon.control.types import EngineObservation, EngineTargets
 
 FloatArray = NDArray[np.float64]
@@ -381,36 +381,23 @@ class SloEngine:
         force, also by the requests in force scaled by the model's ratio of the two settings' predicted tails (a
         probe: the engine's own requests set the level, the model the direction)."""
         q = self.config.slo_percentile
-        kinds = [(k, ms) for k, ms in (("ttft", target.ttft_ms), ("tpot", target.tpot_ms)) if ms and ms > 0]
-        if not kinds:
+        allowed = allowances(target, self.margin)
+        if not allowed:
             return model_ok
-        limit = 1.0 - self.margin
-
-        def within(tails: dict[str, float], scale: dict[str, float] | None = None) -> bool:
-            return all(tails[k] * (1.0 if scale is None else scale[k]) <= ms * limit for k, ms in kinds)
-
         ok = model_ok.copy()
         rows = {round(float(c)): r for r, c in enumerate(caps_w)}
         for r, cap in enumerate(caps_w):
             for c, batch in enumerate(batch_limits):
                 own = self.measured.tails((round(float(cap)), int(batch), None), q)
                 if own is not None:
-                    ok[r, c] = within(own) and not bool(self.predictions[c].overloaded[r])
+                    ok[r, c] = within(own, allowed) and not bool(self.predictions[c].overloaded[r])
         key = self._in_force
         in_force = self.measured.tails(key, q) if key is not None and key[2] is None else None
         if in_force is None or key is None or key[0] not in rows or key[1] not in batch_limits:
             return ok
         r0, c0 = rows[key[0]], list(batch_limits).index(key[1])
-        if r0 == 0 or self.measured.tails((round(float(caps_w[r0 - 1])), key[1], None), q) is not None:
-            return ok
-        pred = self.predictions[c0]
-        ratio = {}
-        for kind, _ in kinds:
-            ref, new = float(pred.tail_ms(kind, q)[r0]), float(pred.tail_ms(kind, q)[r0 - 1])
-            if not (math.isfinite(ref) and ref > 0 and math.isfinite(new)):
-                return ok
-            ratio[kind] = new / ref
-        ok[r0 - 1, c0] |= within(in_force, ratio) and not bool(pred.overloaded[r0 - 1])
+        if r0 > 0 and self.measured.tails((round(float(caps_w[r0 - 1])), key[1], None), q) is None:
+            ok[r0 - 1, c0] |= probe_ok(in_force, self.predictions[c0], r0, r0 - 1, allowed, q)
         return ok
 
     def _raise_floor(self, at_top: bool) -> None:
