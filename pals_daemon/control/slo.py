@@ -21,6 +21,10 @@ profile) gives the GPUs' power at that operating point; energy per output token 
   without a breach;
 - rate-limited descent: at most ``slo_step_down_w`` per tick, only for a predicted saving of at least
   ``slo_min_saving``, none within ``slo_breach_hold_s`` of a breach or ``slo_startup_hold_s`` of start-up;
+  after a transient lift (nothing predicted feasible for a tick, or a backlog release), straight back down to
+  the cap it lifted from (not below what the plan wants) within SPIKE_RETURN_S, unless a breach was measured
+  since: that cap met the SLO at this load a moment ago, and stepping down from the top after every waiting
+  prompt kept the cap far above it (a sawtooth on long-prompt traffic);
 - the margin adapts from measured slack: an integral on (measured p90 / SLO - 1) when it is above 1, with
   anti-windup (no growth while at the top cap, where a larger margin cannot help), decaying slowly with slack.
 The batch limit (and with it the step's token budget, scaled alike) is chosen with the cap among the configured
@@ -64,6 +68,10 @@ SIZE_DECAY = 0.998
 # forecast is at least 80% of the load it was learned at.
 FLOOR_LOOKBACK_S = 5.0
 FLOOR_LOAD_FRACTION = 0.8
+# How long the cap a transient lift left stays a place to return to straight away (modelled: the breach hold's
+# 15 s, the time over which a recent load is trusted to recur; 10 s and 30 s gave the same A100 quick-matrix
+# results, bench/slo_suite_pals.py).
+SPIKE_RETURN_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,8 @@ class SloEngine:
         self._floor_load = math.inf
         self._floor_set_s = -math.inf
         self._recent_caps: deque[tuple[float, float]] = deque()
+        # (time s, cap W) a transient lift (slo-infeasible, or a backlog release) left; None when there is none.
+        self._lifted_from: tuple[float, float] | None = None
         # Per batch column of the last plan: its limit is below the requests present (running + waiting).
         self._too_small: NDArray[np.bool_] = np.zeros(0, dtype=bool)
         # (caps x batch limits) of the last plan: the predicted share of requests meeting the SLOs (None until
@@ -334,6 +344,9 @@ class SloEngine:
             row, cause = inc, "hold"
         elif want < inc:
             floor_w = caps_w[inc] - cfg.slo_step_down_w
+            lifted = self._lifted_from
+            if lifted is not None and self._clock_s - lifted[0] <= SPIKE_RETURN_S:
+                floor_w = min(floor_w, lifted[1])  # back to the cap the transient lift left
             lowest = int(np.searchsorted(caps_w, floor_w - 1e-9))
             row = max(want, min(lowest, inc))
             # Judged at the destination: one grid step down may save nothing where the cap does not bind.
@@ -353,6 +366,7 @@ class SloEngine:
             drains = [r for r in range(inc + 1, top + 1) if not self._backlog_threatens(r, inc_col)]
             row = max(row, drains[0] if drains else top)
             cause = "slo-release"
+        self._note_lift(cause, row, inc, caps_w, recent_breach)
         col = configured
         if cause != "slo-overload" and feasible[row].any():
             # The batch limit of least energy that meets the SLO at this cap (ties: the larger one).
@@ -372,6 +386,16 @@ class SloEngine:
         self.column = col
         self.choice = (row, col)
         return SloChoice(row, col, "first" if first else cause)
+
+    def _note_lift(self, cause: str, row: int, inc: int, caps_w: FloatArray, recent_breach: bool) -> None:
+        """Remember the cap a transient lift leaves (the first of a run of lifts within SPIKE_RETURN_S); forget it
+        after a measured breach (the cap was too low after all)."""
+        if self.breach or recent_breach:
+            self._lifted_from = None
+        elif row > inc and (cause == "slo-infeasible" or cause == "slo-release"):
+            lifted = self._lifted_from
+            if lifted is None or self._clock_s - lifted[0] > SPIKE_RETURN_S:
+                self._lifted_from = (self._clock_s, float(caps_w[inc]))
 
     def _measured_ok(
         self, model_ok: NDArray[np.bool_], caps_w: FloatArray, batch_limits: Sequence[int], target: EngineTargets

@@ -314,6 +314,46 @@ def test_where_no_setting_meets_the_slo_the_least_energy_of_equal_goodput_wins()
 
 
 
+def test_a_transient_lift_comes_straight_back_to_the_cap_it_left_but_not_after_a_breach() -> None:
+    """A tick with nothing predicted feasible (a long prompt waiting) lifts the cap to the top; once the plan
+    wants lower again the cap returns straight to the cap it left, not one descent step per tick from the top,
+    and no lower than that in one move. After a measured breach the cap it left is forgotten."""
+    ctrl = Controller(REG)
+    _run(ctrl, [_window(requests=1) for _ in range(100)])
+    slo = ctrl._slo["e0"]
+    caps = np.array([200.0, 300.0, 400.0, 500.0])
+    slo.plan(caps, 4, 500.0, [16, 32, 64], [2048, 4096, 8192], 0, 1.0, SLO, num_running=2)
+    energy = np.array([[1.0, 1.1, 1.2], [2.0, 2.1, 2.2], [3.0, 3.1, 3.2], [4.0, 4.1, 4.2]])
+    nothing = np.zeros((4, 3), dtype=bool)
+    every = np.ones((4, 3), dtype=bool)
+    slo._clock_s = 1000.0  # past the start-up hold
+    slo.breach = slo.queue_growing = False
+    slo.last_waiting = 1  # requests wait: no goodput choice, the top cap
+    lift = slo.choose(energy, nothing, caps, (1, 2))
+    assert (lift.row, lift.cause) == (3, "slo-infeasible"), lift
+    slo.last_waiting = 0
+    slo._clock_s += 0.5
+    back = slo.choose(energy, every, caps, (3, lift.col))
+    assert back.row == 1, f"stepped down from the top instead of returning to the cap it left: {back}"
+    slo._clock_s += 0.5
+    on = slo.choose(energy, every, caps, (1, back.col))
+    assert on.row == 1, "below the cap it left in one move"  # 25 W per tick from 300 W is still row 1
+    # A lift whose cap is then found wrong (a breach measured): the descent is rate-limited again.
+    slo.last_waiting = 1
+    slo._clock_s += 100.0
+    lift = slo.choose(energy, nothing, caps, (1, 2))
+    assert lift.row == 3, lift
+    slo.last_waiting = 0
+    slo._last_breach_s = slo._clock_s
+    slo._clock_s += 0.5
+    held = slo.choose(energy, every, caps, (3, lift.col))
+    assert held.row == 3, held  # the breach hold
+    slo._clock_s += ctrl.config.slo_breach_hold_s
+    slo.config = replace(slo.config, slo_step_down_w=100.0)  # one grid row per tick here
+    down = slo.choose(energy, every, caps, (3, held.col))
+    assert down.row == 2, f"after a breach the descent is one step at a time: {down}"
+
+
 def test_a_settings_own_requests_judge_it_both_ways_and_probe_one_cap_below() -> None:
     """Where a (cap, batch) setting has enough finished requests of its own, their tails decide its feasibility
     instead of the model, whichever way the model errs; one cap step below the setting in force, the requests in
