@@ -24,12 +24,16 @@ force is the lower of the lock and the clock the cap leaves), and picks:
   (control/measured.py, the store the SLO planner uses per (cap, batch limit) too), decide the feasibility of
   the settings they ran at; one clock step below the lock in force, the requests in
   force scaled by the model's ratio between the two (a probe);
-- without a budget (``Setting.top_cap_w``), locks are judged at the engine's top cap and a locked engine runs
-  there; unlocked, at the SLO planner's cap.
+- cap and lock together: a lock is judged, and runs, at the SLO planner's cap (the clock in force is the lower of
+  the lock and the clock the cap leaves), budget or not. Running a lock at the engine's top cap instead (this
+  planner until 2026-12-06) left the cap that bounds prefill's near-TDP draw unused: on the H100 quick suite's
+  week-shaped light cases lock + cap saved 20.9% / 21.0% against default where lock + top cap saved 15.1% /
+  17.0% and the best static (cap, clock) 17.6% / 18.5% (bench/slo_suite_h100.py; README "The clock knob in the
+  planner").
 
 The SLO planner chooses the cap and batch at the top clock first (so cap-only behaviour is unchanged where there
 is no clock knob, and under a budget its caps still bound power: a lock only lowers the clock further), then this
-planner the clock with the batch (and, without a budget, the top cap under a lock). Pure: no I/O, no clock reads.
+planner the clock with the batch. Pure: no I/O, no clock reads.
 """
 
 from __future__ import annotations
@@ -85,9 +89,6 @@ class Setting:
     batch_limits: tuple[int, ...] = ()
     tokens_limits: tuple[int, ...] = ()
     num_running: int = 0
-    # The engine's top cap where no budget holds its cap down (None: the cap is the budget's, and stays): a lock
-    # then runs at it, the SLO planner's cap stands only unlocked (see ClockPlanner.choose).
-    top_cap_w: float | None = None
 
     def columns(self) -> tuple[tuple[int, ...], tuple[int, ...], int]:
         """(batch limits, token budgets, the SLO planner's column) of the joint search."""
@@ -106,8 +107,6 @@ class ClockChoice:
     prediction: Prediction | None = None
     # The batch-limit column (Setting.columns order) to run with the lock; unlocked: the SLO planner's own.
     column: int = 0
-    # The cap to run with the lock instead of the SLO planner's (Setting.top_cap_w); None: the SLO planner's.
-    cap_w: float | None = None
 
 
 def clocked_latency(latency: LatencyModel, response: ClockResponse, clocks_mhz: object) -> LatencyModel:
@@ -279,7 +278,7 @@ class ClockPlanner:
             self._floor_s = self._clock_s
         if current not in cands:
             cands = sorted(set(cands) | {current}, reverse=True)
-        ok, energy, preds = self._grid(slo, cands, at)
+        ok, energy, preds = self.evaluate(slo, cands, at)
         _, _, col0 = at.columns()
         row = {c: k for k, c in enumerate(cands)}
         in_force = self.column if self.column is not None and self.column < len(preds) else col0
@@ -317,10 +316,7 @@ class ClockPlanner:
             col = column(clock)
             if clock != current:
                 self._probed = clock != top and not bool(model_ok[row[clock], col])
-            choice = self._set(clock, cause, cost(clock), _row(preds[col], row[clock]), col)
-            if clock != top and at.top_cap_w is not None and at.top_cap_w > at.cap_w:
-                choice = replace(choice, cap_w=at.top_cap_w)
-            return choice
+            return self._set(clock, cause, cost(clock), _row(preds[col], row[clock]), col)
 
         if release:
             return pick(top, "clock-release")
@@ -343,19 +339,6 @@ class ClockPlanner:
         floor = current - CLOCK_STEP_DOWN_MHZ
         step = min((c for c in cands if c >= floor - 1e-9 and c >= want and ok[row[c]].any()), default=want)
         return pick(step, "clock-energy")
-
-    def _grid(
-        self, slo: SloEngine, cands: Sequence[int], at: Setting
-    ) -> tuple[NDArray[np.bool_], FloatArray, list[Prediction]]:
-        """``evaluate`` over the candidates: the locks at the cap they would run at (the top cap where no budget
-        holds the cap down: a lock, not a binding cap, is what cuts decode power on Hopper, and a cap the SLO
-        planner chose at the top clock would spend the slack a lock needs), unlocked at the SLO planner's cap."""
-        if at.top_cap_w is None or at.top_cap_w <= at.cap_w:
-            return self.evaluate(slo, cands, at)
-        ok, energy, preds = self.evaluate(slo, cands, replace(at, cap_w=at.top_cap_w))
-        ok0, energy0, preds0 = self.evaluate(slo, [cands[0]], at)
-        ok[0], energy[0] = ok0[0], energy0[0]
-        return ok, energy, [_splice(p, 0, p0) for p, p0 in zip(preds, preds0, strict=True)]
 
     def _measured_ok(
         self,
@@ -403,18 +386,6 @@ def _row(pred: Prediction, k: int) -> Prediction:
     for f in fields(Prediction):
         v = np.asarray(getattr(pred, f.name))
         changes[f.name] = v[k : k + 1] if v.ndim else v
-    return replace(pred, **changes)
-
-
-def _splice(pred: Prediction, k: int, other: Prediction) -> Prediction:
-    """``pred`` with its row ``k`` taken from the one-row prediction ``other`` (caps included)."""
-    changes = {}
-    for f in fields(Prediction):
-        arr = np.array(getattr(pred, f.name), copy=True)
-        if arr.ndim == 0 or arr.size <= k:
-            continue
-        arr[k] = np.asarray(getattr(other, f.name)).reshape(-1)[0]
-        changes[f.name] = arr
     return replace(pred, **changes)
 
 

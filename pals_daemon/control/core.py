@@ -356,7 +356,7 @@ class Controller:
             )
         if budget is not None and feasible:
             self._enforce_budget(limits, gpus, budget - fixed_w, notes)
-        locks = self._clock_decisions(plans, choice, inp, engine_decisions, limits if budget is None else None)
+        locks = self._clock_decisions(plans, choice, inp, engine_decisions)
         # Keep engine decisions in the input's order.
         engine_decisions = {e.engine_id: engine_decisions[e.engine_id] for e in inp.engines}
 
@@ -386,15 +386,13 @@ class Controller:
         choice: Mapping[str, tuple[int, int]],
         inp: ControllerInput,
         engine_decisions: dict[str, EngineDecision],
-        free_limits: dict[int, float] | None = None,
     ) -> dict[int, int | None]:
         """Each clock-controlled GPU's lock (None: unlocked), chosen with its engine's batch at its cap:
         clock_plan.py.
 
         Only engines under latency SLOs whose every GPU has the clock knob and whose profile has a clock
-        dimension get a lock; every other GPU with the knob is left unlocked. With a budget the caps are
-        untouched (the cap is the hard bound; a lock only lowers the clock further). Without one
-        (``free_limits``: the tick's limits), a locked engine runs at its top cap (ClockPlanner._grid).
+        dimension get a lock; every other GPU with the knob is left unlocked. The caps are untouched: a lock runs
+        at the cap the SLO planner (or, with a budget, the split) chose, and only lowers the clock further.
         """
         locks: dict[int, int | None] = {g.index: None for g in inp.gpus if g.clock_control and g.controlled}
         live = set()
@@ -419,7 +417,6 @@ class Controller:
                 num_waiting=p.engine.num_waiting,
                 power_ratio=p.state.power_ratio,
                 target=inp.targets.get(eid, EngineTargets()),
-                top_cap_w=float(p.slo.predictions[j].caps_w[-1]) if free_limits is not None else None,
                 batch_limits=tuple(int(b) for b in p.batches),
                 tokens_limits=tuple(_scaled_batched_tokens(p.engine, int(b)) for b in p.batches),
                 num_running=p.engine.num_running,
@@ -436,11 +433,6 @@ class Controller:
             )
             if ch.column != j:
                 j = self._clock_batch(p, i, ch.column, engine_decisions)
-            if ch.cap_w is not None and free_limits is not None:
-                i = len(p.caps_w) - 1
-                for g, lim in zip(p.ctrl, self._per_gpu_limits(p, i, j), strict=True):
-                    free_limits[g.index] = float(lim)
-                p.state.cap_w = float(p.caps_w[i])
             if ch.prediction is not None:
                 patch_prediction(p.slo, j, i, ch.prediction)
                 pred = p.slo.predictions[j]
