@@ -313,7 +313,6 @@ def test_where_no_setting_meets_the_slo_the_least_energy_of_equal_goodput_wins()
     assert ch.row == 2 and ch.cause != "slo-goodput", ch
 
 
-
 def test_a_transient_lift_comes_straight_back_to_the_cap_it_left_but_not_after_a_breach() -> None:
     """A tick with nothing predicted feasible (a long prompt waiting) lifts the cap to the top; once the plan
     wants lower again the cap returns straight to the cap it left, not one descent step per tick from the top,
